@@ -1,0 +1,20 @@
+"""CompConv: a compact convolution module (Zhang, Xu, Shen, CVPR-W 2021), for timm and torchvision models.
+
+Importing this package registers the CompConv models with timm (``resnet50_compconv128``, ...).
+It never imports Hydra or wandb.
+"""
+
+from .complexity import ComplexityReport, complexity
+from .layers import CompConv2d, channel_shuffle, create_conv2d
+from .models import compconv_model_names
+from .options import CompConvOptions
+from .patch import PatchReport, patch
+from .sizing import CompConvPlan, Part, adaptive_depth, c_prim_for, plan
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CompConv2d", "CompConvOptions", "CompConvPlan", "ComplexityReport", "Part", "PatchReport",
+    "adaptive_depth", "c_prim_for", "channel_shuffle", "complexity", "compconv_model_names",
+    "create_conv2d", "patch", "plan",
+]

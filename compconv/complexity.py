@@ -1,0 +1,99 @@
+"""MACs and parameter accounting.
+
+Convention (the paper's "FLOPs"): multiply-accumulates of convolutions and linear layers, counted
+with ``torch.utils.flop_counter.FlopCounterMode`` and divided by 2. BatchNorm, activations,
+pooling, concatenation, shuffles and other elementwise ops are not counted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from .layers import CompConv2d
+
+__all__ = ["ComplexityReport", "LayerCost", "complexity", "count_macs"]
+
+_LAYER_TYPES = (nn.Conv2d, nn.Linear, CompConv2d)
+
+
+@dataclass(frozen=True)
+class LayerCost:
+    name: str
+    type: str
+    macs: int
+    params: int
+
+
+@dataclass
+class ComplexityReport:
+    """MACs (batch 1) and parameters of a model at one input size.
+
+    Attributes:
+        input_size: (C, H, W) of the counted forward pass.
+        macs: Total MACs of one image.
+        params: Total parameters (unique tensors).
+        module_macs: MACs of every module that ran a counted op, by qualified name ("" = model).
+        layers: One row per conv / linear / CompConv2d layer (the layers a patch acts on).
+    """
+
+    input_size: tuple[int, int, int]
+    macs: int
+    params: int
+    module_macs: dict[str, int] = field(default_factory=dict)
+    layers: list[LayerCost] = field(default_factory=list)
+
+    def macs_of(self, prefix: str) -> int:
+        """MACs of the module called ``prefix`` (e.g. ``layer3``), 0 if it ran no counted op."""
+        return self.module_macs.get(prefix, 0)
+
+
+def count_macs(model: nn.Module, inputs: torch.Tensor) -> tuple[int, dict[str, int]]:
+    """MACs of ``model(inputs)`` in total and per module name (FlopCounterMode FLOPs / 2)."""
+    with FlopCounterMode(display=False) as counter:
+        model(inputs)
+    per_module: dict[str, int] = {}
+    root = type(model).__name__
+    for key, ops in counter.get_flop_counts().items():
+        if key == "Global":
+            continue
+        name = "" if key == root else key[len(root) + 1:] if key.startswith(root + ".") else key
+        per_module[name] = sum(ops.values()) // 2
+    return counter.get_total_flops() // 2, per_module
+
+
+@torch.no_grad()
+def complexity(model: nn.Module, input_size: tuple[int, int, int] = (3, 224, 224)) -> ComplexityReport:
+    """Counts MACs (one image) and parameters of ``model`` per layer and in total.
+
+    Args:
+        model: Any module taking an ``(N, C, H, W)`` tensor (outputs may be tensors, lists or dicts).
+        input_size: ``(C, H, W)`` of the input.
+
+    Returns:
+        A :class:`ComplexityReport`; MACs follow the convention in this module's docstring.
+    """
+    was_training = model.training
+    model.eval()
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    dtype = param.dtype if param is not None else torch.float32
+    try:
+        total, per_module = count_macs(model, torch.zeros(1, *input_size, device=device, dtype=dtype))
+    finally:
+        model.train(was_training)
+    layers = [
+        LayerCost(name, type(m).__name__, per_module.get(name, 0), sum(p.numel() for p in m.parameters()))
+        for name, m in model.named_modules()
+        if isinstance(m, _LAYER_TYPES) and not _inside_compconv(name, model)
+    ]
+    params = sum(p.numel() for p in model.parameters())
+    return ComplexityReport(tuple(input_size), total, params, per_module, layers)
+
+
+def _inside_compconv(name: str, model: nn.Module) -> bool:
+    parts = name.split(".")
+    return any(isinstance(model.get_submodule(".".join(parts[:i])), CompConv2d) for i in range(1, len(parts)))
