@@ -1,0 +1,9 @@
+"""Training: config schema, data loading, loop, checkpoints, distributed helpers and loggers.
+
+Nothing here imports Hydra; wandb is imported only when a wandb logger is created.
+"""
+
+from .config import ConfigError, TrainConfig
+from .run import ClassificationRun, build_model, run_classification
+
+__all__ = ["ClassificationRun", "ConfigError", "TrainConfig", "build_model", "run_classification"]

@@ -1,0 +1,47 @@
+"""Deferred handling of SIGTERM / SIGUSR1 / SIGUSR2: finish the step, checkpoint, then act on the signal.
+
+A signal handler that checkpointed immediately could catch the optimizer half-way through a step;
+instead the loop polls :attr:`StopRequest.requested` at step boundaries. After the checkpoint,
+:meth:`StopRequest.forward` calls the handler that was installed before ours (e.g. submitit's
+requeue on SIGUSR2), or exits with the conventional ``128 + signum`` status.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+
+SIGNALS = tuple(s for s in (getattr(signal, n, None) for n in ("SIGTERM", "SIGUSR1", "SIGUSR2")) if s is not None)
+
+
+class StopRequest:
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, object] = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    def _handle(self, signum, frame) -> None:
+        self.signum = signum
+
+    def __enter__(self) -> "StopRequest":
+        if threading.current_thread() is threading.main_thread():
+            for sig in SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def forward(self) -> None:
+        """Acts on the received signal: the previous Python handler if any, else exit(128 + signum)."""
+        previous = self._previous.get(self.signum)
+        self.__exit__()
+        if callable(previous):
+            previous(self.signum, None)
+        sys.exit(128 + int(self.signum))

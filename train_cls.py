@@ -1,0 +1,26 @@
+#!/usr/bin/env python
+"""Classification training (Hydra entry point). See README.md and configs/train_cls.yaml.
+
+    python train_cls.py model=resnet50_compconv128
+    torchrun --nproc_per_node=8 train_cls.py experiment=imagenet_r50 data.root=/datasets/imagenet
+    python train_cls.py -m launcher=slurm model=resnet50,resnet50_compconv64,resnet50_compconv128
+"""
+
+from __future__ import annotations
+
+import hydra
+from omegaconf import DictConfig
+
+from compconv.cli import run_hydra_job
+
+
+@hydra.main(version_base="1.3", config_path="configs", config_name="train_cls")
+def main(cfg: DictConfig) -> float | None:
+    from compconv.train import TrainConfig, run_classification
+
+    summary = run_hydra_job(cfg, TrainConfig, run_classification)
+    return summary.get("top1")
+
+
+if __name__ == "__main__":
+    main()
