@@ -13,11 +13,13 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from .ghost import GhostConv2d
 from .layers import CompConv2d
 
 __all__ = ["ComplexityReport", "LayerCost", "complexity", "count_macs"]
 
-_LAYER_TYPES = (nn.Conv2d, nn.Linear, CompConv2d)
+_COMPOUND = (CompConv2d, GhostConv2d)  # reported as one layer
+_LAYER_TYPES = (nn.Conv2d, nn.Linear, *_COMPOUND)
 
 
 @dataclass(frozen=True)
@@ -96,4 +98,4 @@ def complexity(model: nn.Module, input_size: tuple[int, int, int] = (3, 224, 224
 
 def _inside_compconv(name: str, model: nn.Module) -> bool:
     parts = name.split(".")
-    return any(isinstance(model.get_submodule(".".join(parts[:i])), CompConv2d) for i in range(1, len(parts)))
+    return any(isinstance(model.get_submodule(".".join(parts[:i])), _COMPOUND) for i in range(1, len(parts)))

@@ -38,12 +38,12 @@ default_cfgs = generate_default_cfgs({
     "resnet101_compconv128": _cfg(),
     "vgg16_compconv128": _cfg(**_VGG),
     "vgg16_bn_compconv128": _cfg(**_VGG),
+    "resnet50_ghost": _cfg(paper_ids="arXiv:1911.11907"),
 })
 
 
-def _create_compconv(
-    variant: str, base: str, c0: int, pretrained: bool = False, compconv: dict[str, Any] | None = None, **kwargs: Any
-) -> nn.Module:
+def _create_patched(variant: str, base: str, pretrained: bool, method: str, options: dict[str, Any],
+                    **kwargs: Any) -> nn.Module:
     if pretrained:
         raise ValueError(
             f"no pretrained weights exist for {variant}: build it with pretrained=False and train it "
@@ -51,12 +51,17 @@ def _create_compconv(
         )
     for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
         kwargs.pop(key, None)
-    options = CompConvOptions.from_mapping({"c0": c0, **(compconv or {})})
     model = timm.create_model(base, pretrained=False, **kwargs)
     cfg = timm.models.get_pretrained_cfg(variant).to_dict()
     model.pretrained_cfg = model.default_cfg = cfg
-    model.compconv_report = patch(model, options=options)
+    model.compconv_report = patch(model, method=method, **options)
     return model
+
+
+def _create_compconv(variant: str, base: str, c0: int, pretrained: bool = False,
+                     compconv: dict[str, Any] | None = None, **kwargs: Any) -> nn.Module:
+    options = CompConvOptions.from_mapping({"c0": c0, **(compconv or {})}).as_dict()
+    return _create_patched(variant, base, pretrained, "compconv", options, **kwargs)
 
 
 @register_model
@@ -119,6 +124,18 @@ def vgg16_bn_compconv128(pretrained: bool = False, **kwargs: Any) -> nn.Module:
     return _create_compconv("vgg16_bn_compconv128", "vgg16_bn", 128, pretrained, **kwargs)
 
 
+@register_model
+def resnet50_ghost(pretrained: bool = False, ghost: dict[str, Any] | None = None, **kwargs: Any) -> nn.Module:
+    """ResNet-50 with Ghost modules (ratio 2, depthwise 3x3 cheap op) in place of every conv with C_in >= 16:
+    the peer CompConv is benchmarked against. Options: ``ghost={"ratio": 2, "dw_size": 3}``."""
+    return _create_patched("resnet50_ghost", "resnet50", pretrained, "ghost", dict(ghost or {}), **kwargs)
+
+
 def compconv_model_names() -> list[str]:
     """Names of every CompConv model registered by this package."""
+    return sorted(name for name in __all__ if "_compconv" in name)
+
+
+def registered_model_names() -> list[str]:
+    """Every model this package registers: the CompConv models and the Ghost peer."""
     return sorted(__all__)

@@ -1,4 +1,4 @@
-"""Replace the eligible ``nn.Conv2d`` layers of any model by CompConv modules, in place."""
+"""Replace the eligible ``nn.Conv2d`` layers of any model by CompConv (or Ghost) modules, in place."""
 
 from __future__ import annotations
 
@@ -8,9 +8,15 @@ from typing import Any, Iterable
 
 from torch import nn
 
+from .ghost import GhostConv2d, GhostOptions, GhostPlan, ghost_plan
 from .layers import CompConv2d
 from .options import CompConvOptions
 from .sizing import CompConvPlan, plan
+
+METHODS = {
+    "compconv": (CompConvOptions, plan, CompConv2d),
+    "ghost": (GhostOptions, ghost_plan, GhostConv2d),
+}
 
 __all__ = ["PatchReport", "PatchedLayer", "SkippedLayer", "default_exclude", "patch"]
 
@@ -23,7 +29,7 @@ class PatchedLayer:
     """One replaced layer: its geometry and the plan's numbers before/after (MACs per output position)."""
 
     name: str
-    plan: CompConvPlan
+    plan: CompConvPlan | GhostPlan
     stride: tuple[int, int]
 
     def row(self) -> dict[str, Any]:
@@ -47,7 +53,7 @@ class SkippedLayer:
 class PatchReport:
     """What :func:`patch` did: one row per replaced layer and every skipped conv with the reason."""
 
-    options: CompConvOptions
+    options: CompConvOptions | GhostOptions
     replaced: list[PatchedLayer] = field(default_factory=list)
     skipped: list[SkippedLayer] = field(default_factory=list)
 
@@ -109,10 +115,11 @@ def patch(
     model: nn.Module,
     c0: int | None = None,
     *,
+    method: str = "compconv",
     include: Iterable[str] | None = None,
     exclude: Iterable[str] | None = None,
     min_in_channels: int = 16,
-    options: CompConvOptions | None = None,
+    options: CompConvOptions | GhostOptions | None = None,
     **option_overrides: Any,
 ) -> PatchReport:
     """Replaces eligible ``nn.Conv2d`` layers of ``model`` by CompConv modules, in place.
@@ -125,6 +132,7 @@ def patch(
     Args:
         model: Any ``nn.Module`` (timm, torchvision, your own).
         c0: C_0 of the adaptive depth rule; shortcut for ``c0=`` in the options.
+        method: ``"compconv"`` (default) or ``"ghost"`` (the Ghost-module peer, options ``ratio``, ``dw_size``).
         include: fnmatch patterns of module names to consider (default: all).
         exclude: fnmatch patterns of module names to leave alone (default: :func:`default_exclude`).
         min_in_channels: Smallest C_in that is replaced.
@@ -133,16 +141,19 @@ def patch(
     Returns:
         A :class:`PatchReport` with one row per replaced layer and the skipped convs with reasons.
     """
+    if method not in METHODS:
+        raise ValueError(f"unknown patch method {method!r}; choose one of {sorted(METHODS)}")
+    options_cls, plan_fn, module_cls = METHODS[method]
     if c0 is not None:
         option_overrides["c0"] = c0
-    opts = CompConvOptions.from_mapping(options.as_dict() if options else None, **option_overrides)
+    opts = options_cls.from_mapping(options.as_dict() if options else None, **option_overrides)
     exclude = tuple(exclude) if exclude is not None else default_exclude(model)
     include = tuple(include) if include is not None else None
     report = PatchReport(opts)
     targets = []
     inside = ()  # prefixes of existing CompConv modules: their internal convs are never patched again
     for name, module in model.named_modules():
-        if isinstance(module, CompConv2d):
+        if isinstance(module, (CompConv2d, GhostConv2d)):
             inside += (name + ".",)
         if not isinstance(module, nn.Conv2d) or name.startswith(inside):
             continue
@@ -157,11 +168,11 @@ def patch(
 
     for name, conv in targets:
         bias = conv.bias is not None
-        layer_plan = plan(conv.in_channels, conv.out_channels, conv.kernel_size, bias=bias, options=opts)
+        layer_plan = plan_fn(conv.in_channels, conv.out_channels, conv.kernel_size, bias=bias, options=opts)
         if layer_plan.depth > 0:  # depth 0 keeps the original conv and its weights
             parent_name, _, attr = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
-            new = CompConv2d(
+            new = module_cls(
                 conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
                 bias=bias, options=opts, device=conv.weight.device, dtype=conv.weight.dtype,
             )

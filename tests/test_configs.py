@@ -42,7 +42,7 @@ def test_every_config_composes_and_validates(group, option):
 
 
 def test_every_registered_model_has_a_config():
-    assert set(compconv.compconv_model_names()) <= set(_options("model"))
+    assert set(compconv.models.registered_model_names()) <= set(_options("model"))
 
 
 @pytest.mark.parametrize("experiment", _options("experiment"))

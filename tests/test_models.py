@@ -6,15 +6,16 @@ import torch
 
 import compconv
 from compconv import CompConv2d
+from compconv.ghost import GhostConv2d
 
-NAMES = compconv.compconv_model_names()
+NAMES = compconv.models.registered_model_names()
 
 
 def test_registry_has_every_variant():
     expected = {f"resnet50_compconv{c0}" for c0 in (32, 64, 128, 256, 512)}
     expected |= {"resnet18_compconv128", "resnet34_compconv128", "resnet101_compconv128",
                  "vgg16_compconv128", "vgg16_bn_compconv128"}
-    assert set(NAMES) == expected
+    assert set(compconv.compconv_model_names()) == expected and set(NAMES) == expected | {"resnet50_ghost"}
     assert set(timm.list_models("*compconv*")) == expected
 
 
@@ -29,14 +30,14 @@ def test_forward_backward(name):
     assert model.pretrained_cfg["architecture"] == name
 
 
-@pytest.mark.parametrize("name", ["resnet50_compconv128", "vgg16_compconv128"])
+@pytest.mark.parametrize("name", ["resnet50_compconv128", "vgg16_compconv128", "resnet50_ghost"])
 def test_features_only(name):
     model = timm.create_model(name, features_only=True, in_chans=1)
-    baseline = timm.create_model(name.split("_compconv")[0], features_only=True, in_chans=1)
+    baseline = timm.create_model(name.split("_")[0], features_only=True, in_chans=1)
     feats = model(torch.randn(1, 1, 64, 64))
     assert model.feature_info.channels() == baseline.feature_info.channels()
     assert [f.shape[1] for f in feats] == model.feature_info.channels()
-    assert any(isinstance(m, CompConv2d) for m in model.modules())
+    assert any(isinstance(m, (CompConv2d, GhostConv2d)) for m in model.modules())
 
 
 def test_compconv_kwargs_and_pretrained_refusal():
