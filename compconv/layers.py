@@ -132,6 +132,8 @@ class CompConv2d(nn.Module):
             d * ((k - 1) // 2) - p for k, d, p in zip(self.kernel_size, self.dilation, self.padding)
         )
         self._identity_slices = tuple(p.identity_slice for p in self.plan.identities)
+        self._gather = False
+        self.set_output_groups(self.plan.shuffle_groups)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -144,9 +146,13 @@ class CompConv2d(nn.Module):
             bound = 1.0 / math.sqrt(fan_in)
             nn.init.uniform_(self.bias, -bound, bound)
 
-    def _identity(self, x: torch.Tensor, channels: tuple[int, int], size: tuple[int, int]) -> torch.Tensor:
-        """Input channels ``channels`` sampled where the replaced conv's centre tap would read."""
-        x = x[:, channels[0]:channels[1]]
+    def _identity(self, x: torch.Tensor, index: int, size: tuple[int, int]) -> torch.Tensor:
+        """Identity slice ``index`` of the input, sampled where the replaced conv's centre tap would read."""
+        if self._gather:
+            x = x.index_select(1, getattr(self, f"identity_index_{index}"))
+        else:
+            start, stop = self._identity_slices[index]
+            x = x[:, start:stop]
         pads = []
         for dim, (origin, step, out) in enumerate(zip(self._identity_origin, self.stride, size)):
             extent = x.shape[2 + dim]
@@ -159,20 +165,72 @@ class CompConv2d(nn.Module):
         return x[:, :, top:top + self.stride[0] * (size[0] - 1) + 1:self.stride[0],
                  left:left + self.stride[1] * (size[1] - 1) + 1:self.stride[1]]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _compute_parts(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The parts B(d-1), A(d-1), ..., B0, A0 in concatenation order (identity parts are views)."""
         b = self.norms[0](self.convs[0](x))
         size = (b.shape[-2], b.shape[-1])
-        outputs = [b]
-        for conv, norm, channels in zip(self.convs[1:], self.norms[1:], self._identity_slices):
-            a = self._identity(x, channels, size)
+        parts = [b]
+        for index, (conv, norm) in enumerate(zip(self.convs[1:], self.norms[1:])):
+            a = self._identity(x, index, size)
             b = norm(conv(torch.cat([b, a], dim=1)))
-            outputs += [a, b]
+            parts += [a, b]
         if self.tail is not None:
-            outputs.append(self.tail_norm(self.tail(b[:, :self.tail.in_channels])))
-        y = channel_shuffle(torch.cat(outputs, dim=1), self.plan.shuffle_groups)
+            parts.append(self.tail_norm(self.tail(b[:, :self.tail.in_channels])))
+        return parts
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        parts = self._compute_parts(x)
+        first = parts[0]
+        n, _, h, w = first.shape
+        memory_format = torch.channels_last if first.is_contiguous(memory_format=torch.channels_last) and \
+            not first.is_contiguous() else torch.contiguous_format
+        y = torch.empty(n, self.out_channels, h, w, dtype=first.dtype, device=first.device, memory_format=memory_format)
+        # Each part is copied once, straight to its shuffled position: no concatenation followed by a
+        # second, shuffling copy. View (N, C/g, g, H, W): output channel i*g + j <- concat channel j*C/g + i.
+        groups = self.output_groups
+        view = y.view(n, self.out_channels // groups, groups, h, w)
+        for part, start, stop, group, dst_start, dst_stop in self._pieces:
+            view[:, dst_start:dst_stop, group].copy_(parts[part][:, start:stop])
         if self.bias is not None:
             y = y + self.bias.view(1, -1, 1, 1)
         return y
+
+    def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
+        """The literal reading of Figure 2: concatenate, then shuffle (tests check forward against it)."""
+        y = channel_shuffle(torch.cat(self._compute_parts(x), dim=1), self.output_groups)
+        if self.bias is not None:
+            y = y + self.bias.view(1, -1, 1, 1)
+        return y
+
+    def set_output_groups(self, groups: int) -> None:
+        """Sets the shuffle groups applied to the output (``deploy`` sets 1 after folding the shuffle away)."""
+        if self.out_channels % groups:
+            raise ValueError(f"{groups} shuffle groups do not divide {self.out_channels} channels")
+        self.output_groups = groups
+        size = self.out_channels // groups
+        pieces, offset = [], 0
+        for index, part in enumerate(self.plan.parts):
+            start = offset
+            while start < offset + part.channels:
+                group = start // size
+                stop = min(offset + part.channels, (group + 1) * size)
+                pieces.append((index, start - offset, stop - offset, group, start - group * size, stop - group * size))
+                start = stop
+            offset += part.channels
+        self._pieces = tuple(pieces)
+
+    def set_input_permutation(self, source: torch.Tensor) -> None:
+        """Declares that the input arrives permuted: channel ``o`` of the original input is now ``source[o]``.
+
+        Used by ``deploy`` when the previous layer's shuffle is folded into this one: the first conv's
+        input channels are reordered and the identity slices become gathers of the right channels.
+        """
+        position = torch.argsort(source)
+        first = self.convs[0]
+        first.weight.data = first.weight.data[:, position].contiguous()
+        for index, (start, stop) in enumerate(self._identity_slices):
+            self.register_buffer(f"identity_index_{index}", source[start:stop].clone().to(first.weight.device))
+        self._gather = True
 
     def extra_repr(self) -> str:
         text = f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}"
@@ -181,7 +239,7 @@ class CompConv2d(nn.Module):
         if self.dilation != (1, 1):
             text += f", dilation={self.dilation}"
         opts = self.plan.options
-        text += f", {self.plan.describe()}, tail={opts.tail}, shuffle_groups={self.plan.shuffle_groups}"
+        text += f", {self.plan.describe()}, tail={opts.tail}, shuffle_groups={self.output_groups}"
         if opts.inner_norm:
             text += ", inner_norm=True"
         if self.bias is None:

@@ -36,6 +36,7 @@ def test_shape_macs_params_match_plain_conv_and_plan(g):
     y = module(x)
     expected = nn.Conv2d(*args, bias=g["bias"])(x)
     assert y.shape == expected.shape
+    torch.testing.assert_close(y, module.forward_reference(x), rtol=0, atol=0)
     macs, _ = count_macs(module, x[:1])
     assert macs == module.plan.macs_per_position * y.shape[-2] * y.shape[-1]
     assert sum(p.numel() for p in module.parameters()) == module.plan.params
@@ -74,6 +75,24 @@ def test_identity_parts_copy_the_chosen_input_channels(k, stride, padding, sampl
             channels = [where[offset + i] for i in range(part.channels)]
             torch.testing.assert_close(y[:, channels], sampler(x[:, start:stop]), rtol=0, atol=0)
         offset += part.channels
+
+
+@pytest.mark.parametrize("depth", [1, 2, 3])
+def test_channels_last_matches_and_stays_channels_last(depth):
+    module = CompConv2d(96, 128, 3, 2, 1, bias=True, depth=depth)
+    x = torch.randn(2, 96, 9, 9)
+    y = module(x.to(memory_format=torch.channels_last))
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(y, module.forward_reference(x), rtol=1e-5, atol=1e-5)
+
+
+def test_gradients_match_the_reference_forward():
+    module = CompConv2d(64, 100, 3, 1, 1, bias=True, depth=3).double()
+    x = torch.randn(2, 64, 5, 5, dtype=torch.double, requires_grad=True)
+    grads = torch.autograd.grad(module(x).square().sum(), [x, *module.parameters()])
+    reference = torch.autograd.grad(module.forward_reference(x).square().sum(), [x, *module.parameters()])
+    for got, want in zip(grads, reference):
+        torch.testing.assert_close(got, want)
 
 
 def test_identity_outside_the_input_is_zero_padding():

@@ -1,0 +1,307 @@
+"""Throughput, latency and memory benchmark of timm models, CompConv and Ghost variants side by side.
+
+    python -m compconv.bench --models resnet50,resnet50_compconv128,resnet50_ghost \\
+        --workloads infer:1,infer:32,train:16 --settings eager-nchw,eager-cl,compiled-nchw,compiled-cl \\
+        --out results/benchmark_cpu.md
+
+In the style of timm's benchmark.py: warm-up, synchronised timing, and the models of one cell
+measured interleaved (A B C A B C ...) so machine drift affects all alike. Reported per model:
+images/s (median over repeats, and the spread (max - min) / median), the speed ratio to the first
+model next to the ideal ratio (first model's MACs / this model's MACs), peak memory, MACs and
+params. No Hydra or wandb needed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import multiprocessing
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Callable
+
+import timm
+import torch
+from torch import nn
+
+from .complexity import complexity
+from .io import atomic_write_text
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Setting:
+    compiled: bool
+    channels_last: bool
+
+    @classmethod
+    def parse(cls, text: str) -> "Setting":
+        mode, _, layout = text.partition("-")
+        if mode not in ("eager", "compiled") or layout not in ("nchw", "cl"):
+            raise ValueError(f"setting {text!r}: expected eager|compiled - nchw|cl, e.g. compiled-cl")
+        return cls(mode == "compiled", layout == "cl")
+
+    def __str__(self) -> str:
+        return f"{'compiled' if self.compiled else 'eager'}-{'cl' if self.channels_last else 'nchw'}"
+
+
+@dataclass(frozen=True)
+class Workload:
+    mode: str
+    batch: int
+
+    @classmethod
+    def parse(cls, text: str) -> "Workload":
+        mode, _, batch = text.partition(":")
+        if mode not in ("infer", "train") or not batch.isdigit():
+            raise ValueError(f"workload {text!r}: expected infer:N or train:N")
+        return cls(mode, int(batch))
+
+    def __str__(self) -> str:
+        return f"{self.mode}:{self.batch}"
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def build_step(name: str, workload: Workload, setting: Setting, device: torch.device, img_size: int,
+               precision: str) -> tuple[Callable[[], None], nn.Module]:
+    """A closure running one inference or training step (forward + backward + SGD) of model ``name``."""
+    model = timm.create_model(name, num_classes=1000).to(device)
+    memory_format = torch.channels_last if setting.channels_last else torch.contiguous_format
+    model = model.to(memory_format=memory_format)
+    x = torch.randn(workload.batch, 3, img_size, img_size, device=device).to(memory_format=memory_format)
+    dtype = PRECISIONS[precision]
+    net = torch.compile(model) if setting.compiled else model
+
+    def ctx():
+        return torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
+
+    if workload.mode == "infer":
+        model.eval()
+
+        def step() -> None:
+            with torch.inference_mode(), ctx():
+                net(x)
+    else:
+        model.train()
+        target = torch.randint(0, 1000, (workload.batch,), device=device)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        criterion = nn.CrossEntropyLoss()
+
+        def step() -> None:
+            with ctx():
+                loss = criterion(net(x), target)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    return step, model
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _peak_cpu_child(args, queue) -> None:
+    import compconv  # noqa: F401  (a spawned process must register the models again)
+
+    torch.set_num_threads(args[-1])
+    step, _ = build_step(*args[:-1])
+    before = _rss_bytes()
+    step()
+    step()
+    queue.put(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before)
+
+
+def peak_memory_mb(name, workload, setting, device, img_size, precision) -> float:
+    """Peak memory of two steps: CUDA max allocated, or on CPU the growth of max RSS over the
+    resident size after building the model (measured in a fresh process, one model at a time)."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        step, _ = build_step(name, workload, setting, device, img_size, precision)
+        step()
+        step()
+        _sync(device)
+        peak = torch.cuda.max_memory_allocated(device) - base
+        del step
+        return peak / 2**20
+    ctx = multiprocessing.get_context("spawn")  # a forked child can deadlock in an initialised OpenMP pool
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_peak_cpu_child,
+                       args=((name, workload, setting, device, img_size, precision, torch.get_num_threads()), queue))
+    proc.start()
+    value = queue.get()
+    proc.join()
+    return value / 2**20
+
+
+def time_cell(names, workload, setting, device, img_size, precision, warmup, repeats, min_seconds):
+    """Interleaved timing of all models for one (workload, setting) cell: rates[name] = [img/s per repeat]."""
+    steps = {}
+    for name in names:
+        step, _ = build_step(name, workload, setting, device, img_size, precision)
+        for _ in range(warmup):  # includes compilation
+            step()
+        _sync(device)
+        steps[name] = step
+    # Iterations per measurement so that one measurement lasts about min_seconds.
+    iters = {}
+    for name, step in steps.items():
+        start = time.perf_counter()
+        step()
+        _sync(device)
+        iters[name] = max(1, round(min_seconds / max(time.perf_counter() - start, 1e-6)))
+    rates = {name: [] for name in names}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            _sync(device)
+            start = time.perf_counter()
+            for _ in range(iters[name]):
+                step()
+            _sync(device)
+            rates[name].append(workload.batch * iters[name] / (time.perf_counter() - start))
+    return rates
+
+
+def profile_ops(name: str, workload: Workload, setting: Setting, device, img_size, precision, top: int = 12) -> str:
+    """Top ops by self time for one step of ``name`` (torch.profiler), as a markdown table."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step, _ = build_step(name, workload, setting, device, img_size, precision)
+    step()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        step()
+        _sync(device)
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    events = sorted(prof.key_averages(), key=lambda e: getattr(e, key), reverse=True)[:top]
+    total = sum(getattr(e, key) for e in prof.key_averages()) or 1
+    lines = ["| op | calls | self time (ms) | share |", "|---|---:|---:|---:|"]
+    lines += [f"| `{e.key}` | {e.count} | {getattr(e, key) / 1e3:.1f} | {100 * getattr(e, key) / total:.1f}% |"
+              for e in events]
+    return "\n".join(lines)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as handle:
+            cpu = next(line.split(":", 1)[1].strip() for line in handle if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{cpu}, {torch.get_num_threads()} threads"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="resnet50,resnet50_compconv64,resnet50_compconv128,resnet50_compconv256,resnet50_ghost",
+                        help="comma-separated timm names; the first is the baseline of the ratios")
+    parser.add_argument("--workloads", default="infer:1,infer:32,train:16")
+    parser.add_argument("--settings", default="eager-nchw,eager-cl,compiled-nchw,compiled-cl")
+    parser.add_argument("--img-size", type=int, default=224)
+    parser.add_argument("--precision", choices=sorted(PRECISIONS), default="fp32")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--min-seconds", type=float, default=1.0, help="target duration of one measurement")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    parser.add_argument("--profile", default="", help="model to profile (top ops) in the first workload/setting")
+    parser.add_argument("--out", default="", help="markdown file to write (a .csv is written beside it)")
+    args = parser.parse_args(argv)
+
+    import compconv  # noqa: F401  (registers the CompConv models)
+
+    names = [n.strip() for n in args.models.split(",") if n.strip()]
+    unknown = [n for n in names if not timm.is_model(n)]
+    if unknown:
+        parser.error(f"unknown model(s) {unknown}; CompConv models: {compconv.models.registered_model_names()}")
+    try:
+        workloads = [Workload.parse(w) for w in args.workloads.split(",")]
+        settings = [Setting.parse(s) for s in args.settings.split(",")]
+    except ValueError as error:
+        parser.error(str(error))
+    device = torch.device(args.device)
+    if device.type == "cpu" and args.precision != "fp32":
+        parser.error("autocast precisions are for GPUs here; use --precision fp32 on the CPU")
+
+    costs = {n: complexity(timm.create_model(n), (3, args.img_size, args.img_size)) for n in names}
+    command = "python -m compconv.bench " + " ".join(argv if argv is not None else sys.argv[1:])
+    header = [
+        f"# Benchmark: {', '.join(names)}",
+        "",
+        f"Generated by `{command}`",
+        f"on {device_name(device)}; torch {torch.__version__}, timm {timm.__version__}; input {args.img_size}x{args.img_size}, "
+        f"{args.precision}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.",
+        "",
+        "img/s: median of the repeats (each >= the target duration), models interleaved within a cell; spread = "
+        "(max - min) / median. speed ratio = img/s / first model's img/s; ideal = first model's MACs / this "
+        "model's MACs; efficiency = speed ratio / ideal. Peak memory: CUDA max allocated, or on CPU the growth of "
+        "max RSS over the built model's resident size during two steps. MACs per image (FlopCounterMode / 2).",
+    ]
+    rows, sections = [], []
+
+    def write() -> None:
+        if not args.out:
+            return
+        atomic_write_text(args.out, "\n".join(header + sections) + "\n")
+        buffer = io.StringIO()
+        if rows:
+            writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+        atomic_write_text(os.path.splitext(args.out)[0] + ".csv", buffer.getvalue())
+
+    for workload in workloads:
+        for setting in settings:
+            started = time.perf_counter()
+            rates = time_cell(names, workload, setting, device, args.img_size, args.precision,
+                              args.warmup, args.repeats, args.min_seconds)
+            base = statistics.median(rates[names[0]])
+            table = [f"\n## {workload.mode}, batch {workload.batch}, {setting}\n",
+                     "| model | MACs (G) | params (M) | img/s | spread | speed ratio | ideal | efficiency | peak mem (MiB) |",
+                     "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+            for name in names:
+                median = statistics.median(rates[name])
+                spread = (max(rates[name]) - min(rates[name])) / median
+                ideal = costs[names[0]].macs / costs[name].macs
+                memory = None if args.no_memory else peak_memory_mb(
+                    name, workload, setting, device, args.img_size, args.precision)
+                row = {"workload": str(workload), "setting": str(setting), "model": name,
+                       "macs_G": costs[name].macs / 1e9, "params_M": costs[name].params / 1e6,
+                       "img_per_s": median, "spread": spread, "speed_ratio": median / base, "ideal_ratio": ideal,
+                       "efficiency": median / base / ideal, "peak_mem_mb": memory,
+                       "latency_ms": 1e3 * workload.batch / median}
+                rows.append(row)
+                mem = f"{memory:.0f}" if memory is not None else "-"
+                table.append(f"| {name} | {row['macs_G']:.3f} | {row['params_M']:.2f} | {median:.1f} | {spread:.1%} | "
+                             f"{row['speed_ratio']:.3f} | {ideal:.3f} | {row['efficiency']:.3f} | {mem} |")
+            sections.extend(table)
+            print("\n".join(table), flush=True)
+            print(f"(cell took {time.perf_counter() - started:.0f} s)", flush=True)
+            write()
+    if args.profile:
+        section = [f"\n## Profile: {args.profile}, {workloads[0]}, {settings[0]} (top ops by self time)\n",
+                   profile_ops(args.profile, workloads[0], settings[0], device, args.img_size, args.precision)]
+        sections.extend(section)
+        print("\n".join(section))
+        write()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

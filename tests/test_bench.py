@@ -1,0 +1,31 @@
+"""The benchmark harness runs, interleaves, and writes its tables (numbers are not asserted: timing is noise)."""
+
+import csv
+
+import pytest
+
+from compconv import bench
+
+
+def test_benchmark_writes_markdown_and_csv(tmp_path):
+    out = tmp_path / "bench.md"
+    assert bench.main(["--models", "resnet18,resnet18_compconv128", "--workloads", "infer:1,train:2",
+                       "--settings", "eager-nchw,eager-cl", "--img-size", "32", "--repeats", "2",
+                       "--min-seconds", "0.01", "--warmup", "1", "--out", str(out), "--profile", "resnet18_compconv128"]) == 0
+    rows = list(csv.DictReader(open(out.with_suffix(".csv"))))
+    assert len(rows) == 8 and {r["model"] for r in rows} == {"resnet18", "resnet18_compconv128"}
+    for row in rows:
+        assert float(row["img_per_s"]) > 0 and float(row["peak_mem_mb"]) > 0
+        if row["model"] == "resnet18":
+            assert float(row["speed_ratio"]) == 1.0 and float(row["ideal_ratio"]) == 1.0
+        else:
+            assert float(row["ideal_ratio"]) > 2  # resnet18 MACs / CompConv128 MACs
+    text = out.read_text()
+    assert "## train, batch 2, eager-cl" in text and "mkldnn_convolution" in text or "convolution" in text
+
+
+def test_benchmark_rejects_bad_arguments():
+    with pytest.raises(SystemExit):
+        bench.main(["--models", "resnet51"])
+    with pytest.raises(SystemExit):
+        bench.main(["--workloads", "infer"])
