@@ -3,7 +3,8 @@
 Nothing here imports Hydra; wandb is imported only when a wandb logger is created.
 """
 
+from .base import TrainingRun
 from .config import ConfigError, TrainConfig
 from .run import ClassificationRun, build_model, run_classification
 
-__all__ = ["ClassificationRun", "ConfigError", "TrainConfig", "build_model", "run_classification"]
+__all__ = ["ClassificationRun", "ConfigError", "TrainConfig", "TrainingRun", "build_model", "run_classification"]

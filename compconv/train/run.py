@@ -1,46 +1,29 @@
-"""One classification run: build, (resume,) train, evaluate, checkpoint, log, summarise."""
+"""Classification run: Fashion-MNIST / ImageNet / ImageFolder data, a timm model, top-1/top-5."""
 
 from __future__ import annotations
 
-import json
-import logging
-import platform
-import random
-import resource
-import time
-from contextlib import nullcontext
-from pathlib import Path
 from typing import Any
 
 import timm
 import torch
-import torch.distributed as dist
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from ..complexity import complexity
 from ..data import ResumableSampler, build_datasets, collate_skipping_bad
-from ..io import atomic_write_text
-from ..models import compconv_model_names
-from .checkpoint import load_checkpoint, model_signature, save_checkpoint
+from ..models import compconv_model_names, registered_model_names
+from .base import TrainingRun
 from .config import ConfigError, TrainConfig
-from .distributed import DistContext, barrier, broadcast_object, cleanup, init_distributed
-from .engine import Meters
-from .loggers import NullLogger, WandbLogger
-from .optim import build_optimizer, build_scheduler
-from .signals import StopRequest
-
-_logger = logging.getLogger("compconv.train")
+from .engine import Sums, classification_metrics, classification_sums
 
 
-def build_model(cfg, num_classes: int, in_chans: int) -> nn.Module:
+def build_model(cfg, num_classes: int, in_chans: int, **extra: Any) -> nn.Module:
     """timm model from a :class:`ModelConfig`, with a clear error for unknown names or misplaced options."""
     name = cfg.name
     if not timm.is_model(name):
-        raise ConfigError(f"unknown model {name!r}; CompConv models: {compconv_model_names()}, "
-                          "or any timm model name (e.g. resnet50, vgg16)")
-    kwargs = dict(cfg.kwargs, num_classes=num_classes, in_chans=in_chans)
+        raise ConfigError(f"unknown model {name!r}; this package registers {registered_model_names()}, "
+                          "and any timm model name works (e.g. resnet50, vgg16)")
+    kwargs = dict(cfg.kwargs, num_classes=num_classes, in_chans=in_chans, **extra)
     if cfg.drop_path_rate:
         kwargs["drop_path_rate"] = cfg.drop_path_rate
     if cfg.compconv is not None:
@@ -50,299 +33,79 @@ def build_model(cfg, num_classes: int, in_chans: int) -> nn.Module:
     return timm.create_model(name, pretrained=False, **kwargs)
 
 
-def _resolve_device(choice: str) -> torch.device:
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("trainer.device=cuda but no CUDA device is available; use trainer.device=auto or cpu")
-    return torch.device("cuda" if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()) else "cpu")
+class ClassificationRun(TrainingRun):
+    """Image classification with cross-entropy (label smoothing optional); reports top-1/top-5."""
 
+    key_metric = "top1"
 
-def _amp_dtype(choice: str, device: torch.device) -> torch.dtype | None:
-    if choice == "auto":
-        return torch.bfloat16 if device.type == "cuda" else None
-    return {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[choice]
-
-
-def _peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
-def _rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-class ClassificationRun:
-    """Everything one process needs for a run; :meth:`fit` trains and returns the summary."""
-
-    def __init__(self, cfg: TrainConfig) -> None:
-        self.cfg = cfg
-        self.device = _resolve_device(cfg.trainer.device)
-        self.dist: DistContext = init_distributed(self.device.type)
-        self.run_dir = Path(broadcast_object(cfg.run_dir, self.dist))  # ranks may disagree on ${now}
-        self.checkpoint_path = self.run_dir / "last.pt"
-        torch.manual_seed(cfg.seed + self.dist.rank)
-        random.seed(cfg.seed + self.dist.rank)
-        if cfg.trainer.deterministic:
-            torch.use_deterministic_algorithms(True, warn_only=True)
-
+    def build_data(self) -> None:
+        cfg = self.cfg
+        pin = self.device.type == "cuda"
         train_set, val_set, self.num_classes = build_datasets(cfg.data, cfg.seed)
         self.train_set = train_set
         self.train_sampler = ResumableSampler(len(train_set), self.dist.rank, self.dist.world_size, True, cfg.seed)
         self.train_loader = DataLoader(
             train_set, cfg.data.batch_size, sampler=self.train_sampler, num_workers=cfg.data.workers,
-            collate_fn=collate_skipping_bad, drop_last=True, pin_memory=self.device.type == "cuda")
+            collate_fn=collate_skipping_bad, drop_last=True, pin_memory=pin)
         val_sampler = ResumableSampler(len(val_set), self.dist.rank, self.dist.world_size, shuffle=False)
         self.val_loader = DataLoader(
             val_set, cfg.data.eval_batch_size, sampler=val_sampler, num_workers=cfg.data.workers,
-            collate_fn=collate_skipping_bad, pin_memory=self.device.type == "cuda")
-        self.steps_per_epoch = len(self.train_loader)
-        if self.steps_per_epoch == 0:
-            raise ConfigError(f"the training set ({len(train_set)} images) is smaller than one batch of "
-                              f"data.batch_size={cfg.data.batch_size} per process")
-
-        self.model = build_model(cfg.model, self.num_classes, cfg.data.in_chans)
-        cost = complexity(self.model, (cfg.data.in_chans, cfg.data.img_size, cfg.data.img_size))
-        self.macs, self.params = cost.macs, cost.params
-        self.memory_format = torch.channels_last if cfg.trainer.channels_last else torch.contiguous_format
-        self.model.to(self.device, memory_format=self.memory_format)
-        self.global_batch = cfg.data.batch_size * self.dist.world_size
-        self.optimizer = build_optimizer(self.model, cfg.optim, self.global_batch)
-        self.scheduler = build_scheduler(self.optimizer, cfg.sched, self.steps_per_epoch, cfg.trainer.epochs)
-        self.amp_dtype = _amp_dtype(cfg.trainer.amp, self.device)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
-        self.ema = timm.utils.ModelEmaV3(self.model, decay=cfg.trainer.ema_decay) if cfg.trainer.ema_decay else None
+            collate_fn=collate_skipping_bad, pin_memory=pin)
         self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.trainer.label_smoothing)
         self.eval_criterion = nn.CrossEntropyLoss()
 
-        self.net: nn.Module = self.model
-        if self.dist.enabled:
-            self.net = DistributedDataParallel(
-                self.model, device_ids=[self.device.index or 0] if self.device.type == "cuda" else None)
-        if cfg.trainer.compile:
-            self.net = torch.compile(self.net)
+    def build_model(self) -> nn.Module:
+        return build_model(self.cfg.model, self.num_classes, self.cfg.data.in_chans)
 
-        self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
-        self.meters, self.history, self.best_top1, self.wandb_id = Meters(), [], 0.0, None
-        self._resume()
-        self.logger = self._make_logger()
+    def count_complexity(self) -> tuple[int, int]:
+        data = self.cfg.data
+        cost = complexity(self.model, (data.in_chans, data.img_size, data.img_size))
+        return cost.macs, cost.params
 
-    # ----------------------------------------------------------------- state
-    def _state(self) -> dict[str, Any]:
-        rng = _rng_state()
-        if self.dist.enabled:
-            gathered = [None] * self.dist.world_size
-            dist.all_gather_object(gathered, rng)
-            rng = gathered
-        return {
-            "model_name": self.cfg.model.name, "model_signature": model_signature(self.model),
-            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
-            "ema": self.ema.state_dict() if self.ema else None,
-            "epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
-            "meters": self.meters.reduced(self.device).state(), "history": self.history,
-            "best_top1": self.best_top1, "rng": rng, "world_size": self.dist.world_size,
-            "config": self.cfg.to_dict(), "wandb_id": getattr(self, "logger", None) and self.logger.run_id,
-        }
+    def _to_device(self, images: torch.Tensor, targets: torch.Tensor):
+        images = images.to(self.device, non_blocking=True, memory_format=self.memory_format)
+        return images, targets.to(self.device, non_blocking=True)
 
-    def save(self) -> None:
-        state = self._state()  # collective: every rank takes part
-        if self.dist.is_main:
-            save_checkpoint(self.checkpoint_path, state)
-        barrier(self.dist)
+    def training_step(self, batch) -> tuple[torch.Tensor, dict[str, float]]:
+        images, targets, skipped = batch
+        images, targets = self._to_device(images, targets)
+        logits = self.net(images)
+        loss = self.criterion(logits, targets)
+        return loss, {**classification_sums(loss.float(), logits.float(), targets), "skipped": skipped}
 
-    def _resume(self) -> None:
-        choice = self.cfg.trainer.resume
-        if choice == "never":
-            return
-        path = self.checkpoint_path if choice == "auto" else Path(choice)
-        if choice == "auto" and not path.is_file():
-            return
-        state = load_checkpoint(path, self.cfg.model.name, self.model)
-        self.model.load_state_dict(state["model"])
-        if self.cfg.trainer.eval_only:
-            if self.ema and state["ema"]:
-                self.ema.load_state_dict(state["ema"])
-            return
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
-        if self.ema and state["ema"]:
-            self.ema.load_state_dict(state["ema"])
-        self.epoch, self.step_in_epoch, self.global_step = state["epoch"], state["step_in_epoch"], state["global_step"]
-        self.history, self.best_top1, self.wandb_id = state["history"], state["best_top1"], state.get("wandb_id")
-        if self.dist.is_main:
-            self.meters = Meters(**state["meters"])  # reduced sums live on rank 0 only
-        rng = state["rng"]
-        if isinstance(rng, list):
-            rng = rng[self.dist.rank] if len(rng) == self.dist.world_size else rng[0]
-        _set_rng_state(rng)
-        _logger.info("resumed from %s at epoch %d step %d", path, self.epoch, self.step_in_epoch)
-
-    def _make_logger(self):
-        if not self.dist.is_main or self.cfg.logger.name == "none":
-            return NullLogger()
-        config = {**self.cfg.to_dict(), "params": self.params, "macs": self.macs}
-        name = self.cfg.experiment or f"{self.cfg.model.name}-s{self.cfg.seed}"
-        return WandbLogger(self.cfg.logger, str(self.run_dir), config, name, self.wandb_id)
-
-    # ----------------------------------------------------------------- loops
-    def _autocast(self):
-        if self.amp_dtype is None:
-            return nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
-
-    def _stop_everywhere(self, stop: StopRequest) -> bool:
-        flag = stop.requested
-        if self.dist.enabled:
-            tensor = torch.tensor([float(flag)], device=self.device)
-            dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-            flag = bool(tensor.item())
-        return flag
-
-    def train_epoch(self, stop: StopRequest) -> dict[str, float] | None:
-        """Trains the current epoch from ``step_in_epoch``; returns None if a stop signal interrupted it."""
-        cfg = self.cfg.trainer
-        self.net.train()
-        self.train_set.set_epoch(self.epoch)
-        self.train_sampler.set_epoch(self.epoch, start=self.step_in_epoch * self.cfg.data.batch_size)
-        total = min(self.steps_per_epoch, cfg.max_train_steps or self.steps_per_epoch)
-        bar = None
-        if cfg.progress and self.dist.is_main:
-            from tqdm import tqdm
-            bar = tqdm(total=total, initial=self.step_in_epoch, desc=f"epoch {self.epoch + 1}/{cfg.epochs}",
-                       dynamic_ncols=True, leave=True)
-        start_time, seen = time.perf_counter(), 0
-        for images, targets, skipped in self.train_loader:
-            if self.step_in_epoch >= total:
-                break
-            images = images.to(self.device, non_blocking=True, memory_format=self.memory_format)
-            targets = targets.to(self.device, non_blocking=True)
-            with self._autocast():
-                logits = self.net(images)
-                loss = self.criterion(logits, targets)
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scaler.scale(loss).backward()
-            if cfg.clip_grad:
-                self.scaler.unscale_(self.optimizer)
-                nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip_grad)
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            self.scheduler.step()
-            if self.ema is not None:
-                self.ema.update(self.model, step=self.global_step)
-            self.meters.update(loss.float(), logits.float(), targets, skipped)
-            self.step_in_epoch += 1
-            self.global_step += 1
-            seen += targets.numel()
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{float(loss):.3f}", lr=f"{self.optimizer.param_groups[0]['lr']:.4g}", refresh=False)
-            if self._stop_everywhere(stop):
-                if bar is not None:
-                    bar.close()
-                return None
-        if bar is not None:
-            bar.close()
-        elapsed = time.perf_counter() - start_time
-        metrics = self.meters.reduced(self.device).metrics()
-        rate = seen * self.dist.world_size / max(elapsed, 1e-9)
-        return {**metrics, "images_per_s": rate}
+    def train_metrics(self, sums: Sums) -> dict[str, float]:
+        return classification_metrics(sums)
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module | None = None) -> dict[str, float]:
         model = model or self.net
         model.eval()
-        meters = Meters()
+        sums = Sums({"count": 0.0, "skipped": 0.0, "loss_sum": 0.0, "correct1": 0.0, "correct5": 0.0})
         for step, (images, targets, skipped) in enumerate(self.val_loader):
             if self.cfg.trainer.max_eval_steps and step >= self.cfg.trainer.max_eval_steps:
                 break
-            meters.skipped += skipped
+            sums.add(skipped=skipped)
             if targets.numel() == 0:
                 continue
-            images = images.to(self.device, non_blocking=True, memory_format=self.memory_format)
-            targets = targets.to(self.device, non_blocking=True)
-            with self._autocast():
+            images, targets = self._to_device(images, targets)
+            with self.autocast():
                 logits = model(images)
             logits = logits.float()
-            meters.update(self.eval_criterion(logits, targets), logits, targets)
-        return meters.reduced(self.device).metrics()
+            sums.add(**classification_sums(self.eval_criterion(logits, targets), logits, targets))
+        return classification_metrics(sums.reduced(self.device))
 
-    # ----------------------------------------------------------------- driver
-    def fit(self) -> dict[str, Any]:
-        cfg = self.cfg.trainer
-        if cfg.eval_only:
-            return self._finish(eval_only=self.evaluate())
-        started = time.perf_counter()
-        with StopRequest() as stop:
-            while self.epoch < cfg.epochs:
-                train_metrics = self.train_epoch(stop)
-                if train_metrics is None:
-                    self.save()
-                    _logger.warning("signal %s: checkpoint written to %s at epoch %d step %d",
-                                    stop.signum, self.checkpoint_path, self.epoch, self.step_in_epoch)
-                    self.logger.finish()
-                    cleanup(self.dist)
-                    stop.forward()
-                val_metrics = self.evaluate()
-                record = {"epoch": self.epoch + 1, "lr": self.optimizer.param_groups[0]["lr"],
-                          **{f"train/{k}": v for k, v in train_metrics.items()},
-                          **{f"val/{k}": v for k, v in val_metrics.items()}}
-                if self.ema is not None:
-                    record.update({f"val_ema/{k}": v for k, v in self.evaluate(self.ema.module).items()})
-                record["peak_mem_mb"] = _peak_memory_mb(self.device)
-                self.best_top1 = max(self.best_top1, val_metrics["top1"])
-                self.history.append(record)
-                self.logger.log(record, step=self.global_step)
-                if self.dist.is_main:
-                    _logger.info("epoch %d: train loss %.4f top1 %.2f | val loss %.4f top1 %.2f top5 %.2f | %.0f img/s",
-                                 self.epoch + 1, train_metrics["loss"], train_metrics["top1"], val_metrics["loss"],
-                                 val_metrics["top1"], val_metrics["top5"], train_metrics["images_per_s"])
-                self.epoch, self.step_in_epoch, self.meters = self.epoch + 1, 0, Meters()
-                self.save()
-        summary = self._finish(train_seconds=time.perf_counter() - started)
-        return summary
-
-    def _finish(self, eval_only: dict[str, float] | None = None, train_seconds: float | None = None) -> dict[str, Any]:
-        last = self.history[-1] if self.history else {}
-        plan = getattr(self.model, "compconv_report", None)
-        summary = {
-            "model": self.cfg.model.name,
-            "c0": plan.options.c0 if plan else None,
-            "compconv": plan.options.as_dict() if plan else None,
+    def summary_fields(self) -> dict[str, Any]:
+        report = getattr(self.model, "compconv_report", None)
+        options = report.options.as_dict() if report else None
+        return {
+            "c0": options.get("c0") if options else None, "compconv": options,
             "dataset": self.cfg.data.name, "img_size": self.cfg.data.img_size, "in_chans": self.cfg.data.in_chans,
             "train_images": len(self.train_set), "val_images": len(self.val_loader.dataset),
-            "seed": self.cfg.seed, "epochs": self.epoch, "global_batch": self.global_batch,
-            "world_size": self.dist.world_size,
-            "top1": (eval_only or {}).get("top1", last.get("val/top1")),
-            "top5": (eval_only or {}).get("top5", last.get("val/top5")),
-            "val_loss": (eval_only or {}).get("loss", last.get("val/loss")),
-            "best_top1": self.best_top1 if self.history else None,
-            "params": self.params, "macs": self.macs, "macs_note": "MACs of one image at the training input size",
-            "images_per_s": last.get("train/images_per_s"),
-            "peak_mem_mb": _peak_memory_mb(self.device), "train_seconds": train_seconds,
-            "device": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else platform.processor() or "cpu",
-            "torch": torch.__version__, "experiment": self.cfg.experiment, "command": self.cfg.command,
-            "run_dir": str(self.run_dir), "history": self.history,
+            "macs_note": "MACs of one image at the training input size",
         }
-        if self.dist.is_main:
-            name = "eval.json" if eval_only is not None else "summary.json"
-            atomic_write_text(self.run_dir / name, json.dumps(summary, indent=2, default=str) + "\n")
-            self.logger.summary({k: v for k, v in summary.items() if k != "history" and v is not None})
-            self.logger.finish()
-        summary = broadcast_object(summary, self.dist)
-        cleanup(self.dist)
-        return summary
+
+    def final_metrics(self, metrics: dict[str, float]) -> dict[str, Any]:
+        return {"top1": metrics.get("top1"), "top5": metrics.get("top5"), "val_loss": metrics.get("loss")}
 
 
 def run_classification(cfg: TrainConfig) -> dict[str, Any]:

@@ -1,0 +1,325 @@
+"""The task-independent part of a training run: devices, DDP, optimizer and schedule, AMP, EMA,
+the step loop, atomic checkpoints with exact resume, signals and loggers.
+
+A task (classification, detection) subclasses :class:`TrainingRun` and provides the data, the
+model, one training step, the evaluation and the summary fields.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import random
+import resource
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from ..io import atomic_write_text
+from .checkpoint import load_checkpoint, model_signature, save_checkpoint
+from .config import ConfigError
+from .distributed import DistContext, barrier, broadcast_object, cleanup, init_distributed
+from .engine import Sums
+from .loggers import NullLogger, WandbLogger
+from .optim import build_optimizer, build_scheduler
+from .signals import StopRequest
+
+_logger = logging.getLogger("compconv.train")
+
+
+def resolve_device(choice: str) -> torch.device:
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("trainer.device=cuda but no CUDA device is available; use trainer.device=auto or cpu")
+    return torch.device("cuda" if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()) else "cpu")
+
+
+def amp_dtype(choice: str, device: torch.device) -> torch.dtype | None:
+    if choice == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    return {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[choice]
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """CUDA max allocated, or the process's max RSS on the CPU (Linux reports KiB)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class TrainingRun:
+    """Shared machinery; subclasses implement the ``build_*``, ``training_step``, ``evaluate`` hooks."""
+
+    summary_file = "summary.json"
+
+    def __init__(self, cfg) -> None:
+        self.cfg = cfg
+        self.device = resolve_device(cfg.trainer.device)
+        self.dist: DistContext = init_distributed(self.device.type)
+        self.run_dir = Path(broadcast_object(cfg.run_dir, self.dist))  # ranks may disagree on ${now}
+        self.checkpoint_path = self.run_dir / "last.pt"
+        torch.manual_seed(cfg.seed + self.dist.rank)
+        random.seed(cfg.seed + self.dist.rank)
+        if cfg.trainer.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+
+        self.build_data()  # sets train_set, train_sampler, train_loader, val_loader
+        self.steps_per_epoch = len(self.train_loader)
+        if self.steps_per_epoch == 0:
+            raise ConfigError(f"the training set ({len(self.train_set)} images) is smaller than one batch of "
+                              f"data.batch_size={cfg.data.batch_size} per process")
+        self.model = self.build_model()
+        self.macs, self.params = self.count_complexity()
+        self.memory_format = torch.channels_last if cfg.trainer.channels_last else torch.contiguous_format
+        self.model.to(self.device, memory_format=self.memory_format)
+        self.global_batch = cfg.data.batch_size * self.dist.world_size
+        self.optimizer = build_optimizer(self.model, cfg.optim, self.global_batch)
+        self.scheduler = build_scheduler(self.optimizer, cfg.sched, self.steps_per_epoch, cfg.trainer.epochs)
+        self.amp_dtype = amp_dtype(cfg.trainer.amp, self.device)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+        self.ema = timm.utils.ModelEmaV3(self.model, decay=cfg.trainer.ema_decay) if cfg.trainer.ema_decay else None
+
+        self.net: nn.Module = self.model
+        if self.dist.enabled:
+            self.net = DistributedDataParallel(
+                self.model, device_ids=[self.device.index or 0] if self.device.type == "cuda" else None)
+        if cfg.trainer.compile:
+            self.net = torch.compile(self.net)
+
+        self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
+        self.sums, self.history, self.best, self.wandb_id = Sums(), [], None, None
+        self._resume()
+        self.logger = self._make_logger()
+
+    # ------------------------------------------------------------------ hooks
+    def build_data(self) -> None:
+        raise NotImplementedError
+
+    def build_model(self) -> nn.Module:
+        raise NotImplementedError
+
+    def count_complexity(self) -> tuple[int, int]:
+        raise NotImplementedError
+
+    def training_step(self, batch) -> tuple[torch.Tensor, dict[str, float]]:
+        """Forward pass of one batch: the loss to back-propagate and the sums to accumulate."""
+        raise NotImplementedError
+
+    def train_metrics(self, sums: Sums) -> dict[str, float]:
+        raise NotImplementedError
+
+    def evaluate(self, model: nn.Module | None = None) -> dict[str, float]:
+        raise NotImplementedError
+
+    key_metric = "top1"
+
+    def summary_fields(self) -> dict[str, Any]:
+        """Task-specific fields of the summary (dataset, input size, ...)."""
+        return {}
+
+    def final_metrics(self, metrics: dict[str, float]) -> dict[str, Any]:
+        """The summary's headline metrics from the last evaluation."""
+        return dict(metrics)
+
+    # ------------------------------------------------------------------ state
+    def _state(self) -> dict[str, Any]:
+        rng = _rng_state()
+        if self.dist.enabled:
+            gathered = [None] * self.dist.world_size
+            dist.all_gather_object(gathered, rng)
+            rng = gathered
+        return {
+            "model_name": self.cfg.model.name, "model_signature": model_signature(self.model),
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+            "ema": self.ema.state_dict() if self.ema else None,
+            "epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
+            "sums": self.sums.reduced(self.device, self._sum_keys()).state(), "history": self.history,
+            "best": self.best, "rng": rng, "world_size": self.dist.world_size,
+            "config": self.cfg.to_dict(), "wandb_id": getattr(self, "logger", NullLogger()).run_id,
+        }
+
+    def _sum_keys(self) -> list[str]:
+        keys = set(self.sums.values)
+        if self.dist.enabled:  # every rank must reduce the same keys
+            gathered = [None] * self.dist.world_size
+            dist.all_gather_object(gathered, sorted(keys))
+            keys = set().union(*gathered)
+        return sorted(keys)
+
+    def save(self) -> None:
+        state = self._state()  # collective: every rank takes part
+        if self.dist.is_main:
+            save_checkpoint(self.checkpoint_path, state)
+        barrier(self.dist)
+
+    def _resume(self) -> None:
+        choice = self.cfg.trainer.resume
+        if choice == "never":
+            return
+        path = self.checkpoint_path if choice == "auto" else Path(choice)
+        if choice == "auto" and not path.is_file():
+            return
+        state = load_checkpoint(path, self.cfg.model.name, self.model)
+        self.model.load_state_dict(state["model"])
+        if self.ema and state["ema"]:
+            self.ema.load_state_dict(state["ema"])
+        if self.cfg.trainer.eval_only:
+            return
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.epoch, self.step_in_epoch, self.global_step = state["epoch"], state["step_in_epoch"], state["global_step"]
+        self.history, self.best, self.wandb_id = state["history"], state["best"], state.get("wandb_id")
+        if self.dist.is_main:
+            self.sums = Sums(state["sums"])  # reduced sums live on rank 0 only
+        rng = state["rng"]
+        if isinstance(rng, list):
+            rng = rng[self.dist.rank] if len(rng) == self.dist.world_size else rng[0]
+        _set_rng_state(rng)
+        _logger.info("resumed from %s at epoch %d step %d", path, self.epoch, self.step_in_epoch)
+
+    def _make_logger(self):
+        if not self.dist.is_main or self.cfg.logger.name == "none":
+            return NullLogger()
+        config = {**self.cfg.to_dict(), "params": self.params, "macs": self.macs}
+        name = self.cfg.experiment or f"{self.cfg.model.name}-s{self.cfg.seed}"
+        return WandbLogger(self.cfg.logger, str(self.run_dir), config, name, self.wandb_id)
+
+    # ------------------------------------------------------------------ loops
+    def autocast(self):
+        if self.amp_dtype is None:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def _stop_everywhere(self, stop: StopRequest) -> bool:
+        flag = stop.requested
+        if self.dist.enabled:
+            tensor = torch.tensor([float(flag)], device=self.device)
+            dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+            flag = bool(tensor.item())
+        return flag
+
+    def train_epoch(self, stop: StopRequest) -> dict[str, float] | None:
+        """Trains the current epoch from ``step_in_epoch``; returns None if a stop signal interrupted it."""
+        cfg = self.cfg.trainer
+        self.net.train()
+        self.train_set.set_epoch(self.epoch)
+        self.train_sampler.set_epoch(self.epoch, start=self.step_in_epoch * self.cfg.data.batch_size)
+        total = min(self.steps_per_epoch, cfg.max_train_steps or self.steps_per_epoch)
+        bar = None
+        if cfg.progress and self.dist.is_main:
+            from tqdm import tqdm
+            bar = tqdm(total=total, initial=self.step_in_epoch, desc=f"epoch {self.epoch + 1}/{cfg.epochs}",
+                       dynamic_ncols=True)
+        start_time, seen = time.perf_counter(), 0
+        for batch in self.train_loader:
+            if self.step_in_epoch >= total:
+                break
+            with self.autocast():
+                loss, sums = self.training_step(batch)
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+            if cfg.clip_grad:
+                self.scaler.unscale_(self.optimizer)
+                nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip_grad)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.scheduler.step()
+            if self.ema is not None:
+                self.ema.update(self.model, step=self.global_step)
+            self.sums.add(**sums)
+            self.step_in_epoch += 1
+            self.global_step += 1
+            seen += int(sums.get("count", 0))
+            if bar is not None:
+                bar.update(1)
+                lr = self.optimizer.param_groups[0]["lr"]
+                bar.set_postfix(loss=f"{float(loss):.3f}", lr=f"{lr:.4g}", refresh=False)
+            if self._stop_everywhere(stop):
+                if bar is not None:
+                    bar.close()
+                return None
+        if bar is not None:
+            bar.close()
+        elapsed = time.perf_counter() - start_time
+        metrics = self.train_metrics(self.sums.reduced(self.device, self._sum_keys()))
+        return {**metrics, "images_per_s": seen * self.dist.world_size / max(elapsed, 1e-9)}
+
+    def fit(self) -> dict[str, Any]:
+        cfg = self.cfg.trainer
+        if cfg.eval_only:
+            return self._finish(eval_only=self.evaluate())
+        started = time.perf_counter()
+        with StopRequest() as stop:
+            while self.epoch < cfg.epochs:
+                train_metrics = self.train_epoch(stop)
+                if train_metrics is None:
+                    self.save()
+                    _logger.warning("signal %s: checkpoint written to %s at epoch %d step %d",
+                                    stop.signum, self.checkpoint_path, self.epoch, self.step_in_epoch)
+                    self.logger.finish()
+                    cleanup(self.dist)
+                    stop.forward()
+                val_metrics = self.evaluate()
+                record = {"epoch": self.epoch + 1, "lr": self.optimizer.param_groups[0]["lr"],
+                          **{f"train/{k}": v for k, v in train_metrics.items()},
+                          **{f"val/{k}": v for k, v in val_metrics.items()}}
+                if self.ema is not None:
+                    record.update({f"val_ema/{k}": v for k, v in self.evaluate(self.ema.module).items()})
+                record["peak_mem_mb"] = peak_memory_mb(self.device)
+                value = val_metrics[self.key_metric]
+                self.best = value if self.best is None else max(self.best, value)
+                self.history.append(record)
+                self.logger.log(record, step=self.global_step)
+                if self.dist.is_main:
+                    _logger.info("epoch %d: %s", self.epoch + 1, ", ".join(
+                        f"{k} {v:.4g}" for k, v in record.items() if isinstance(v, float)))
+                self.epoch, self.step_in_epoch, self.sums = self.epoch + 1, 0, Sums()
+                self.save()
+        return self._finish(train_seconds=time.perf_counter() - started)
+
+    def _finish(self, eval_only: dict[str, float] | None = None, train_seconds: float | None = None) -> dict[str, Any]:
+        last = self.history[-1] if self.history else {}
+        final = eval_only if eval_only is not None else {k[4:]: v for k, v in last.items() if k.startswith("val/")}
+        summary = {
+            "model": self.cfg.model.name, **self.summary_fields(), **self.final_metrics(final),
+            f"best_{self.key_metric}": self.best if self.history else None,
+            "seed": self.cfg.seed, "epochs": self.epoch, "global_batch": self.global_batch,
+            "world_size": self.dist.world_size, "params": self.params, "macs": self.macs,
+            "images_per_s": last.get("train/images_per_s"),
+            "peak_mem_mb": peak_memory_mb(self.device), "train_seconds": train_seconds,
+            "device": torch.cuda.get_device_name(self.device) if self.device.type == "cuda"
+            else platform.processor() or "cpu",
+            "torch": torch.__version__, "experiment": self.cfg.experiment, "command": self.cfg.command,
+            "run_dir": str(self.run_dir), "history": self.history,
+        }
+        if self.dist.is_main:
+            name = "eval.json" if eval_only is not None else self.summary_file
+            atomic_write_text(self.run_dir / name, json.dumps(summary, indent=2, default=str) + "\n")
+            self.logger.summary({k: v for k, v in summary.items() if k != "history" and v is not None})
+            self.logger.finish()
+        summary = broadcast_object(summary, self.dist)
+        cleanup(self.dist)
+        return summary
