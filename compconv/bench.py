@@ -219,7 +219,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--min-seconds", type=float, default=1.0, help="target duration of one measurement")
-    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    parser.add_argument("--memory-settings", default="all",
+                        help="settings whose peak memory is measured (comma-separated, 'all' or 'none')")
     parser.add_argument("--profile", default="", help="model to profile (top ops) in the first workload/setting")
     parser.add_argument("--out", default="", help="markdown file to write (a .csv is written beside it)")
     args = parser.parse_args(argv)
@@ -279,7 +280,8 @@ def main(argv: list[str] | None = None) -> int:
                 median = statistics.median(rates[name])
                 spread = (max(rates[name]) - min(rates[name])) / median
                 ideal = costs[names[0]].macs / costs[name].macs
-                memory = None if args.no_memory else peak_memory_mb(
+                measure = args.memory_settings == "all" or str(setting) in args.memory_settings.split(",")
+                memory = None if not measure else peak_memory_mb(
                     name, workload, setting, device, args.img_size, args.precision)
                 row = {"workload": str(workload), "setting": str(setting), "model": name,
                        "macs_G": costs[name].macs / 1e9, "params_M": costs[name].params / 1e6,

@@ -256,7 +256,7 @@ class TrainingRun:
             if bar is not None:
                 bar.update(1)
                 lr = self.optimizer.param_groups[0]["lr"]
-                bar.set_postfix(loss=f"{float(loss):.3f}", lr=f"{lr:.4g}", refresh=False)
+                bar.set_postfix(loss=f"{float(loss.detach()):.3f}", lr=f"{lr:.4g}", refresh=False)
             if self._stop_everywhere(stop):
                 if bar is not None:
                     bar.close()

@@ -202,6 +202,9 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "TrainConfig":
         """Builds and validates a config from nested mappings (e.g. ``OmegaConf.to_container(cfg)``)."""
+        data = values.get("data", {})
+        if isinstance(data, Mapping) and data.get("name") in ("coco", "fmnist_det"):
+            raise ConfigError(f"data={data['name']} is a detection dataset; use train_det.py")
         config = _build(cls, values, "")
         config.validate()
         return config

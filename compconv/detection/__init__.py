@@ -1,0 +1,13 @@
+"""Detection helpers: Faster R-CNN + FPN on CompConv backbones, COCO data and metrics, a small real set.
+
+Nothing here imports Hydra, wandb or mmdetection (see ``compconv.integrations.mmdet`` for the latter).
+"""
+
+from .backbone import TimmFPNBackbone, build_detector
+from .coco import CocoDetection, evaluate_bbox, load_coco
+from .config import DetTrainConfig
+from .run import DetectionRun, run_detection
+from .synth import write_fmnist_detection
+
+__all__ = ["CocoDetection", "DetTrainConfig", "DetectionRun", "TimmFPNBackbone", "build_detector", "evaluate_bbox",
+           "load_coco", "run_detection", "write_fmnist_detection"]

@@ -1,0 +1,88 @@
+"""Faster R-CNN + FPN on a timm backbone (any CompConv model), as torchvision's detection API expects."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from pathlib import Path
+
+import timm
+import torch
+from torch import nn
+from torchvision.models.detection import FasterRCNN
+from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelMaxPool
+
+from ..train.checkpoint import CheckpointMismatchError
+from ..train.config import ConfigError
+from ..train.run import build_model
+
+# timm ResNet stage names, deepest first (torchvision's trainable_layers convention).
+_RESNET_STAGES = (("layer4",), ("layer3",), ("layer2",), ("layer1",), ("conv1", "bn1"))
+
+
+class TimmFPNBackbone(nn.Module):
+    """``features_only`` timm model + FPN (+ max-pooled P6); ``out_channels`` as FasterRCNN needs."""
+
+    def __init__(self, body: nn.Module, fpn_channels: int = 256) -> None:
+        super().__init__()
+        self.body = body
+        self.fpn = FeaturePyramidNetwork(body.feature_info.channels(), fpn_channels, extra_blocks=LastLevelMaxPool())
+        self.out_channels = fpn_channels
+
+    def forward(self, x: torch.Tensor) -> "OrderedDict[str, torch.Tensor]":
+        features = self.body(x)
+        return self.fpn(OrderedDict((str(i), f) for i, f in enumerate(features)))
+
+
+def load_backbone_checkpoint(body: nn.Module, path: str | Path, model_name: str) -> None:
+    """Initialises ``body`` from a train_cls.py checkpoint of the same model (classifier weights ignored)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"model.backbone_checkpoint {path} does not exist (a last.pt from train_cls.py)")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if state.get("model_name") != model_name:
+        raise CheckpointMismatchError(f"backbone checkpoint {path} is from model '{state.get('model_name')}', "
+                                      f"this detector's backbone is '{model_name}'")
+    weights = state["model"]
+    own = body.state_dict()
+    missing = [k for k in own if k not in weights]
+    wrong = [k for k in own if k in weights and weights[k].shape != own[k].shape]
+    if missing or wrong:
+        raise CheckpointMismatchError(
+            f"backbone checkpoint {path} does not fit: missing {missing[:3]}, shape mismatch {wrong[:3]} "
+            "(same model, data.in_chans as in classification?)")
+    body.load_state_dict({k: weights[k] for k in own})
+
+
+def freeze_stages(body: nn.Module, trainable_layers: int) -> None:
+    """Freezes all but the ``trainable_layers`` deepest stages (0..5) of a timm ResNet body."""
+    names = {name for name, _ in body.named_children()}
+    trainable = {n for stage in _RESNET_STAGES[:trainable_layers] for n in stage}
+    if trainable_layers < 5 and not {"layer1", "layer4"} <= names:
+        raise ConfigError("head.trainable_layers < 5 needs a ResNet-style backbone (layer1..layer4); "
+                          "use head.trainable_layers=5 for this model")
+    for name, child in body.named_children():
+        if name not in trainable:
+            child.requires_grad_(False)
+
+
+def build_detector(model_cfg, head_cfg, data_cfg, num_classes: int) -> FasterRCNN:
+    """Faster R-CNN + FPN whose backbone is the (CompConv-patched) timm model of ``model_cfg``."""
+    body = build_model(model_cfg, num_classes=0, in_chans=data_cfg.in_chans, features_only=True,
+                       out_indices=tuple(head_cfg.out_indices))
+    if model_cfg.backbone_checkpoint:
+        load_backbone_checkpoint(body, model_cfg.backbone_checkpoint, model_cfg.name)
+    if head_cfg.frozen_bn:
+        body = timm.layers.freeze_batch_norm_2d(body)
+    freeze_stages(body, head_cfg.trainable_layers)
+    backbone = TimmFPNBackbone(body, head_cfg.fpn_channels)
+    detector = FasterRCNN(
+        backbone, num_classes=num_classes, min_size=data_cfg.min_size, max_size=data_cfg.max_size,
+        image_mean=list(data_cfg.mean), image_std=list(data_cfg.std),
+        box_score_thresh=head_cfg.box_score_thresh, box_detections_per_img=head_cfg.detections_per_img,
+        rpn_pre_nms_top_n_train=head_cfg.rpn_pre_nms_top_n_train,
+        rpn_post_nms_top_n_train=head_cfg.rpn_post_nms_top_n_train,
+        rpn_pre_nms_top_n_test=head_cfg.rpn_pre_nms_top_n_test, rpn_post_nms_top_n_test=head_cfg.rpn_post_nms_top_n_test,
+        box_batch_size_per_image=head_cfg.box_batch_size_per_image,
+    )
+    detector.compconv_report = getattr(body, "compconv_report", None)
+    return detector

@@ -1,0 +1,164 @@
+"""Detection: FPN backbone on CompConv models, COCO loading and metrics, train_det.py end to end."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from compconv.detection import CocoDetection, evaluate_bbox, load_coco
+from compconv.detection.backbone import TimmFPNBackbone, build_detector
+from compconv.detection.config import DetDataConfig, DetHeadConfig, DetModelConfig
+from compconv.train.checkpoint import CheckpointMismatchError, model_signature, save_checkpoint
+from compconv.train.run import build_model
+from helpers import run_script, summary
+
+SMALL_HEAD = DetHeadConfig(fpn_channels=64, rpn_pre_nms_top_n_train=200, rpn_post_nms_top_n_train=100,
+                           rpn_pre_nms_top_n_test=100, rpn_post_nms_top_n_test=50, box_batch_size_per_image=64)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet18_compconv128", "resnet50_compconv128"])
+def test_fpn_backbone_strides_and_channels(name):
+    body = build_model(DetModelConfig(name=name), num_classes=0, in_chans=3, features_only=True,
+                       out_indices=(1, 2, 3, 4))
+    assert body.feature_info.reduction() == [4, 8, 16, 32]
+    backbone = TimmFPNBackbone(body, 256)
+    features = backbone(torch.randn(1, 3, 64, 96))
+    assert list(features) == ["0", "1", "2", "3", "pool"]
+    assert [tuple(f.shape[-2:]) for f in features.values()] == [(16, 24), (8, 12), (4, 6), (2, 3), (1, 2)]
+    assert {f.shape[1] for f in features.values()} == {256}
+
+
+def _write_coco(root: Path) -> Path:
+    (root / "images").mkdir(parents=True)
+    for i in (1, 2, 3):
+        Image.new("RGB", (40, 30), (i * 40, 0, 0)).save(root / "images" / f"{i}.jpg")
+    data = {
+        "images": [{"id": i, "file_name": f"{i}.jpg", "width": 40, "height": 30} for i in (1, 2, 3)],
+        "categories": [{"id": 3, "name": "a"}, {"id": 7, "name": "b"}],
+        "annotations": [
+            {"id": 1, "image_id": 1, "category_id": 7, "bbox": [5, 5, 10, 8], "area": 80, "iscrowd": 0},
+            {"id": 2, "image_id": 1, "category_id": 3, "bbox": [0, 0, 30, 20], "area": 600, "iscrowd": 1},
+            {"id": 3, "image_id": 3, "category_id": 3, "bbox": [10, 10, 0, 5], "area": 0, "iscrowd": 0},
+            {"id": 4, "image_id": 3, "category_id": 3, "bbox": [30, 20, 20, 20], "area": 400, "iscrowd": 0},
+        ],
+    }
+    (root / "ann.json").write_text(json.dumps(data))
+    return root
+
+
+def test_coco_loader_targets(tmp_path):
+    root = _write_coco(tmp_path)
+    train = CocoDetection(root / "images", root / "ann.json", train=True, hflip=0.0)
+    assert train.ids == [1, 3]  # image 2 has no annotation: dropped for training
+    assert train.num_classes == 3 and train.category_ids == [3, 7]
+    image, target = train[0]
+    assert image.shape == (3, 30, 40) and 0 <= image.min() and image.max() <= 1
+    assert target["boxes"].tolist() == [[5, 5, 15, 13]] and target["labels"].tolist() == [2]  # crowd box dropped
+    _, target = train[1]
+    assert target["boxes"].tolist() == [[30, 20, 40, 30]] and target["labels"].tolist() == [1]  # degenerate dropped, clipped
+    val = CocoDetection(root / "images", root / "ann.json", train=False)
+    assert val.ids == [1, 2, 3] and val[1][1]["boxes"].shape == (0, 4)
+    flipped = CocoDetection(root / "images", root / "ann.json", train=True, hflip=1.0)
+    assert flipped[0][1]["boxes"].tolist() == [[25, 5, 35, 13]]
+
+
+def test_coco_errors_are_clear(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_coco(tmp_path / "missing.json")
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        load_coco(tmp_path / "bad.json")
+    (tmp_path / "partial.json").write_text('{"images": []}')
+    with pytest.raises(ValueError, match="lacks"):
+        load_coco(tmp_path / "partial.json")
+
+
+def test_cocoeval_perfect_and_empty(tmp_path):
+    root = _write_coco(tmp_path)
+    coco = load_coco(root / "ann.json")
+    perfect = [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 1.0}
+               for a in coco.dataset["annotations"] if not a["iscrowd"] and a["bbox"][2] > 0]
+    assert evaluate_bbox(coco, perfect, [1, 2, 3], "pycocotools")["AP50"] == pytest.approx(100.0)
+    assert evaluate_bbox(coco, [], [1, 2, 3])["AP"] == 0.0
+
+
+def test_training_steps_reduce_the_loss_on_generated_data(tmp_path):
+    from compconv.detection import write_fmnist_detection
+    from compconv.detection.coco import collate_detection
+
+    root = write_fmnist_detection(tmp_path / "det", train_images=8, val_images=4, canvas=96)
+    data = DetDataConfig(root=str(root), min_size=96, max_size=96)
+    dataset = CocoDetection(root / "train2017", root / data.train_ann, train=True, hflip=0.0)
+    images, targets, _ = collate_detection([dataset[i] for i in range(4)])
+    torch.manual_seed(0)
+    detector = build_detector(DetModelConfig(name="resnet18_compconv128"), SMALL_HEAD, data, dataset.num_classes)
+    optimizer = torch.optim.SGD([p for p in detector.parameters() if p.requires_grad], lr=0.01, momentum=0.9)
+    detector.train()
+    losses = []
+    for _ in range(8):
+        loss = sum(detector(images, targets).values())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss))
+    assert losses[-1] < 0.7 * losses[0], losses
+
+
+def test_backbone_checkpoint_from_classification(tmp_path):
+    model = build_model(DetModelConfig(name="resnet18_compconv128"), num_classes=10, in_chans=3)
+    path = tmp_path / "last.pt"
+    save_checkpoint(path, {"model_name": "resnet18_compconv128", "model_signature": model_signature(model),
+                           "model": model.state_dict()})
+    data = DetDataConfig(min_size=64, max_size=64)
+    detector = build_detector(DetModelConfig(name="resnet18_compconv128", backbone_checkpoint=str(path)),
+                              DetHeadConfig(frozen_bn=False, trainable_layers=5), data, 3)
+    body = detector.backbone.body
+    torch.testing.assert_close(body.layer2[0].conv1.convs[0].weight, model.layer2[0].conv1.convs[0].weight)
+    frozen = build_detector(DetModelConfig(name="resnet18_compconv128"), DetHeadConfig(trainable_layers=3), data, 3)
+    assert not any(p.requires_grad for p in frozen.backbone.body.layer1.parameters())
+    assert all(p.requires_grad for p in frozen.backbone.body.layer2.parameters())
+    with pytest.raises(CheckpointMismatchError, match="is from model 'resnet18_compconv128'"):
+        build_detector(DetModelConfig(name="resnet18", backbone_checkpoint=str(path)), DetHeadConfig(), data, 3)
+
+
+DET_TINY = ["model=resnet18_compconv128", "data.generate.train_images=16", "data.generate.val_images=8",
+            "data.min_size=96", "data.max_size=96", "data.generate.canvas=96", "data.batch_size=4",
+            "head.fpn_channels=64", "trainer.progress=false"]
+
+
+def test_train_det_runs_evaluates_logs_and_resumes(tmp_path):
+    run = tmp_path / "run"
+    data_root = f"data.root={tmp_path / 'det'}"
+    run_script("train_det.py", run, *DET_TINY, data_root, "trainer.epochs=1", "trainer.max_train_steps=2")
+    first = summary(run)
+    assert first["task"] == "detection" and first["dataset"] == "fmnist_det" and first["epochs"] == 1
+    assert set(("AP", "AP50", "AP75", "APs", "APm", "APl")) <= set(first) and first["history"][0]["val/images"] == 8
+    assert first["backbone_macs"] > 0 and first["macs"] > first["backbone_macs"] and first["c0"] == 128
+    assert list((run / "wandb").glob("offline-run-*/run-*.wandb"))
+
+    run_script("train_det.py", run, *DET_TINY, data_root, "trainer.epochs=2", "trainer.max_train_steps=2")
+    second = summary(run)
+    assert second["epochs"] == 2 and second["history"][0] == first["history"][0]  # epoch 1 came from last.pt
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["data=coco", "data.root=/nonexistent/coco"], "does not exist"),
+    (["data=fashion_mnist"], "is a classification dataset"),
+])
+def test_train_det_bad_input(tmp_path, overrides, message):
+    proc = run_script("train_det.py", tmp_path / "run", *overrides, "logger=none", check=False)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
+
+
+def test_train_det_malformed_annotations(tmp_path):
+    root = tmp_path / "coco"
+    (root / "annotations").mkdir(parents=True)
+    (root / "train2017").mkdir()
+    (root / "annotations" / "instances_train2017.json").write_text("{oops")
+    proc = run_script("train_det.py", tmp_path / "run", "data=coco", f"data.root={root}", "logger=none", check=False)
+    assert proc.returncode == 2 and "not valid JSON" in proc.stderr
+    assert not list((tmp_path / "run").glob("*.pt"))

@@ -1,0 +1,27 @@
+#!/usr/bin/env python
+"""Detection training (Hydra entry point): Faster R-CNN + FPN on a (CompConv) timm backbone.
+
+    python train_det.py model=resnet50_compconv128                  # generated Fashion-MNIST detection set
+    python train_det.py model=resnet50_compconv128 data=coco data.root=/datasets/coco experiment=coco_frcnn_1x
+    torchrun --nproc_per_node=8 train_det.py experiment=coco_frcnn_1x data.root=/datasets/coco \\
+        model.backbone_checkpoint=/runs/imagenet/resnet50_compconv128/last.pt
+"""
+
+from __future__ import annotations
+
+import hydra
+from omegaconf import DictConfig
+
+from compconv.cli import run_hydra_job
+
+
+@hydra.main(version_base="1.3", config_path="configs", config_name="train_det")
+def main(cfg: DictConfig) -> float | None:
+    from compconv.detection import DetTrainConfig, run_detection
+
+    summary = run_hydra_job(cfg, DetTrainConfig, run_detection)
+    return summary.get("AP")
+
+
+if __name__ == "__main__":
+    main()
