@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .sizing import _pair
+from .sizing import ReplacedConvCost, _pair
 
 __all__ = ["GhostConv2d", "GhostOptions", "GhostPlan", "ghost_plan"]
 
@@ -47,7 +47,7 @@ class GhostOptions:
 
 
 @dataclass(frozen=True)
-class GhostPlan:
+class GhostPlan(ReplacedConvCost):
     """Sizing of one Ghost module, with the same accounting interface as :class:`compconv.CompConvPlan`."""
 
     in_channels: int
@@ -72,18 +72,6 @@ class GhostPlan:
     @property
     def params(self) -> int:
         return self.macs_per_position + (self.out_channels if self.bias else 0)
-
-    @property
-    def plain_macs_per_position(self) -> int:
-        return self.in_channels * self.out_channels * self.kernel_size[0] * self.kernel_size[1]
-
-    @property
-    def plain_params(self) -> int:
-        return self.plain_macs_per_position + (self.out_channels if self.bias else 0)
-
-    @property
-    def macs_ratio(self) -> float:
-        return self.macs_per_position / self.plain_macs_per_position
 
 
 def ghost_plan(in_channels: int, out_channels: int, kernel_size=1, *, bias: bool = False,

@@ -70,8 +70,31 @@ class Part:
         return self.channels * (self.in_channels // self.groups) * self.kernel_size[0] * self.kernel_size[1]
 
 
+class ReplacedConvCost:
+    """Cost of the plain convolution a plan replaces, and the ratio to it (for any replacement plan)."""
+
+    in_channels: int
+    out_channels: int
+    kernel_size: tuple[int, int]
+    bias: bool
+    macs_per_position: int
+
+    @property
+    def plain_macs_per_position(self) -> int:
+        """MACs per output position of the plain convolution being replaced (Eq. 7 times k^2)."""
+        return self.in_channels * self.out_channels * self.kernel_size[0] * self.kernel_size[1]
+
+    @property
+    def plain_params(self) -> int:
+        return self.plain_macs_per_position + (self.out_channels if self.bias else 0)
+
+    @property
+    def macs_ratio(self) -> float:
+        return self.macs_per_position / self.plain_macs_per_position
+
+
 @dataclass(frozen=True)
-class CompConvPlan:
+class CompConvPlan(ReplacedConvCost):
     """Complete sizing of one CompConv module.
 
     MACs are per output position (one spatial location of the output): every internal op of the
@@ -121,19 +144,6 @@ class CompConvPlan:
         if self.options.inner_norm:
             count += sum(2 * p.channels for p in self.parts if p.kind in ("conv", "tail"))
         return count + (self.out_channels if self.bias else 0)
-
-    @property
-    def plain_macs_per_position(self) -> int:
-        """MACs per output position of the plain convolution being replaced (Eq. 7 times k^2)."""
-        return self.in_channels * self.out_channels * self.kernel_size[0] * self.kernel_size[1]
-
-    @property
-    def plain_params(self) -> int:
-        return self.plain_macs_per_position + (self.out_channels if self.bias else 0)
-
-    @property
-    def macs_ratio(self) -> float:
-        return self.macs_per_position / self.plain_macs_per_position
 
     def describe(self) -> str:
         """Short text such as ``d=3, C_prim=10, parts=B2:10 A2:10 B1:20 A1:20 B0:40 A0:28``."""

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Optional
+from typing import Optional
 
-from ..train.config import (ConfigError, LoggerConfig, ModelConfig, OptimConfig, SchedConfig, TrainerConfig,
-                            _build, _check_choice, _check_positive)
+from ..train.config import (ConfigError, LoggerConfig, ModelConfig, OptimConfig, RunConfig, SchedConfig,
+                            TrainerConfig, _check_choice, _check_positive)
 
 
 @dataclass
@@ -77,7 +76,12 @@ class DetHeadConfig:
 
 
 @dataclass
-class DetTrainConfig:
+class DetTrainConfig(RunConfig):
+    """A whole detection run."""
+
+    other_task_datasets = {name: "classification dataset: use train_cls.py, or data=coco / data=fmnist_det here"
+                           for name in ("fashion_mnist", "imagenet", "imagefolder")}
+
     model: DetModelConfig = field(default_factory=DetModelConfig)
     data: DetDataConfig = field(default_factory=DetDataConfig)
     head: DetHeadConfig = field(default_factory=DetHeadConfig)
@@ -89,22 +93,3 @@ class DetTrainConfig:
     run_dir: str = "runs/default"
     experiment: Optional[str] = None
     command: Optional[str] = None
-
-    def validate(self) -> None:
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if hasattr(value, "validate"):
-                value.validate(f.name)
-
-    @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> "DetTrainConfig":
-        data = values.get("data", {})
-        if isinstance(data, Mapping) and data.get("name") in ("fashion_mnist", "imagenet", "imagefolder"):
-            raise ConfigError(f"data={data['name']} is a classification dataset; use train_cls.py, "
-                              "or data=coco / data=fmnist_det here")
-        config = _build(cls, values, "")
-        config.validate()
-        return config
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)

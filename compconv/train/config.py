@@ -178,9 +178,38 @@ class LoggerConfig:
         _check_choice(f"{path}.mode", self.mode, ("offline", "online", "disabled"))
 
 
+class RunConfig:
+    """Validation and (de)serialisation shared by the run configs of every entry point."""
+
+    #: dataset names that belong to another entry point, and which one
+    other_task_datasets: dict[str, str] = {}
+
+    def validate(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if hasattr(value, "validate"):
+                value.validate(f.name)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]):
+        """Builds and validates a config from nested mappings (e.g. ``OmegaConf.to_container(cfg)``)."""
+        data = values.get("data", {})
+        name = data.get("name") if isinstance(data, Mapping) else None
+        if name in cls.other_task_datasets:
+            raise ConfigError(f"data={name} is a {cls.other_task_datasets[name]}")
+        config = _build(cls, values, "")
+        config.validate()
+        return config
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
 @dataclass
-class TrainConfig:
+class TrainConfig(RunConfig):
     """A whole classification run."""
+
+    other_task_datasets = {name: "detection dataset: use train_det.py" for name in ("coco", "fmnist_det")}
 
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -192,25 +221,6 @@ class TrainConfig:
     run_dir: str = "runs/default"
     experiment: Optional[str] = None
     command: Optional[str] = None
-
-    def validate(self, path: str = "") -> None:
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if hasattr(value, "validate"):
-                value.validate(f.name)
-
-    @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> "TrainConfig":
-        """Builds and validates a config from nested mappings (e.g. ``OmegaConf.to_container(cfg)``)."""
-        data = values.get("data", {})
-        if isinstance(data, Mapping) and data.get("name") in ("coco", "fmnist_det"):
-            raise ConfigError(f"data={data['name']} is a detection dataset; use train_det.py")
-        config = _build(cls, values, "")
-        config.validate()
-        return config
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 def _accepts(hint: Any, value: Any) -> bool:
