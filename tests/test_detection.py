@@ -77,12 +77,18 @@ def test_coco_errors_are_clear(tmp_path):
         load_coco(tmp_path / "partial.json")
 
 
-def test_cocoeval_perfect_and_empty(tmp_path):
+def test_cocoeval_perfect_shifted_and_empty(tmp_path):
     root = _write_coco(tmp_path)
-    coco = load_coco(root / "ann.json")
+    data = json.loads((root / "ann.json").read_text())
+    data["annotations"] = [a for a in data["annotations"] if a["bbox"][2] > 0]  # no degenerate ground truth
+    (root / "clean.json").write_text(json.dumps(data))
+    coco = load_coco(root / "clean.json")
     perfect = [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 1.0}
-               for a in coco.dataset["annotations"] if not a["iscrowd"] and a["bbox"][2] > 0]
-    assert evaluate_bbox(coco, perfect, [1, 2, 3], "pycocotools")["AP50"] == pytest.approx(100.0)
+               for a in data["annotations"] if not a["iscrowd"]]
+    metrics = evaluate_bbox(coco, perfect, [1, 2, 3], "pycocotools")
+    assert metrics["AP"] == pytest.approx(100.0) and metrics["AP50"] == pytest.approx(100.0)
+    shifted = [{**r, "bbox": [r["bbox"][0] + r["bbox"][2] / 2, *r["bbox"][1:]]} for r in perfect]  # IoU 1/3
+    assert evaluate_bbox(coco, shifted, [1, 2, 3], "pycocotools")["AP50"] == 0.0
     assert evaluate_bbox(coco, [], [1, 2, 3])["AP"] == 0.0
 
 
@@ -104,7 +110,7 @@ def test_training_steps_reduce_the_loss_on_generated_data(tmp_path):
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     assert losses[-1] < 0.7 * losses[0], losses
 
 
