@@ -158,7 +158,7 @@ def test_submitit_local_multirun_runs_two_jobs(tmp_path):
     table = (out / "fashion_mnist_cls.md").read_text()
     rows = [line for line in table.splitlines() if line.startswith("| resnet18")]
     assert len(rows) == 2 and "not retrieved" in rows[0]
-    ratio = float(rows[1].split("|")[8])
+    ratio = float(rows[1].split("|")[8])  # columns: model, C_0, top-1, seeds, top-5, params, MACs, MACs ratio
     assert 0 < ratio < 1  # CompConv row: MACs ratio to the resnet18 baseline
     assert (out / "fashion_mnist_cls.png").stat().st_size > 1000 and (out / "fashion_mnist_cls.csv").is_file()
 
