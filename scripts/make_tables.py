@@ -127,10 +127,11 @@ def plot(path: Path, dataset: str, rows: list[dict], title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
-    for r in rows:
+    for i, r in enumerate(rows):
         marker = "s" if "_compconv" not in r["model"] else "o"
         ax.errorbar(r["macs_M"], r["top1_mean"], yerr=r["top1_std"], fmt=marker, capsize=3)
-        ax.annotate(r["model"], (r["macs_M"], r["top1_mean"]), fontsize=7, xytext=(4, 4), textcoords="offset points")
+        ax.annotate(r["model"], (r["macs_M"], r["top1_mean"]), fontsize=7, xytext=(5, 5 if i % 2 else -11),
+                    textcoords="offset points")
     ax.set_xlabel("MACs per image (millions)")
     ax.set_ylabel("top-1 (%)")
     devices = ", ".join(sorted({r["device"] for r in rows}))
