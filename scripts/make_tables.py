@@ -1,13 +1,13 @@
 #!/usr/bin/env python
-"""Collects classification run summaries into results/<dataset>_cls.md (+ .csv, + top-1 vs MACs plot).
+"""Collects run summaries into results/<dataset>_cls.md or <dataset>_det.md (+ .csv, + metric-vs-MACs plot).
 
 Usage:
     python scripts/make_tables.py RUN_DIR [RUN_DIR ...] [--out results] [--title TEXT]
     python scripts/make_tables.py --wandb-project ENTITY/PROJECT      # runs synced to wandb
 
-Reads every ``summary.json`` under the given directories (written by train_cls.py at the end of a
-run), or the summaries of a wandb project through the wandb API. Runs are grouped by dataset,
-model and CompConv options; top-1 is reported as mean ± std over seeds. wandb offline run folders
+Reads every ``summary.json`` under the given directories (written by train_cls.py / train_det.py at
+the end of a run), or the summaries of a wandb project through the wandb API. Runs are grouped by
+task, dataset, model and CompConv options; top-1 (box AP) is reported as mean ± std over seeds. wandb offline run folders
 cannot be read without syncing them first (``wandb sync``); their JSON summaries sit beside them.
 """
 
@@ -61,66 +61,89 @@ def _command_without_seed(command: str | None) -> str:
     return " ".join(part for part in (command or "").split() if not part.startswith("seed=")) or "-"
 
 
-def aggregate(runs: list[dict]) -> dict[str, list[dict]]:
-    """Rows per dataset, one per (model, options, epochs, training images)."""
+TASKS = {
+    "classification": {"suffix": "cls", "metric": "top1", "label": "top-1 (%)",
+                       "extras": (("top5", "top-5 (%)"),), "what": "Top-1/top-5 on the validation split"},
+    "detection": {"suffix": "det", "metric": "AP", "label": "box AP (%)",
+                  "extras": (("AP50", "AP50"), ("AP75", "AP75"), ("backbone_macs", "backbone MACs (M)")),
+                  "what": "COCOeval box AP on the validation split"},
+}
+
+
+def task_of(run: dict) -> str:
+    return run.get("task", "classification")
+
+
+def aggregate(runs: list[dict]) -> dict[tuple[str, str], list[dict]]:
+    """Rows per (task, dataset), one per (model, options, epochs, training images); mean ± std over seeds."""
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for run in runs:
-        if run.get("top1") is None:
+        if run.get(TASKS[task_of(run)]["metric"]) is None:
             continue
-        groups[(run["dataset"], variant(run), run["epochs"], run["train_images"])].append(run)
-    macs_of = {(r["dataset"], r["model"]): r["macs"] for r in runs if "_compconv" not in r["model"]}
-    tables: dict[str, list[dict]] = defaultdict(list)
+        # MACs and params in the key keep runs of different configurations (input size, head) apart.
+        key = (task_of(run), run["dataset"], variant(run), run["epochs"], run["train_images"], run["macs"], run["params"])
+        groups[key].append(run)
+    macs_of = {(task_of(r), r["dataset"], r["model"]): r["macs"] for r in runs if "_compconv" not in r["model"]}
+    tables: dict[tuple[str, str], list[dict]] = defaultdict(list)
 
     def order(item):  # baseline first, then by C_0, then the variants
-        (dataset, name, epochs, images), members = item
-        return dataset, baseline_name(members[0]["model"]), members[0].get("c0") or 0, name, epochs, images
+        (task, dataset, name, epochs, images, macs, params), members = item
+        return task, dataset, baseline_name(members[0]["model"]), members[0].get("c0") or 0, name, epochs, images, macs
 
-    for (dataset, name, epochs, images), members in sorted(groups.items(), key=order):
-        top1 = [m["top1"] for m in members]
+    for (task, dataset, name, epochs, images, _, _), members in sorted(groups.items(), key=order):
+        spec = TASKS[task]
+        values = [m[spec["metric"]] for m in members]
         first = members[0]
-        base = macs_of.get((dataset, baseline_name(first["model"])))
+        base = macs_of.get((task, dataset, baseline_name(first["model"])))
         paper = PAPER_TOP1.get((dataset, first["model"]))
-        tables[dataset].append({
+        row = {
             "model": name, "c0": first.get("c0") or "-",
-            "top1_mean": statistics.fmean(top1), "top1_std": statistics.stdev(top1) if len(top1) > 1 else 0.0,
-            "seeds": len(top1), "top5_mean": statistics.fmean(m["top5"] for m in members),
+            "metric_mean": statistics.fmean(values), "metric_std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "seeds": len(values),
+            **{key: statistics.fmean(m[key] for m in members) for key, _ in spec["extras"]},
             "params_M": first["params"] / 1e6, "macs_M": first["macs"] / 1e6,
             "macs_ratio": first["macs"] / base if base else None,
             "images_per_s": statistics.median(m["images_per_s"] or 0 for m in members),
-            "epochs": epochs, "train_images": images, "img_size": first["img_size"],
-            "paper_top1": f"{paper:.2f}" if paper is not None else "not retrieved",
+            "epochs": epochs, "train_images": images,
+            "paper": f"{paper:.2f}" if paper is not None else "not retrieved",
             "command": _command_without_seed(first.get("command")) + f"  # seeds {sorted(m['seed'] for m in members)}",
             "device": first.get("device", "?"),
-        })
+        }
+        if "backbone_macs" in row:
+            row["backbone_macs"] /= 1e6
+        tables[(task, dataset)].append(row)
     return tables
 
 
-def markdown(dataset: str, rows: list[dict], title: str, sources: str) -> str:
+def markdown(task: str, dataset: str, rows: list[dict], title: str, sources: str) -> str:
+    spec = TASKS[task]
+    extras = spec["extras"]
     lines = [
-        f"# {title or dataset} — classification",
+        f"# {title or dataset} — {task}",
         "",
         f"Generated by `python scripts/make_tables.py {sources}` from the runs' summary.json files.",
-        "MACs: multiply-accumulates of conv and linear layers for one image at the training input size "
-        "(FlopCounterMode / 2). Top-1/top-5 on the validation split after the last epoch; mean ± std over seeds.",
+        "MACs: multiply-accumulates of conv and linear layers (FlopCounterMode / 2) for one image at the training "
+        f"input size (detection: the whole detector at the evaluation size). {spec['what']} after the last epoch; "
+        "mean ± std over seeds.",
         f"Devices: {', '.join(sorted({r['device'] for r in rows}))}. Speed is not reported here (runs may share "
         "the machine; see the benchmark files); the CSV keeps the images/s each run measured.",
         "",
-        "| model | C_0 | top-1 (%) | seeds | top-5 (%) | params (M) | MACs (M) | MACs ratio | epochs "
-        "| train images | paper top-1 |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        f"| model | C_0 | {spec['label']} | seeds | " + " | ".join(label for _, label in extras) +
+        " | params (M) | MACs (M) | MACs ratio | epochs | train images | paper |",
+        "|---|---|---:|---:|" + "---:|" * len(extras) + "---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
         ratio = f"{r['macs_ratio']:.3f}" if r["macs_ratio"] is not None else "-"
         lines.append(
-            f"| {r['model']} | {r['c0']} | {r['top1_mean']:.2f} ± {r['top1_std']:.2f} | {r['seeds']} | "
-            f"{r['top5_mean']:.2f} | {r['params_M']:.3f} | {r['macs_M']:.2f} | {ratio} | "
-            f"{r['epochs']} | {r['train_images']} | {r['paper_top1']} |")
+            f"| {r['model']} | {r['c0']} | {r['metric_mean']:.2f} ± {r['metric_std']:.2f} | {r['seeds']} | "
+            + " | ".join(f"{r[key]:.2f}" for key, _ in extras) +
+            f" | {r['params_M']:.3f} | {r['macs_M']:.2f} | {ratio} | {r['epochs']} | {r['train_images']} | {r['paper']} |")
     lines += ["", "## Commands", "", "Each row's runs, as recorded in their summaries (a multirun launches one per seed):", ""]
     lines += [f"- {r['model']}: `{r['command']}`" for r in rows]
     return "\n".join(lines) + "\n"
 
 
-def plot(path: Path, dataset: str, rows: list[dict], title: str) -> None:
+def plot(path: Path, task: str, dataset: str, rows: list[dict], title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -129,13 +152,14 @@ def plot(path: Path, dataset: str, rows: list[dict], title: str) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     for i, r in enumerate(rows):
         marker = "s" if "_compconv" not in r["model"] else "o"
-        ax.errorbar(r["macs_M"], r["top1_mean"], yerr=r["top1_std"], fmt=marker, capsize=3)
-        ax.annotate(r["model"], (r["macs_M"], r["top1_mean"]), fontsize=7, xytext=(5, 5 if i % 2 else -11),
+        ax.errorbar(r["macs_M"], r["metric_mean"], yerr=r["metric_std"], fmt=marker, capsize=3)
+        ax.annotate(r["model"], (r["macs_M"], r["metric_mean"]), fontsize=7, xytext=(5, 5 if i % 2 else -11),
                     textcoords="offset points")
     ax.set_xlabel("MACs per image (millions)")
-    ax.set_ylabel("top-1 (%)")
+    label = TASKS[task]["label"]
+    ax.set_ylabel(label)
     devices = ", ".join(sorted({r["device"] for r in rows}))
-    ax.set_title(f"{title or dataset}: top-1 vs MACs ({devices})", fontsize=9)
+    ax.set_title(f"{title or dataset}: {label} vs MACs ({devices})", fontsize=9)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     buffer = io.BytesIO()
@@ -159,20 +183,20 @@ def main(argv: list[str] | None = None) -> int:
     runs = load_json_summaries(args.dirs) + (load_wandb_summaries(args.wandb_project) if args.wandb_project else [])
     tables = aggregate(runs)
     if not tables:
-        print(f"error: no finished run (summary.json with top1) under {', '.join(map(str, args.dirs))}", file=sys.stderr)
+        print(f"error: no finished run (summary.json with top1 or AP) under {', '.join(map(str, args.dirs))}", file=sys.stderr)
         return 2
     sources = " ".join(str(d) for d in args.dirs) + (f" --wandb-project {args.wandb_project}" if args.wandb_project else "")
     if args.title:
         sources += f" --title '{args.title}'"
-    for dataset, rows in tables.items():
-        stem = args.out / f"{dataset}_cls"
-        atomic_write_text(stem.with_suffix(".md"), markdown(dataset, rows, args.title, sources))
+    for (task, dataset), rows in tables.items():
+        stem = args.out / f"{dataset}_{TASKS[task]['suffix']}"
+        atomic_write_text(stem.with_suffix(".md"), markdown(task, dataset, rows, args.title, sources))
         out = io.StringIO()
         writer = csv.DictWriter(out, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
         atomic_write_text(stem.with_suffix(".csv"), out.getvalue())
-        plot(stem.with_suffix(".png"), dataset, rows, args.title)
+        plot(stem.with_suffix(".png"), task, dataset, rows, args.title)
         print(f"wrote {stem}.md/.csv/.png ({len(rows)} rows from {sum(r['seeds'] for r in rows)} runs)")
     return 0
 
