@@ -1,0 +1,76 @@
+"""Deterministic, resumable data order and augmentation.
+
+Augmentation randomness is a pure function of (seed, epoch, index), so a run resumed mid-epoch,
+with any number of loader workers, sees exactly the images an uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Iterator
+
+import torch
+from torch.utils.data import Dataset, Sampler, default_collate
+
+
+class EpochSeededDataset(Dataset):
+    """Wraps a dataset so that each item's random transforms are seeded by (seed, epoch, index)."""
+
+    def __init__(self, dataset: Dataset, seed: int) -> None:
+        self.dataset, self.seed, self.epoch = dataset, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        item_seed = hash((self.seed, self.epoch, index)) & 0x7FFF_FFFF_FFFF_FFFF
+        python_state = random.getstate()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(item_seed)
+            random.seed(item_seed)
+            item = self.dataset[index]
+        random.setstate(python_state)
+        return item
+
+
+class ResumableSampler(Sampler[int]):
+    """Per-rank indices: a (seed, epoch) permutation for training, a strided split for evaluation.
+
+    Training drops the tail so every rank gets the same count; evaluation pads nothing, so
+    reduced sums count each example exactly once. ``start`` skips this rank's first indices
+    (a resumed epoch).
+    """
+
+    def __init__(self, size: int, rank: int = 0, world_size: int = 1, shuffle: bool = True, seed: int = 0) -> None:
+        self.size, self.rank, self.world_size, self.shuffle, self.seed = size, rank, world_size, shuffle, seed
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
+
+    def _indices(self) -> list[int]:
+        if not self.shuffle:
+            return list(range(self.rank, self.size, self.world_size))
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(self.size, generator=generator).tolist()
+        per_rank = self.size // self.world_size
+        return order[self.rank:per_rank * self.world_size:self.world_size]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._indices()[self.start:])
+
+    def __len__(self) -> int:
+        return len(self._indices()) - self.start
+
+
+def collate_skipping_bad(batch: list) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Collates ``(image, target)`` items, dropping ``None`` (unreadable, skipped) ones and counting them."""
+    good = [item for item in batch if item is not None]
+    skipped = len(batch) - len(good)
+    if not good:
+        return torch.empty(0), torch.empty(0, dtype=torch.long), skipped
+    images, targets = default_collate(good)
+    return images, targets, skipped
