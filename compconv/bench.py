@@ -221,6 +221,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--min-seconds", type=float, default=1.0, help="target duration of one measurement")
     parser.add_argument("--memory-settings", default="all",
                         help="settings whose peak memory is measured (comma-separated, 'all' or 'none')")
+    parser.add_argument("--skip-cells", default="", help="comma-separated WORKLOAD/SETTING cells to leave out, "
+                        "e.g. train:16/compiled-cl")
     parser.add_argument("--profile", default="", help="model to profile (top ops) in the first workload/setting")
     parser.add_argument("--out", default="", help="markdown file to write (a .csv is written beside it)")
     args = parser.parse_args(argv)
@@ -267,8 +269,11 @@ def main(argv: list[str] | None = None) -> int:
             writer.writerows(rows)
         atomic_write_text(os.path.splitext(args.out)[0] + ".csv", buffer.getvalue())
 
+    skip = {cell.strip() for cell in args.skip_cells.split(",") if cell.strip()}
     for workload in workloads:
         for setting in settings:
+            if f"{workload}/{setting}" in skip:
+                continue
             started = time.perf_counter()
             rates = time_cell(names, workload, setting, device, args.img_size, args.precision,
                               args.warmup, args.repeats, args.min_seconds)
