@@ -3,6 +3,8 @@
     python -m compconv.bench --models resnet50,resnet50_compconv128,resnet50_ghost \\
         --workloads infer:1,infer:32,train:16 --settings eager-nchw,eager-cl,compiled-nchw,compiled-cl \\
         --out results/benchmark_cpu.md
+    python -m compconv.bench --models resnet50_compconv128+reference,resnet50_compconv128,resnet50_compconv128+deploy \\
+        --workloads infer:32 --settings eager-cl --out results/benchmark_cpu_optimisations.md
 
 In the style of timm's benchmark.py: warm-up, synchronised timing, and the models of one cell
 measured interleaved (A B C A B C ...) so machine drift affects all alike. Reported per model:
@@ -74,10 +76,36 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+VARIANTS = ("deploy", "reference")
+
+
+def create_variant(name: str) -> nn.Module:
+    """A timm model, optionally as a variant: ``NAME+deploy`` (after :func:`compconv.deploy`, inference
+    only) or ``NAME+reference`` (CompConv's literal concatenate-then-shuffle forward), to measure what
+    each optimisation gains."""
+    from .deploy import deploy
+    from .layers import CompConv2d
+
+    base, *variants = name.split("+")
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise ValueError(f"unknown variant(s) {unknown} in {name!r}; known: {list(VARIANTS)}")
+    model = timm.create_model(base, num_classes=1000)
+    if "reference" in variants:
+        for module in model.modules():
+            if isinstance(module, CompConv2d):
+                module.forward = module.forward_reference
+    if "deploy" in variants:
+        deploy(model)
+    return model
+
+
 def build_step(name: str, workload: Workload, setting: Setting, device: torch.device, img_size: int,
                precision: str) -> tuple[Callable[[], None], nn.Module]:
     """A closure running one inference or training step (forward + backward + SGD) of model ``name``."""
-    model = timm.create_model(name, num_classes=1000).to(device)
+    if "+deploy" in name and workload.mode == "train":
+        raise ValueError(f"{name}: a deployed model is for inference only")
+    model = create_variant(name).to(device)
     memory_format = torch.channels_last if setting.channels_last else torch.contiguous_format
     model = model.to(memory_format=memory_format)
     x = torch.randn(workload.batch, 3, img_size, img_size, device=device).to(memory_format=memory_format)
@@ -230,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     import compconv  # noqa: F401  (registers the CompConv models)
 
     names = [n.strip() for n in args.models.split(",") if n.strip()]
-    unknown = [n for n in names if not timm.is_model(n)]
+    unknown = [n for n in names if not timm.is_model(n.split("+")[0])]
     if unknown:
         parser.error(f"unknown model(s) {unknown}; CompConv models: {compconv.models.registered_model_names()}")
     try:
@@ -242,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cpu" and args.precision != "fp32":
         parser.error("autocast precisions are for GPUs here; use --precision fp32 on the CPU")
 
-    costs = {n: complexity(timm.create_model(n), (3, args.img_size, args.img_size)) for n in names}
+    costs = {n: complexity(create_variant(n), (3, args.img_size, args.img_size)) for n in names}
     command = "python -m compconv.bench " + " ".join(argv if argv is not None else sys.argv[1:])
     header = [
         f"# Benchmark: {', '.join(names)}",

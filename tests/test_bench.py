@@ -31,3 +31,21 @@ def test_benchmark_rejects_bad_arguments():
         bench.main(["--models", "resnet51"])
     with pytest.raises(SystemExit):
         bench.main(["--workloads", "infer"])
+
+
+def test_variants_measure_the_optimisations(tmp_path):
+    import torch
+
+    reference = bench.create_variant("resnet18_compconv128+reference").eval()
+    fast = bench.create_variant("resnet18_compconv128").eval()
+    fast.load_state_dict(reference.state_dict())
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), reference(x))
+    out = tmp_path / "opt.md"
+    assert bench.main(["--models", "resnet18_compconv128+reference,resnet18_compconv128,resnet18_compconv128+deploy",
+                       "--workloads", "infer:2", "--settings", "eager-cl", "--img-size", "32", "--repeats", "1",
+                       "--min-seconds", "0.01", "--warmup", "1", "--memory-settings", "none", "--out", str(out)]) == 0
+    assert "resnet18_compconv128+deploy" in out.read_text()
+    with pytest.raises(ValueError, match="unknown variant"):
+        bench.create_variant("resnet18_compconv128+fast")
