@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import ClassVar, Optional
 
-from ..train.config import (ConfigError, LoggerConfig, ModelConfig, OptimConfig, RunConfig, SchedConfig,
-                            TrainerConfig, _check_choice, _check_positive)
+from ..train.config import ConfigError, ModelConfig, RunConfig, _check_choice, _check_positive
 
 
 @dataclass
@@ -79,17 +78,10 @@ class DetHeadConfig:
 class DetTrainConfig(RunConfig):
     """A whole detection run."""
 
-    other_task_datasets = {name: "classification dataset: use train_cls.py, or data=coco / data=fmnist_det here"
-                           for name in ("fashion_mnist", "imagenet", "imagefolder")}
+    other_task_datasets: ClassVar[dict[str, str]] = {
+        name: "classification dataset: use train_cls.py, or data=coco / data=fmnist_det here"
+        for name in ("fashion_mnist", "imagenet", "imagefolder")}
 
     model: DetModelConfig = field(default_factory=DetModelConfig)
     data: DetDataConfig = field(default_factory=DetDataConfig)
     head: DetHeadConfig = field(default_factory=DetHeadConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    sched: SchedConfig = field(default_factory=SchedConfig)
-    trainer: TrainerConfig = field(default_factory=TrainerConfig)
-    logger: LoggerConfig = field(default_factory=LoggerConfig)
-    seed: int = 0
-    run_dir: str = "runs/default"
-    experiment: Optional[str] = None
-    command: Optional[str] = None

@@ -7,6 +7,7 @@ model, one training step, the evaluation and the summary fields.
 
 from __future__ import annotations
 
+import abc
 import json
 import logging
 import platform
@@ -68,7 +69,7 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-class TrainingRun:
+class TrainingRun(abc.ABC):
     """Shared machinery; subclasses implement the ``build_*``, ``training_step``, ``evaluate`` hooks."""
 
     summary_file = "summary.json"
@@ -113,24 +114,29 @@ class TrainingRun:
         self.logger = self._make_logger()
 
     # ------------------------------------------------------------------ hooks
+    @abc.abstractmethod
     def build_data(self) -> None:
-        raise NotImplementedError
+        """Sets ``train_set`` (with ``set_epoch``), ``train_sampler``, ``train_loader`` and ``val_loader``."""
 
+    @abc.abstractmethod
     def build_model(self) -> nn.Module:
-        raise NotImplementedError
+        """The model to train."""
 
+    @abc.abstractmethod
     def count_complexity(self) -> tuple[int, int]:
-        raise NotImplementedError
+        """(MACs, params) of the model for the summary."""
 
+    @abc.abstractmethod
     def training_step(self, batch) -> tuple[torch.Tensor, dict[str, float]]:
         """Forward pass of one batch: the loss to back-propagate and the sums to accumulate."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def train_metrics(self, sums: Sums) -> dict[str, float]:
-        raise NotImplementedError
+        """Epoch metrics from the reduced training sums."""
 
+    @abc.abstractmethod
     def evaluate(self, model: nn.Module | None = None) -> dict[str, float]:
-        raise NotImplementedError
+        """Validation metrics (reduced over ranks)."""
 
     key_metric = "top1"
 

@@ -10,7 +10,7 @@ import dataclasses
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Optional
+from typing import Any, ClassVar, Mapping, Optional
 
 from ..options import CompConvOptions
 
@@ -178,11 +178,21 @@ class LoggerConfig:
         _check_choice(f"{path}.mode", self.mode, ("offline", "online", "disabled"))
 
 
+@dataclass
 class RunConfig:
-    """Validation and (de)serialisation shared by the run configs of every entry point."""
+    """Fields, validation and (de)serialisation shared by the run configs of every entry point."""
 
-    #: dataset names that belong to another entry point, and which one
-    other_task_datasets: dict[str, str] = {}
+    #: dataset names that belong to another entry point, and what to use instead
+    other_task_datasets: ClassVar[dict[str, str]] = {}
+
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    sched: SchedConfig = field(default_factory=SchedConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    seed: int = 0
+    run_dir: str = "runs/default"
+    experiment: Optional[str] = None
+    command: Optional[str] = None
 
     def validate(self) -> None:
         for f in dataclasses.fields(self):
@@ -209,18 +219,11 @@ class RunConfig:
 class TrainConfig(RunConfig):
     """A whole classification run."""
 
-    other_task_datasets = {name: "detection dataset: use train_det.py" for name in ("coco", "fmnist_det")}
+    other_task_datasets: ClassVar[dict[str, str]] = {
+        name: "detection dataset: use train_det.py" for name in ("coco", "fmnist_det")}
 
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    sched: SchedConfig = field(default_factory=SchedConfig)
-    trainer: TrainerConfig = field(default_factory=TrainerConfig)
-    logger: LoggerConfig = field(default_factory=LoggerConfig)
-    seed: int = 0
-    run_dir: str = "runs/default"
-    experiment: Optional[str] = None
-    command: Optional[str] = None
 
 
 def _accepts(hint: Any, value: Any) -> bool:
