@@ -143,6 +143,27 @@ def markdown(task: str, dataset: str, rows: list[dict], title: str, sources: str
     return "\n".join(lines) + "\n"
 
 
+def _place_labels(ax, points: list[tuple[str, float, float, str]], fontsize: int = 7) -> None:
+    """Labels each point (in its colour) to its right, moving a label down until it overlaps no earlier
+    label and no marker; a moved label gets a thin leader line to its point."""
+    ax.autoscale_view()
+    to_pixels, dpi = ax.transData.transform, ax.figure.dpi
+    line = fontsize * 1.4 * dpi / 72
+    marker = 4 * dpi / 72
+    pixels = [to_pixels((x, y)) for _, x, y, _ in points]
+    taken = [(px - marker, py - marker, px + marker, py + marker) for px, py in pixels]
+    for (text, x, y, colour), (px, py) in sorted(zip(points, pixels), key=lambda item: -item[0][2]):
+        left, width = px + 6 * dpi / 72, len(text) * fontsize * 0.55 * dpi / 72
+        dy = line / 2
+        while any(left < b[2] and left + width > b[0] and py + dy - line < b[3] and py + dy > b[1] for b in taken):
+            dy -= line / 2
+        taken.append((left, py + dy - line, left + width, py + dy))
+        moved = abs(dy - line / 2) > line
+        ax.annotate(text, (x, y), xytext=(6, (dy - line / 2) * 72 / dpi), textcoords="offset points",
+                    fontsize=fontsize, va="center", color=colour,
+                    arrowprops=dict(arrowstyle="-", lw=0.5, color=colour, shrinkA=0, shrinkB=3, relpos=(0, 0.5)) if moved else None)
+
+
 def plot(path: Path, task: str, dataset: str, rows: list[dict], title: str) -> None:
     import matplotlib
 
@@ -150,11 +171,12 @@ def plot(path: Path, task: str, dataset: str, rows: list[dict], title: str) -> N
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
-    for i, r in enumerate(rows):
+    points = []
+    for r in rows:
         marker = "s" if "_compconv" not in r["model"] else "o"
-        ax.errorbar(r["macs_M"], r["metric_mean"], yerr=r["metric_std"], fmt=marker, capsize=3)
-        ax.annotate(r["model"], (r["macs_M"], r["metric_mean"]), fontsize=7, xytext=(5, 5 if i % 2 else -11),
-                    textcoords="offset points")
+        drawn = ax.errorbar(r["macs_M"], r["metric_mean"], yerr=r["metric_std"], fmt=marker, capsize=3)
+        points.append((r["model"], r["macs_M"], r["metric_mean"], drawn.lines[0].get_color()))
+    _place_labels(ax, points)
     ax.set_xlabel("MACs per image (millions)")
     label = TASKS[task]["label"]
     ax.set_ylabel(label)
