@@ -82,8 +82,10 @@ def test_malformed_idx_is_a_clear_error():
         read_idx(b"\x00\x00\x08\x01\x00\x00\x00\x10" + b"\x00" * 3, "short")
 
 
-def test_library_imports_without_hydra_wandb_omegaconf():
-    code = ("import sys\nfor m in ('hydra', 'wandb', 'omegaconf'): sys.modules[m] = None\n"
-            "import compconv, compconv.train, compconv.data, compconv.cli\nprint('ok')")
+def test_library_imports_without_hydra_wandb_omegaconf_mmdet():
+    blocked = "('hydra', 'wandb', 'omegaconf', 'mmdet', 'mmengine', 'mmcv')"
+    code = (f"import sys\nfor m in {blocked}: sys.modules[m] = None\n"
+            "import compconv, compconv.train, compconv.data, compconv.cli, compconv.detection, compconv.bench\n"
+            "import compconv.integrations\nprint('ok')")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert proc.stdout.strip() == "ok", proc.stderr
