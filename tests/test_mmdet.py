@@ -69,6 +69,16 @@ def test_backbone_rejects_bad_arguments(cfg):
         _build(dict(type="CompConvResNet", frozen_stages=5))
 
 
+def test_backbone_warns_when_freezing_random_weights(cfg):
+    with pytest.warns(UserWarning, match="no checkpoint"):
+        _build(dict(type="CompConvResNet", model_name="resnet18")).init_weights()
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _build(dict(type="CompConvResNet", model_name="resnet18", frozen_stages=-1, norm_eval=False)).init_weights()
+
+
 def test_backbone_loads_a_train_cls_checkpoint(cfg, tmp_path):
     from compconv.train.checkpoint import CheckpointMismatchError
     import timm

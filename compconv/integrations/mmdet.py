@@ -8,6 +8,7 @@ load it with ``custom_imports = dict(imports=['compconv.integrations.mmdet'])``;
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Sequence
 
 import timm
@@ -81,8 +82,14 @@ class CompConvResNet(BaseModule):
         """Loads ``checkpoint`` (a train_cls.py checkpoint) when given, else mmengine's ``init_cfg``."""
         if self.checkpoint:
             load_backbone_checkpoint(self.body, self.checkpoint, self.model_name)
-        else:
-            super().init_weights()
+            return
+        super().init_weights()
+        if self.init_cfg is None and (self.frozen_stages >= 0 or self.norm_eval):
+            warnings.warn(
+                f"CompConvResNet({self.model_name}) has no checkpoint, so frozen_stages={self.frozen_stages} / "
+                f"norm_eval={self.norm_eval} freeze randomly initialised layers or statistics: give "
+                "model.backbone.checkpoint=<train_cls last.pt>, or train from scratch with frozen_stages=-1, "
+                "norm_eval=False", stacklevel=2)
 
     def train(self, mode: bool = True) -> "CompConvResNet":
         super().train(mode)
