@@ -89,3 +89,13 @@ def test_library_imports_without_hydra_wandb_omegaconf_mmdet():
             "import compconv.integrations\nprint('ok')")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert proc.stdout.strip() == "ok", proc.stderr
+
+
+def test_peak_memory_is_reset_per_run_on_the_cpu():
+    """A multirun's jobs share one process: each run must start a new peak, not inherit the last one's."""
+    code = ("import torch\nfrom compconv.train.memory import peak_memory_mb, reset_peak_memory\n"
+            "cpu = torch.device('cpu')\nbig = torch.ones(100 * 2**20)\nhigh = peak_memory_mb(cpu)\ndel big\n"
+            "reset_peak_memory(cpu)\nprint(high, peak_memory_mb(cpu))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    high, after_reset = map(float, proc.stdout.split())
+    assert high - after_reset > 300, (high, after_reset)  # the 400 MiB tensor no longer counts

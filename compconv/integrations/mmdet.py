@@ -17,7 +17,6 @@ from mmdet.registry import MODELS
 from mmengine.model import BaseModule
 from torch import nn
 
-from .. import models as _registered_models  # noqa: F401  (registers the CompConv models with timm)
 from ..detection.backbone import load_backbone_checkpoint
 
 # Children of a timm ResNet in forward order; mmdet's frozen_stages=k freezes the stem and layer1..k.

@@ -12,7 +12,6 @@ import json
 import logging
 import platform
 import random
-import resource
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -30,6 +29,7 @@ from .config import ConfigError
 from .distributed import DistContext, barrier, broadcast_object, cleanup, init_distributed
 from .engine import Sums
 from .loggers import NullLogger, WandbLogger
+from .memory import peak_memory_mb, reset_peak_memory
 from .optim import build_optimizer, build_scheduler
 from .signals import StopRequest
 
@@ -46,13 +46,6 @@ def amp_dtype(choice: str, device: torch.device) -> torch.dtype | None:
     if choice == "auto":
         return torch.bfloat16 if device.type == "cuda" else None
     return {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[choice]
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    """CUDA max allocated, or the process's max RSS on the CPU (Linux reports KiB)."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _rng_state() -> dict[str, Any]:
@@ -275,6 +268,7 @@ class TrainingRun(abc.ABC):
 
     def fit(self) -> dict[str, Any]:
         cfg = self.cfg.trainer
+        reset_peak_memory(self.device)
         if cfg.eval_only:
             return self._finish(eval_only=self.evaluate())
         started = time.perf_counter()

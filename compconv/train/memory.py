@@ -1,0 +1,40 @@
+"""Peak memory of a run: CUDA max allocated, or the process's peak RSS on the CPU.
+
+Both are reset when a run starts, so the runs of a Hydra multirun that share one process
+(the basic launcher) each report their own peak rather than the largest so far.
+"""
+
+from __future__ import annotations
+
+import resource
+
+import torch
+
+_CLEAR_REFS = "/proc/self/clear_refs"  # writing "5" resets VmHWM, the peak RSS (Linux >= 4.0)
+_STATUS = "/proc/self/status"
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Starts a new peak: CUDA's peak statistics, or the process's peak RSS where Linux allows it."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        with open(_CLEAR_REFS, "w") as f:
+            f.write("5")
+    except OSError:
+        pass  # not Linux, or not permitted: peak_memory_mb then reports the process's lifetime peak
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """MiB: CUDA max allocated since the last reset, or the peak RSS (VmHWM) since the last reset."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        with open(_STATUS) as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
