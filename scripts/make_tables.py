@@ -181,7 +181,7 @@ def plot(path: Path, task: str, dataset: str, rows: list[dict], title: str) -> N
     label = TASKS[task]["label"]
     ax.set_ylabel(label)
     devices = ", ".join(sorted({r["device"] for r in rows}))
-    ax.set_title(f"{title or dataset}: {label} vs MACs ({devices})", fontsize=9)
+    ax.set_title(f"{title or dataset}\n{label} vs MACs ({devices})", fontsize=9)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     buffer = io.BytesIO()
