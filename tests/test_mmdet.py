@@ -125,13 +125,18 @@ def test_detector_from_config_trains_one_step_and_infers(cfg):
     assert not any(n.startswith(("backbone.body.conv1", "backbone.body.layer1")) for n in changed)
 
     detector.eval()
+    detector.roi_head.test_cfg.score_thr = 0.0  # after one step no score passes the config's 0.05
+    batch = _batch()
     with torch.no_grad():
-        results = detector.test_step(_batch())
+        results = detector.test_step(batch)
     assert len(results) == 2
-    for result in results:
+    for result, image in zip(results, batch["inputs"]):
         pred = result.pred_instances
-        print("mmdet test_step:", len(pred.bboxes), "boxes, top scores", pred.scores[:3].tolist())
-        assert pred.bboxes.shape[1] == 4 and len(pred.bboxes) == len(pred.scores) == len(pred.labels)
+        print("mmdet test_step:", len(pred.bboxes), "boxes, top scores", [f"{v:.1e}" for v in pred.scores[:3].tolist()])
+        assert 0 < len(pred.bboxes) == len(pred.scores) == len(pred.labels) <= 100  # max_per_img of the 1x config
+        h, w = image.shape[-2:]
+        assert (pred.bboxes[:, 0::2] <= w).all() and (pred.bboxes[:, 1::2] <= h).all() and (pred.bboxes >= 0).all()
+        assert ((pred.labels >= 0) & (pred.labels < 80)).all()
 
 
 def _tools_train() -> Path:
