@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,8 @@ pytest.importorskip("mmdet", reason="mmdet not installed: run scripts/setup_mmde
 pytest.importorskip("mmcv.ops", reason="mmcv was built without compiled ops (scripts/setup_mmdet.sh builds them)")
 
 import mmdet  # noqa: E402
+import timm  # noqa: E402
+from mmdet.registry import MODELS  # noqa: E402
 from mmdet.structures import DetDataSample  # noqa: E402
 from mmengine.config import Config  # noqa: E402
 from mmengine.optim import build_optim_wrapper  # noqa: E402
@@ -36,8 +39,6 @@ def cfg() -> Config:
 
 
 def _build(spec):
-    from mmdet.registry import MODELS
-
     return MODELS.build(spec)
 
 
@@ -72,8 +73,6 @@ def test_backbone_rejects_bad_arguments(cfg):
 def test_backbone_warns_when_freezing_random_weights(cfg):
     with pytest.warns(UserWarning, match="no checkpoint"):
         _build(dict(type="CompConvResNet", model_name="resnet18")).init_weights()
-    import warnings
-
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         _build(dict(type="CompConvResNet", model_name="resnet18", frozen_stages=-1, norm_eval=False)).init_weights()
@@ -81,7 +80,6 @@ def test_backbone_warns_when_freezing_random_weights(cfg):
 
 def test_backbone_loads_a_train_cls_checkpoint(cfg, tmp_path):
     from compconv.train.checkpoint import CheckpointMismatchError
-    import timm
 
     source = timm.create_model("resnet18_compconv128", num_classes=10)
     torch.save({"model_name": "resnet18_compconv128", "model": source.state_dict()}, tmp_path / "last.pt")

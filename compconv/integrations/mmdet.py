@@ -50,7 +50,7 @@ class CompConvResNet(BaseModule):
         super().__init__(init_cfg=init_cfg)
         if not -1 <= frozen_stages <= len(_STAGES):
             raise ValueError(f"frozen_stages must be in -1..{len(_STAGES)}, got {frozen_stages}")
-        if model_name not in timm.list_models():
+        if not timm.is_model(model_name):
             raise ValueError(f"unknown timm model '{model_name}' (CompConv models: resnet50_compconv128, ...)")
         kwargs = {"compconv": dict(compconv)} if compconv else {}
         self.model_name = model_name
@@ -63,7 +63,6 @@ class CompConvResNet(BaseModule):
         self.norm_eval = norm_eval
         self.checkpoint = checkpoint
         self.out_channels = tuple(self.body.feature_info.channels())
-        self.strides = tuple(self.body.feature_info.reduction())
         self._freeze_stages()
 
     def _frozen_modules(self) -> list[nn.Module]:
