@@ -16,6 +16,7 @@ params. No Hydra or wandb needed.
 from __future__ import annotations
 
 import argparse
+import copy
 import csv
 import io
 import multiprocessing
@@ -43,15 +44,20 @@ PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 class Setting:
     compiled: bool
     channels_last: bool
+    ort: bool = False
 
     @classmethod
     def parse(cls, text: str) -> "Setting":
+        if text == "ort":
+            return cls(False, False, True)
         mode, _, layout = text.partition("-")
         if mode not in ("eager", "compiled") or layout not in ("nchw", "cl"):
-            raise ValueError(f"setting {text!r}: expected eager|compiled - nchw|cl, e.g. compiled-cl")
+            raise ValueError(f"setting {text!r}: expected eager|compiled - nchw|cl (e.g. compiled-cl) or ort")
         return cls(mode == "compiled", layout == "cl")
 
     def __str__(self) -> str:
+        if self.ort:
+            return "ort"
         return f"{'compiled' if self.compiled else 'eager'}-{'cl' if self.channels_last else 'nchw'}"
 
 
@@ -76,28 +82,41 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-VARIANTS = ("deploy", "reference")
+VARIANTS = ("deploy", "deploy_rule")
 
 
-def create_variant(name: str) -> nn.Module:
-    """A timm model, optionally as a variant: ``NAME+deploy`` (after :func:`compconv.deploy`, inference
-    only) or ``NAME+reference`` (CompConv's literal concatenate-then-shuffle forward), to measure what
-    each optimisation gains."""
+def create_variant(name: str, example_input: torch.Tensor | None = None) -> nn.Module:
+    """A timm model, optionally in inference form: ``NAME+deploy`` (:func:`compconv.deploy` timing each
+    layer's forms on ``example_input``) or ``NAME+deploy_rule`` (deploy's rule, no timing)."""
     from .deploy import deploy
-    from .layers import CompConv2d
 
     base, *variants = name.split("+")
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         raise ValueError(f"unknown variant(s) {unknown} in {name!r}; known: {list(VARIANTS)}")
     model = timm.create_model(base, num_classes=1000)
-    if "reference" in variants:
-        for module in model.modules():
-            if isinstance(module, CompConv2d):
-                module.forward = module.forward_reference
-    if "deploy" in variants:
-        deploy(model)
+    if variants:
+        model.eval()
+        if example_input is not None:
+            model = model.to(example_input.device, memory_format=_format_of(example_input))
+        deploy(model, example_input if "deploy" in variants else None)
     return model
+
+
+def _format_of(x: torch.Tensor) -> torch.memory_format:
+    return torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+
+
+def _ort_step(model: nn.Module, x: torch.Tensor) -> Callable[[], None]:
+    import tempfile
+
+    from .export import export_onnx, ort_session
+
+    folder = tempfile.mkdtemp(prefix="compconv-bench-")
+    path = export_onnx(model, f"{folder}/model.onnx", tuple(x.shape[1:]), x.shape[0], deploy_model=False).path
+    session = ort_session(path, torch.get_num_threads())
+    feed = {session.get_inputs()[0].name: x.contiguous().numpy()}
+    return lambda: session.run(None, feed)
 
 
 def build_step(name: str, workload: Workload, setting: Setting, device: torch.device, img_size: int,
@@ -105,10 +124,14 @@ def build_step(name: str, workload: Workload, setting: Setting, device: torch.de
     """A closure running one inference or training step (forward + backward + SGD) of model ``name``."""
     if "+deploy" in name and workload.mode == "train":
         raise ValueError(f"{name}: a deployed model is for inference only")
-    model = create_variant(name).to(device)
+    if setting.ort and (workload.mode == "train" or device.type != "cpu" or precision != "fp32"):
+        raise ValueError("the ort setting is inference on the CPU in fp32")
     memory_format = torch.channels_last if setting.channels_last else torch.contiguous_format
-    model = model.to(memory_format=memory_format)
     x = torch.randn(workload.batch, 3, img_size, img_size, device=device).to(memory_format=memory_format)
+    model = create_variant(name, x if workload.mode == "infer" else None).to(device)
+    model = model.to(memory_format=memory_format)
+    if setting.ort:
+        return _ort_step(model, x), model
     dtype = PRECISIONS[precision]
     net = torch.compile(model) if setting.compiled else model
 
@@ -176,11 +199,16 @@ def peak_memory_mb(name, workload, setting, device, img_size, precision) -> floa
     return value / 2**20
 
 
-def time_cell(names, workload, setting, device, img_size, precision, warmup, repeats, min_seconds):
-    """Interleaved timing of all models for one (workload, setting) cell: rates[name] = [img/s per repeat]."""
+def time_cell(names, workload, setting, device, img_size, precision, warmup, repeats, min_seconds, costs=None):
+    """Interleaved timing of all models for one (workload, setting) cell: rates[name] = [img/s per repeat].
+
+    ``costs`` (a dict) receives each model's :func:`compconv.complexity` as built for this cell (deploy's
+    choices can differ between cells)."""
     steps = {}
     for name in names:
-        step, _ = build_step(name, workload, setting, device, img_size, precision)
+        step, model = build_step(name, workload, setting, device, img_size, precision)
+        if costs is not None:
+            costs[name] = complexity(model, (3, img_size, img_size))
         for _ in range(warmup):  # includes compilation
             step()
         _sync(device)
@@ -223,6 +251,68 @@ def profile_ops(name: str, workload: Workload, setting: Setting, device, img_siz
     return "\n".join(lines)
 
 
+@torch.inference_mode()
+def per_layer_table(name: str, batch: int, img_size: int, device: torch.device, repeats: int = 5) -> str:
+    """Each replaced layer of ``name`` (with its BatchNorm): plain conv, CompConv as trained, deployed form.
+
+    Inference, eager channels_last, on the layer's real input; ms are medians of ``repeats``, and the
+    three forms of a layer are timed interleaved."""
+    from .deploy import deploy
+    from .layers import CompConv2d
+
+    x = torch.randn(batch, 3, img_size, img_size, device=device).to(memory_format=torch.channels_last)
+    model = timm.create_model(name).eval().to(device, memory_format=torch.channels_last)
+    deployed = create_variant(name + "+deploy", x).to(device)
+    report = deploy(copy.deepcopy(model), x)  # the same (cached) choices, for the form names
+    forms = {choice.name: choice.form for choice in report.layers}
+    inputs = {}
+    hooks = [m.register_forward_pre_hook(lambda mod, args, n=n: inputs.__setitem__(n, args[0]))
+             for n, m in model.named_modules() if isinstance(m, CompConv2d)]
+    model(x)
+    for hook in hooks:
+        hook.remove()
+    rows = ["| layer | C_in->C_out, k, s | d | form | MACs plain / CompConv / deployed (M) | plain (ms) | CompConv (ms) "
+            "| deployed (ms) | deployed / plain |", "|---|---|---:|---|---|---:|---:|---:|---:|"]
+    totals = [0.0, 0.0, 0.0]
+    for layer_name, layer in model.named_modules():
+        if not isinstance(layer, CompConv2d):
+            continue
+        inp = inputs[layer_name]
+        parent_name, _, attr = layer_name.rpartition(".")
+        parent, dparent = model.get_submodule(parent_name), deployed.get_submodule(parent_name)
+        norm_attr = "bn" + attr[4:] if attr.startswith("conv") else str(int(attr) + 1)
+        norm, dnorm = getattr(parent, norm_attr, nn.Identity()), getattr(dparent, norm_attr, nn.Identity())
+        plain = nn.Sequential(nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride,
+                                        layer.padding, layer.dilation, bias=False), copy.deepcopy(norm))
+        candidates = {"plain": plain.eval().to(device, memory_format=torch.channels_last),
+                      "compconv": nn.Sequential(layer, norm), "deployed": nn.Sequential(getattr(dparent, attr), dnorm)}
+        times = {k: [] for k in candidates}
+        for module in candidates.values():
+            module(inp)
+        for _ in range(repeats):
+            for key, module in candidates.items():
+                _sync(device)
+                start = time.perf_counter()
+                module(inp)
+                _sync(device)
+                times[key].append(1e3 * (time.perf_counter() - start))
+        ms = [statistics.median(times[k]) for k in ("plain", "compconv", "deployed")]
+        totals = [t + m for t, m in zip(totals, ms)]
+        h, w = layer(inp).shape[-2:]
+        plan = layer.plan
+        form = forms.get(layer_name, "chain")
+        deployed_macs = {"dense": plan.plain_macs_per_position, "chain": plan.macs_per_position}.get(
+            form, plan.in_channels * plan.c_prim + (plan.c_prim + plan.identity_channels) * plan.out_channels)
+        macs = " / ".join(f"{m * h * w / 1e6:.1f}" for m in (plan.plain_macs_per_position, plan.macs_per_position,
+                                                               deployed_macs))
+        rows.append(f"| {layer_name} | {layer.in_channels}->{layer.out_channels}, {layer.kernel_size[0]}, "
+                    f"{layer.stride[0]} | {plan.depth} | {form} | {macs} | {ms[0]:.2f} | {ms[1]:.2f} | {ms[2]:.2f} | "
+                    f"{ms[2] / ms[0]:.2f} |")
+    rows.append(f"| **all replaced layers** | | | | | {totals[0]:.1f} | {totals[1]:.1f} | {totals[2]:.1f} | "
+                f"{totals[2] / totals[0]:.2f} |")
+    return "\n".join(rows)
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -251,6 +341,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="settings whose peak memory is measured (comma-separated, 'all' or 'none')")
     parser.add_argument("--skip-cells", default="", help="comma-separated WORKLOAD/SETTING cells to leave out, "
                         "e.g. train:16/compiled-cl")
+    parser.add_argument("--per-layer", default="", metavar="MODEL:BATCH",
+                        help="per-layer table (plain conv, CompConv, deployed form; eager channels_last inference), "
+                        "e.g. resnet50_compconv128:32")
     parser.add_argument("--profile", default="", help="model to profile (top ops) in the first workload/setting")
     parser.add_argument("--out", default="", help="markdown file to write (a .csv is written beside it)")
     args = parser.parse_args(argv)
@@ -270,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cpu" and args.precision != "fp32":
         parser.error("autocast precisions are for GPUs here; use --precision fp32 on the CPU")
 
-    costs = {n: complexity(create_variant(n), (3, args.img_size, args.img_size)) for n in names}
+    costs: dict = {}
     command = "python -m compconv.bench " + " ".join(argv if argv is not None else sys.argv[1:])
     header = [
         f"# Benchmark: {', '.join(names)}",
@@ -304,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             started = time.perf_counter()
             rates = time_cell(names, workload, setting, device, args.img_size, args.precision,
-                              args.warmup, args.repeats, args.min_seconds)
+                              args.warmup, args.repeats, args.min_seconds, costs)
             base = statistics.median(rates[names[0]])
             table = [f"\n## {workload.mode}, batch {workload.batch}, {setting}\n",
                      "| model | MACs (G) | params (M) | img/s | spread | speed ratio | ideal | efficiency | peak mem (MiB) |",
@@ -329,6 +422,16 @@ def main(argv: list[str] | None = None) -> int:
             print("\n".join(table), flush=True)
             print(f"(cell took {time.perf_counter() - started:.0f} s)", flush=True)
             write()
+    if args.per_layer:
+        model_name, _, batch = args.per_layer.partition(":")
+        section = [f"\n## Per layer: {model_name}, inference batch {batch or 32}, eager-cl\n",
+                   "Each replaced conv with the BatchNorm after it: a plain conv of the same geometry, the CompConv "
+                   "as trained, and the form `deploy()` chose (BatchNorm and shuffle folded in where the form allows). "
+                   "A dense form costs the plain conv's MACs.\n",
+                   per_layer_table(model_name, int(batch or 32), args.img_size, device)]
+        sections.extend(section)
+        print("\n".join(section), flush=True)
+        write()
     if args.profile:
         section = [f"\n## Profile: {args.profile}, {workloads[0]}, {settings[0]} (top ops by self time)\n",
                    profile_ops(args.profile, workloads[0], settings[0], device, args.img_size, args.precision)]

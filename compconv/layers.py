@@ -1,29 +1,110 @@
-"""CompConv2d: a drop-in replacement for ``nn.Conv2d`` (Zhang et al., CVPR-W 2021, Figure 2)."""
+"""CompConv2d: a drop-in replacement for ``nn.Conv2d`` (Zhang et al., CVPR-W 2021, Figure 2).
 
-from __future__ import annotations
+The forward is Figure 2 in a handful of tensor ops: the dependent convolutions, identity slices
+(views of the input), one concatenation and the channel shuffle. Every branch in it depends on
+the module's fixed geometry, never on a tensor, so it runs the same in eager PyTorch, under
+``torch.compile(fullgraph=True)``, ``torch.jit.script``, ``torch.fx`` and both ONNX exporters.
+"""
+
 
 import math
-from typing import Any
+from typing import Any, List, Optional
 
 import torch
 import torch.nn.functional as F
+from timm.layers import to_2tuple
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 from .options import CompConvOptions
-from .sizing import CompConvPlan, _pair, plan
+from .sizing import CompConvPlan
+from .sizing import plan as plan_layer
 
-__all__ = ["CompConv2d", "channel_shuffle", "create_conv2d"]
+__all__ = ["CompConv2d", "channel_shuffle", "concat_shuffle", "create_conv2d", "identity_sampling", "shuffle_source"]
+
+
+def _in_graph_capture() -> bool:
+    """True while a tracer or compiler records the graph (jit.trace, FX, dynamo, torch.export, ONNX)."""
+    return torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.fx._symbolic_trace.is_fx_symbolic_tracing()
 
 
 def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
-    """ShuffleNet channel shuffle: reshape channels to (groups, C/groups), transpose, flatten."""
+    """ShuffleNet channel shuffle: output channel ``i * groups + j`` is input channel ``j * C / groups + i``."""
     if groups == 1:
         return x
     n, c, h, w = x.shape
-    return x.reshape(n, groups, c // groups, h, w).transpose(1, 2).reshape(n, c, h, w)
+    return x.view(n, groups, c // groups, h, w).transpose(1, 2).reshape(n, c, h, w)
 
 
-def _resolve_padding(padding: Any, kernel: tuple[int, int], stride: tuple[int, int], dilation: tuple[int, int]) -> tuple[int, int]:
+def concat_shuffle(parts: List[torch.Tensor], groups: int) -> torch.Tensor:
+    """``channel_shuffle(torch.cat(parts, 1), groups)``, computed with one copy in eager mode.
+
+    Graph capture (TorchScript, FX, dynamo, export, ONNX) records the plain concatenation and
+    reshape/transpose, which compilers fuse. Eager PyTorch would copy twice (cat, then the shuffle)
+    and lose channels_last (a reshape returns NCHW); there each part is copied once, straight to its
+    shuffled channels of an output in the memory format of ``parts[0]``.
+    """
+    if not torch.jit.is_scripting():
+        if not _in_graph_capture():
+            return _concat_shuffle_eager(parts, groups)
+    return channel_shuffle(torch.cat(parts, dim=1), groups)
+
+
+def _concat_shuffle_eager(parts: List[torch.Tensor], groups: int) -> torch.Tensor:
+    first = parts[0]
+    n, _, h, w = first.shape
+    channels = sum(part.shape[1] for part in parts)
+    channels_last = first.is_contiguous(memory_format=torch.channels_last) and not first.is_contiguous()
+    out = torch.empty((n, channels, h, w), dtype=first.dtype, device=first.device,
+                      memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    size = channels // groups
+    # out channel i * groups + j  <-  concatenated channel j * size + i
+    view = out.view(n, size, groups, h, w)
+    offset = 0
+    for part in parts:
+        start, stop = offset, offset + part.shape[1]
+        while start < stop:
+            group = start // size
+            end = min(stop, (group + 1) * size)
+            view[:, start - group * size:end - group * size, group].copy_(part[:, start - offset:end - offset])
+            start = end
+        offset = stop
+    return out
+
+
+def shuffle_source(channels: int, groups: int) -> torch.Tensor:
+    """``source[o]``: the pre-shuffle channel that :func:`channel_shuffle` puts at output channel ``o``."""
+    return torch.arange(channels).view(groups, channels // groups).t().reshape(-1)
+
+
+def identity_sampling(kernel: tuple[int, int], padding: tuple[int, int], dilation: tuple[int, int]):
+    """Where a centre-tap kernel of this geometry reads the input, as static slicing parameters.
+
+    Returns ``(pad, start, trim)``: ``pad`` for ``F.pad`` (left, right, top, bottom) where the centre
+    tap reaches into the zero padding, the first row/column read, and whether the strided slice can
+    run past the output size (then it is cut to the size of the conv output). All three depend on
+    the geometry only, never on the input size.
+    """
+    pads, starts, trim = [], [], False
+    for k, p, d in zip(kernel, padding, dilation):
+        before, after = d * ((k - 1) // 2), d * (k // 2)  # reach of the centre tap to each side
+        origin = before - p
+        low, high = max(0, -origin), max(0, p - after)
+        pads.append((low, high))
+        starts.append(origin + low)
+        trim = trim or after > p
+    pad = [pads[1][0], pads[1][1], pads[0][0], pads[0][1]]
+    return pad, (starts[0], starts[1]), trim
+
+
+def _fold_norm(conv: nn.Conv2d, norm: nn.BatchNorm2d) -> None:
+    weight, bias = fuse_conv_bn_weights(conv.weight, conv.bias, norm.running_mean, norm.running_var, norm.eps,
+                                        norm.weight, norm.bias)
+    conv.weight, conv.bias = weight, bias
+
+
+def _resolve_padding(padding: Any, kernel: tuple[int, int], stride: tuple[int, int],
+                     dilation: tuple[int, int]) -> tuple[int, int]:
     if padding == "valid":
         return (0, 0)
     if padding == "same":
@@ -34,7 +115,7 @@ def _resolve_padding(padding: Any, kernel: tuple[int, int], stride: tuple[int, i
             raise ValueError(f"padding='same' with kernel {kernel} and dilation {dilation} is asymmetric; "
                              "CompConv2d needs symmetric integer padding")
         return (total[0] // 2, total[1] // 2)
-    return _pair(padding)
+    return to_2tuple(padding)
 
 
 def _same_padding(kernel: tuple[int, int], dilation: tuple[int, int]) -> tuple[int, int] | str:
@@ -44,31 +125,30 @@ def _same_padding(kernel: tuple[int, int], dilation: tuple[int, int]) -> tuple[i
     return (total[0] // 2, total[1] // 2)
 
 
-def _init_conv(conv: nn.Conv2d) -> None:
-    # As timm and torchvision initialise the convs of ResNet/VGG, so patched models train like baselines.
-    nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
-
-
 class CompConv2d(nn.Module):
     """Compact convolution module with the constructor of ``nn.Conv2d``.
 
-    Implements the divide-and-conquer structure of the paper's Figure 2 for depth 1..3:
-    ``B(d-1) = Conv(x)``; for ``i = d-2 .. 0``: ``A(i+1)`` is an identity slice of ``x`` and
-    ``B(i) = Conv(B(i+1) ⊕ A(i+1))``; the tailing part ``A0 = tail(B0)``; the output is
-    ``shuffle(B(d-1) ⊕ A(d-1) ⊕ ... ⊕ B0 ⊕ A0)`` truncated to ``out_channels``. The output shape
+    Figure 2 for depth 1..3: ``B(d-1) = Conv(x)``; for ``i = d-2 .. 0``: ``A(i+1)`` is an identity
+    slice of ``x`` and ``B(i) = Conv(B(i+1) ⊕ A(i+1))``; the tailing part ``A0 = tail(B0)``; the output
+    is ``shuffle(B(d-1) ⊕ A(d-1) ⊕ ... ⊕ B0 ⊕ A0)`` truncated to ``out_channels``. The output shape
     equals that of ``nn.Conv2d`` with the same arguments for every geometry.
 
     Args:
         in_channels, out_channels, kernel_size, stride, padding, dilation, bias, device, dtype:
             As for ``nn.Conv2d``. ``groups`` must be 1 and ``padding_mode`` ``"zeros"``.
-        c0, depth, tail, tail_kernel, shuffle, inner_norm: CompConv options, see
-            :class:`compconv.CompConvOptions`. ``depth=0`` is rejected here; use
-            :func:`create_conv2d`, which returns a plain ``nn.Conv2d`` for it.
-        options: An options object; explicit keyword options override its fields.
+        plan: A :class:`compconv.CompConvPlan` for these channels and kernel (as :func:`compconv.patch`
+            passes it, so each layer is planned once). Without it the layer is planned from ``options``.
+        options: A :class:`compconv.CompConvOptions`; keyword options (``c0``, ``depth``, ``tail``,
+            ``tail_kernel``, ``shuffle``, ``inner_norm``) override its fields. ``depth=0`` is rejected
+            here; :func:`create_conv2d` returns a plain ``nn.Conv2d`` for it.
 
     Attributes:
         plan: The :class:`compconv.CompConvPlan` the module was built from.
     """
+
+    identity_starts: List[int]
+    identity_stops: List[int]
+    input_index: Optional[torch.Tensor]
 
     def __init__(
         self,
@@ -84,6 +164,7 @@ class CompConv2d(nn.Module):
         device: Any = None,
         dtype: Any = None,
         *,
+        plan: CompConvPlan | None = None,
         options: CompConvOptions | None = None,
         **option_overrides: Any,
     ) -> None:
@@ -94,143 +175,130 @@ class CompConv2d(nn.Module):
             raise ValueError(f"CompConv2d supports padding_mode='zeros' only, got {padding_mode!r}")
         factory = {"device": device, "dtype": dtype}
         self.in_channels, self.out_channels = in_channels, out_channels
-        self.kernel_size = _pair(kernel_size)
-        self.stride = _pair(stride)
-        self.dilation = _pair(dilation)
+        self.kernel_size = to_2tuple(kernel_size)
+        self.stride = to_2tuple(stride)
+        self.dilation = to_2tuple(dilation)
         self.padding = _resolve_padding(padding, self.kernel_size, self.stride, self.dilation)
-        self.plan: CompConvPlan = plan(in_channels, out_channels, self.kernel_size, bias=bias, options=options, **option_overrides)
-        if self.plan.depth == 0:
+        if plan is None:
+            plan = plan_layer(in_channels, out_channels, self.kernel_size, bias=bias, options=options,
+                                  **option_overrides)
+        elif options is not None or option_overrides:
+            raise ValueError("pass either a plan or options, not both")
+        elif (plan.in_channels, plan.out_channels, plan.kernel_size, plan.bias) != (
+                in_channels, out_channels, self.kernel_size, bias):
+            raise ValueError(f"plan for {plan.in_channels}->{plan.out_channels} {plan.kernel_size} bias={plan.bias} "
+                             f"does not fit this layer ({in_channels}->{out_channels} {self.kernel_size} bias={bias})")
+        if plan.depth == 0:
             raise ValueError("depth=0 means a plain convolution; build it with compconv.create_conv2d(...)")
+        self.plan: CompConvPlan = plan
 
         same = _same_padding(self.kernel_size, self.dilation)
-        convs = []
-        for index, part in enumerate(self.plan.convs):
-            first = index == 0
-            convs.append(nn.Conv2d(
-                part.in_channels, part.channels, self.kernel_size,
-                stride=self.stride if first else 1,
-                padding=self.padding if first else same,
-                dilation=self.dilation, bias=False, **factory,
-            ))
-        self.convs = nn.ModuleList(convs)
-        norm = self.plan.options.inner_norm
+        self.convs = nn.ModuleList(
+            nn.Conv2d(part.in_channels, part.channels, self.kernel_size,
+                      stride=self.stride if index == 0 else 1, padding=self.padding if index == 0 else same,
+                      dilation=self.dilation, bias=False, **factory)
+            for index, part in enumerate(plan.convs)
+        )
+        inner_norm = plan.options.inner_norm
         self.norms = nn.ModuleList(
-            [nn.BatchNorm2d(p.channels, **factory) if norm else nn.Identity() for p in self.plan.convs]
-        )
-        tail = self.plan.tail
+            nn.BatchNorm2d(p.channels, **factory) if inner_norm else nn.Identity() for p in plan.convs)
+        tail = plan.tail
+        self.tail: Optional[nn.Conv2d] = None
+        self.tail_norm: Optional[nn.Module] = None
+        self.tail_in = 0
         if tail is not None:
-            self.tail = nn.Conv2d(
-                tail.in_channels, tail.channels, tail.kernel_size, padding=_same_padding(tail.kernel_size, (1, 1)),
-                groups=tail.groups, bias=False, **factory,
-            )
-            self.tail_norm = nn.BatchNorm2d(tail.channels, **factory) if norm else nn.Identity()
-        else:
-            self.tail, self.tail_norm = None, None
+            self.tail = nn.Conv2d(tail.in_channels, tail.channels, tail.kernel_size,
+                                  padding=_same_padding(tail.kernel_size, (1, 1)), groups=tail.groups, bias=False,
+                                  **factory)
+            self.tail_norm = nn.BatchNorm2d(tail.channels, **factory) if inner_norm else nn.Identity()
+            self.tail_in = tail.in_channels
         self.bias = nn.Parameter(torch.empty(out_channels, **factory)) if bias else None
-        # Where a centre-tap kernel of the original geometry samples the input, per spatial dim.
-        self._identity_origin = tuple(
-            d * ((k - 1) // 2) - p for k, d, p in zip(self.kernel_size, self.dilation, self.padding)
-        )
-        self._identity_slices = tuple(p.identity_slice for p in self.plan.identities)
-        self._gather = False
-        self.set_output_groups(self.plan.shuffle_groups)
+        # Identity slices: input channels [start, stop) of each A part, sampled where a centre tap reads.
+        self.identity_starts = [p.identity_slice[0] for p in plan.identities]
+        self.identity_stops = [p.identity_slice[1] for p in plan.identities]
+        self.identity_pad, self.identity_origin, self.identity_trim = identity_sampling(
+            self.kernel_size, self.padding, self.dilation)
+        self.identity_padded = any(self.identity_pad)
+        self.shuffle_groups = plan.shuffle_groups
+        # Set by deploy when the previous layer's shuffle is folded in: where each input channel now is.
+        self.register_buffer("input_index", None)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        for conv in self.convs:
-            _init_conv(conv)
-        if self.tail is not None:
-            _init_conv(self.tail)
+        # As timm and torchvision initialise the convs of ResNet/VGG, so patched models train like baselines.
+        for conv in [*self.convs, *([self.tail] if self.tail is not None else [])]:
+            nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
         if self.bias is not None:
-            fan_in = self.in_channels * self.kernel_size[0] * self.kernel_size[1]
-            bound = 1.0 / math.sqrt(fan_in)
+            bound = 1.0 / math.sqrt(self.in_channels * self.kernel_size[0] * self.kernel_size[1])
             nn.init.uniform_(self.bias, -bound, bound)
 
-    def _identity(self, x: torch.Tensor, index: int, size: tuple[int, int]) -> torch.Tensor:
-        """Identity slice ``index`` of the input, sampled where the replaced conv's centre tap would read."""
-        if self._gather:
-            x = x.index_select(1, getattr(self, f"identity_index_{index}"))
+    def identity(self, x: torch.Tensor, start: int, stop: int, like: torch.Tensor) -> torch.Tensor:
+        """Input channels ``[start, stop)`` sampled at the output grid of ``like`` (a view when no padding is needed)."""
+        index = self.input_index
+        if index is not None:
+            a = x.index_select(1, index[start:stop])
         else:
-            start, stop = self._identity_slices[index]
-            x = x[:, start:stop]
-        pads = []
-        for dim, (origin, step, out) in enumerate(zip(self._identity_origin, self.stride, size)):
-            extent = x.shape[2 + dim]
-            last = origin + step * (out - 1)
-            pads.append((max(0, -origin), max(0, last - (extent - 1))))
-        if any(a or b for a, b in pads):
-            x = F.pad(x, (pads[1][0], pads[1][1], pads[0][0], pads[0][1]))
-        top = self._identity_origin[0] + pads[0][0]
-        left = self._identity_origin[1] + pads[1][0]
-        return x[:, :, top:top + self.stride[0] * (size[0] - 1) + 1:self.stride[0],
-                 left:left + self.stride[1] * (size[1] - 1) + 1:self.stride[1]]
+            a = x[:, start:stop]
+        if self.identity_padded:
+            a = F.pad(a, self.identity_pad)
+        a = a[:, :, self.identity_origin[0]::self.stride[0], self.identity_origin[1]::self.stride[1]]
+        if self.identity_trim:
+            a = a[:, :, :like.shape[-2], :like.shape[-1]]
+        return a
 
-    def _compute_parts(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """The parts B(d-1), A(d-1), ..., B0, A0 in concatenation order (identity parts are views)."""
-        b = self.norms[0](self.convs[0](x))
-        size = (b.shape[-2], b.shape[-1])
-        parts = [b]
-        for index, (conv, norm) in enumerate(zip(self.convs[1:], self.norms[1:])):
-            a = self._identity(x, index, size)
-            b = norm(conv(torch.cat([b, a], dim=1)))
-            parts += [a, b]
-        if self.tail is not None:
-            parts.append(self.tail_norm(self.tail(b[:, :self.tail.in_channels])))
-        return parts
+    def parts(self, x: torch.Tensor) -> List[torch.Tensor]:
+        """``[B(d-1), A(d-1), ..., B0, A0]`` in concatenation order (before truncation and shuffle)."""
+        out: List[torch.Tensor] = []
+        b = x
+        for index, (conv, norm) in enumerate(zip(self.convs, self.norms)):
+            if index == 0:
+                b = norm(conv(x))
+            else:
+                a = self.identity(x, self.identity_starts[index - 1], self.identity_stops[index - 1], b)
+                out.append(a)
+                b = norm(conv(torch.cat([b, a], dim=1)))
+            out.append(b)
+        if self.tail is not None and self.tail_norm is not None:
+            out.append(self.tail_norm(self.tail(b[:, :self.tail_in])))
+        return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        parts = self._compute_parts(x)
-        first = parts[0]
-        n, _, h, w = first.shape
-        memory_format = torch.channels_last if first.is_contiguous(memory_format=torch.channels_last) and \
-            not first.is_contiguous() else torch.contiguous_format
-        y = torch.empty(n, self.out_channels, h, w, dtype=first.dtype, device=first.device, memory_format=memory_format)
-        # Each part is copied once, straight to its shuffled position: no concatenation followed by a
-        # second, shuffling copy. View (N, C/g, g, H, W): output channel i*g + j <- concat channel j*C/g + i.
-        groups = self.output_groups
-        view = y.view(n, self.out_channels // groups, groups, h, w)
-        for part, start, stop, group, dst_start, dst_stop in self._pieces:
-            view[:, dst_start:dst_stop, group].copy_(parts[part][:, start:stop])
+        y = concat_shuffle(self.parts(x), self.shuffle_groups)
         if self.bias is not None:
             y = y + self.bias.view(1, -1, 1, 1)
         return y
 
-    def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
-        """The literal reading of Figure 2: concatenate, then shuffle (tests check forward against it)."""
-        y = channel_shuffle(torch.cat(self._compute_parts(x), dim=1), self.output_groups)
-        if self.bias is not None:
-            y = y + self.bias.view(1, -1, 1, 1)
-        return y
+    @torch.no_grad()
+    def reparameterize(self) -> int:
+        """Folds each inner BatchNorm (``inner_norm``) into the conv before it, in place (timm's convention,
+        called by ``timm.utils.reparameterize_model``). Returns the number of norms folded. Eval outputs
+        are unchanged; the module is for inference afterwards."""
+        folded = 0
+        for index, (conv, norm) in enumerate(zip(self.convs, self.norms)):
+            if isinstance(norm, nn.BatchNorm2d):
+                _fold_norm(conv, norm)
+                self.norms[index] = nn.Identity()
+                folded += 1
+        if isinstance(self.tail_norm, nn.BatchNorm2d):
+            _fold_norm(self.tail, self.tail_norm)
+            self.tail_norm = nn.Identity()
+            folded += 1
+        return folded
 
-    def set_output_groups(self, groups: int) -> None:
-        """Sets the shuffle groups applied to the output (``deploy`` sets 1 after folding the shuffle away)."""
-        if self.out_channels % groups:
-            raise ValueError(f"{groups} shuffle groups do not divide {self.out_channels} channels")
-        self.output_groups = groups
-        size = self.out_channels // groups
-        pieces, offset = [], 0
-        for index, part in enumerate(self.plan.parts):
-            start = offset
-            while start < offset + part.channels:
-                group = start // size
-                stop = min(offset + part.channels, (group + 1) * size)
-                pieces.append((index, start - offset, stop - offset, group, start - group * size, stop - group * size))
-                start = stop
-            offset += part.channels
-        self._pieces = tuple(pieces)
+    @torch.no_grad()
+    def permute_input(self, source: torch.Tensor) -> None:
+        """Declares that the input arrives permuted: original channel ``o`` is now channel ``source[o]``.
 
-    def set_input_permutation(self, source: torch.Tensor) -> None:
-        """Declares that the input arrives permuted: channel ``o`` of the original input is now ``source[o]``.
-
-        Used by ``deploy`` when the previous layer's shuffle is folded into this one: the first conv's
+        ``deploy`` calls it when it folds the previous layer's shuffle into this one: the first conv's
         input channels are reordered and the identity slices become gathers of the right channels.
         """
-        position = torch.argsort(source)
         first = self.convs[0]
+        position = torch.argsort(source).to(first.weight.device)
         first.weight.data = first.weight.data[:, position].contiguous()
-        for index, (start, stop) in enumerate(self._identity_slices):
-            self.register_buffer(f"identity_index_{index}", source[start:stop].clone().to(first.weight.device))
-        self._gather = True
+        if self.identity_stops:
+            source = source.to(first.weight.device)
+            self.input_index = source[:max(self.identity_stops)] if self.input_index is None \
+                else source[self.input_index]
 
     def extra_repr(self) -> str:
         text = f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}"
@@ -239,7 +307,7 @@ class CompConv2d(nn.Module):
         if self.dilation != (1, 1):
             text += f", dilation={self.dilation}"
         opts = self.plan.options
-        text += f", {self.plan.describe()}, tail={opts.tail}, shuffle_groups={self.output_groups}"
+        text += f", {self.plan.describe()}, tail={opts.tail}, shuffle_groups={self.shuffle_groups}"
         if opts.inner_norm:
             text += ", inner_norm=True"
         if self.bias is None:
@@ -259,8 +327,8 @@ def create_conv2d(
     options: CompConvOptions | None = None,
     **option_overrides: Any,
 ) -> nn.Module:
-    """Factory that returns a :class:`CompConv2d`, or a plain ``nn.Conv2d`` when the depth is 0."""
-    opts = CompConvOptions.from_mapping(options.as_dict() if options else None, **option_overrides)
-    if opts.depth == 0:
+    """Factory that returns a :class:`CompConv2d`, or a plain ``nn.Conv2d`` when the planned depth is 0."""
+    layer_plan = plan_layer(in_channels, out_channels, kernel_size, bias=bias, options=options, **option_overrides)
+    if layer_plan.depth == 0:
         return nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation, bias=bias)
-    return CompConv2d(in_channels, out_channels, kernel_size, stride, padding, dilation, bias=bias, options=opts)
+    return CompConv2d(in_channels, out_channels, kernel_size, stride, padding, dilation, bias=bias, plan=layer_plan)

@@ -30,7 +30,7 @@ def _cfg(**kwargs: Any) -> dict[str, Any]:
     }
 
 
-_VGG = {"first_conv": "features.0", "classifier": "head.fc", "pool_size": (1, 1)}
+_VGG = {"first_conv": "features.0", "classifier": "head.fc", "pool_size": (7, 7)}  # as timm's vgg16
 default_cfgs = generate_default_cfgs({
     **{f"resnet50_compconv{c0}": _cfg() for c0 in (32, 64, 128, 256, 512)},
     "resnet18_compconv128": _cfg(),

@@ -172,9 +172,11 @@ def patch(
         if layer_plan.depth > 0:  # depth 0 keeps the original conv and its weights
             parent_name, _, attr = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
+            # each layer is planned once: the module is built from the plan the report holds
+            sizing = {"plan": layer_plan} if module_cls is CompConv2d else {"options": opts}
             new = module_cls(
                 conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
-                bias=bias, options=opts, device=conv.weight.device, dtype=conv.weight.dtype,
+                bias=bias, device=conv.weight.device, dtype=conv.weight.dtype, **sizing,
             )
             new.train(conv.training)
             setattr(parent, attr, new)

@@ -1,4 +1,6 @@
-"""deploy(): folded inner norms, biases and shuffles leave eval outputs unchanged."""
+"""deploy(): exact folds and equivalent forms leave eval outputs unchanged; the report is honest."""
+
+import copy
 
 import pytest
 import timm
@@ -6,6 +8,7 @@ import torch
 from torch import nn
 
 from compconv import CompConv2d, deploy
+from compconv.deploy import LowRankConv2d, build_form, form_macs, rule_choice
 
 
 def _randomise_norms(model):
@@ -17,23 +20,81 @@ def _randomise_norms(model):
             module.bias.data.uniform_(-0.1, 0.1)
 
 
-@pytest.mark.parametrize("name, options, norms, shuffles", [
-    ("resnet50_compconv128", {}, 0, 32),
-    ("resnet18_compconv128", {"inner_norm": True}, 49, 8),
-    ("vgg16_bn_compconv128", {"inner_norm": True}, 37, 0),
+def _close(got, want):
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+
+
+@pytest.mark.parametrize("name, options, norms, forms", [
+    ("resnet50_compconv128", {}, 0, {"chain": 21, "lowrank": 0, "dense": 15}),
+    ("resnet50_compconv256", {"tail": "dense"}, 0, None),
+    ("resnet50_compconv64", {"tail_kernel": 3}, 0, {"chain": 0, "lowrank": 0, "dense": 0}),
+    ("resnet18_compconv128", {"inner_norm": True}, 49, {"chain": 1, "lowrank": 0, "dense": 2}),
+    ("vgg16_bn_compconv128", {"inner_norm": True}, 37, {"chain": 0, "lowrank": 0, "dense": 0}),
 ])
+@pytest.mark.parametrize("timed", [False, True])
 @torch.no_grad()
-def test_deploy_keeps_eval_outputs(name, options, norms, shuffles):
+def test_deploy_keeps_eval_outputs(name, options, norms, forms, timed):
     model = timm.create_model(name, num_classes=10, compconv=options)
     _randomise_norms(model)
     model.eval()
     x = torch.randn(2, 3, 64, 64)
     reference = model(x)
-    report = deploy(model)
-    assert (report.norms_folded, report.shuffles_folded) == (norms, shuffles)
-    torch.testing.assert_close(model(x), reference, rtol=1e-4, atol=1e-4 * reference.abs().max().item())
+    report = deploy(model, x if timed else None)
+    assert report.norms_folded == norms
+    if forms and not timed:
+        assert report.forms() == forms
+    _close(model(x), reference)
     assert not any(isinstance(m, nn.BatchNorm2d) for c in model.modules() if isinstance(c, CompConv2d)
                    for m in c.modules())
+
+
+@pytest.mark.parametrize("form", ["lowrank", "dense"])
+@pytest.mark.parametrize("c_in, c_out, stride, depth", [(256, 64, 1, 2), (512, 128, 2, 3), (64, 256, 1, 1)])
+@torch.no_grad()
+def test_pointwise_forms_equal_compconv_with_norm_and_permuted_input(form, c_in, c_out, stride, depth):
+    conv = CompConv2d(c_in, c_out, 1, stride, bias=True, depth=depth, inner_norm=True).double()
+    norm = nn.BatchNorm2d(c_out).double()
+    _randomise_norms(nn.Sequential(conv, norm))
+    reference = nn.Sequential(conv, norm).eval()
+    conv.reparameterize()
+    x = torch.randn(2, c_in, 9, 9, dtype=torch.double)
+    fused = build_form(conv, norm, form).eval()
+    assert isinstance(fused, LowRankConv2d if form == "lowrank" else nn.Conv2d)
+    torch.testing.assert_close(fused(x), reference(x))
+    # an upstream shuffle folded into this layer: the input arrives permuted
+    source = torch.randperm(c_in)
+    permuted = torch.empty_like(x)
+    permuted[:, source] = x
+    if isinstance(fused, LowRankConv2d):
+        fused.permute_input(source)
+    else:
+        fused.weight.data = fused.weight.data[:, torch.argsort(source)]
+    torch.testing.assert_close(fused(permuted), reference(x))
+
+
+def test_form_macs_and_rule():
+    deep = CompConv2d(2048, 512, 1, bias=False)  # d = 3
+    shallow = CompConv2d(64, 256, 1, bias=False)  # d = 1
+    assert form_macs(deep, "dense") == 2048 * 512
+    assert form_macs(deep, "chain") == deep.plan.macs_per_position
+    c = deep.plan.c_prim
+    assert form_macs(deep, "lowrank") == 2048 * c + 4 * c * 512
+    assert (rule_choice(deep), rule_choice(shallow)) == ("chain", "dense")
+
+
+@torch.no_grad()
+def test_dense_forms_are_counted_at_the_plain_convs_macs():
+    import compconv
+
+    model = timm.create_model("resnet50_compconv128").eval()
+    before = compconv.complexity(model).macs
+    report = deploy(model)
+    after = compconv.complexity(model)
+    choice = next(c for c in report.layers if c.name == "layer1.0.conv3")
+    assert choice.form == "dense" and choice.macs_per_position == choice.plain_macs_per_position == 64 * 256
+    assert after.macs_of("layer1.0.conv3") == 64 * 256 * 56 * 56
+    assert after.macs > before
+    assert "| layer1.0.conv3 | dense | 16384 | 16384 | 1.000 | rule |" in report.table()
 
 
 @torch.no_grad()
@@ -49,11 +110,24 @@ def test_deploy_folds_output_bias_into_following_norm():
     torch.testing.assert_close(block.forward(x), reference, rtol=1e-5, atol=1e-5)
 
 
-def test_deployed_model_compiles_and_exports():
-    model = timm.create_model("resnet18_compconv128", num_classes=5)
+def test_timm_reparameterize_model_folds_inner_norms():
+    model = timm.create_model("resnet18_compconv128", num_classes=5, compconv={"inner_norm": True}).eval()
+    _randomise_norms(model)
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        reference = model(x)
+        fused = timm.utils.reparameterize_model(model)
+        _close(fused(x), reference)
+    assert not any(isinstance(m, nn.BatchNorm2d) for c in fused.modules() if isinstance(c, CompConv2d)
+                   for m in c.modules())
+
+
+def test_deployed_model_compiles_scripts_and_exports():
+    model = timm.create_model("resnet50_compconv128", num_classes=5)
     deploy(model)
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         expected = model(x)
         torch.testing.assert_close(torch.compile(model, fullgraph=True, backend="aot_eager")(x), expected)
+        torch.testing.assert_close(torch.jit.script(copy.deepcopy(model))(x), expected)
     torch.testing.assert_close(torch.export.export(model, (x,)).module()(x), expected)
