@@ -204,6 +204,10 @@ def time_cell(names, workload, setting, device, img_size, precision, warmup, rep
 
     ``costs`` (a dict) receives each model's :func:`compconv.complexity` as built for this cell (deploy's
     choices can differ between cells)."""
+    # timm models share forward code objects: without a fresh cache dynamo reaches its recompile limit after
+    # a few models and silently runs the rest eagerly
+    torch._dynamo.reset()
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 4 * len(names))
     steps = {}
     for name in names:
         step, model = build_step(name, workload, setting, device, img_size, precision)

@@ -363,10 +363,26 @@ def deploy(model: nn.Module, example_input: Optional[torch.Tensor] = None) -> De
                 setattr(parent, norm_name, nn.Identity())
 
     for block in model.modules():
-        for conv_name, norm_name, next_name in _CHAINS:
+        for conv_name, norm_name, next_name in _chains(block):
             conv, norm, consumer = (getattr(block, n, None) for n in (conv_name, norm_name, next_name))
             if (isinstance(conv, CompConv2d) and conv.shuffle_groups > 1 and isinstance(norm, nn.BatchNorm2d)
                     and _consumer_ok(consumer) and _transparent_between(block, norm_name, next_name)):
                 _fold_shuffle(conv, norm, consumer)
                 report.shuffles_folded += 1
     return report
+
+
+def _chains(block: nn.Module) -> list[tuple[str, str, str]]:
+    """(conv, norm, next conv) names inside one block: ResNet's ``conv1 -> bn1 -> conv2``, ``conv2 -> bn2 ->
+    conv3``, and in a Sequential (VGG's features) each conv, the norm after it and the next conv."""
+    if not isinstance(block, nn.Sequential):
+        return list(_CHAINS)
+    names = [name for name, _ in block.named_children()]
+    chains = []
+    for index, name in enumerate(names[:-1]):
+        following = names[index + 2:]
+        consumer = next((n for n in following if isinstance(getattr(block, n), nn.Conv2d | CompConv2d | LowRankConv2d)),
+                        None)
+        if consumer is not None:
+            chains.append((name, names[index + 1], consumer))
+    return chains

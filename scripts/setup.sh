@@ -20,7 +20,7 @@ want=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   .venv/bin/pip install -q --upgrade pip
   .venv/bin/pip install -q torch==2.14.1 torchvision==0.29.1
-  .venv/bin/pip install -q -e '.[train,det,test]'
+  .venv/bin/pip install -q -e '.[train,det,test,export]'
   echo "$want" > "$stamp"
 fi
 .venv/bin/python -c "import compconv, torch; print('compconv', compconv.__version__, 'torch', torch.__version__)"

@@ -33,19 +33,27 @@ def test_benchmark_rejects_bad_arguments():
         bench.main(["--workloads", "infer"])
 
 
-def test_variants_measure_the_optimisations(tmp_path):
+def test_deploy_variants_ort_and_per_layer_table(tmp_path):
     import torch
 
-    reference = bench.create_variant("resnet18_compconv128+reference").eval()
-    fast = bench.create_variant("resnet18_compconv128").eval()
-    fast.load_state_dict(reference.state_dict())
-    x = torch.randn(1, 3, 32, 32)
+    x = torch.randn(2, 3, 32, 32)
+    torch.manual_seed(1)
     with torch.no_grad():
-        torch.testing.assert_close(fast(x), reference(x))
+        expected = bench.create_variant("resnet18_compconv128").eval()(x)
+        for variant in ("deploy", "deploy_rule"):  # same seed, same weights: deploy keeps the outputs
+            torch.manual_seed(1)
+            got = bench.create_variant(f"resnet18_compconv128+{variant}", x)(x)
+            torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
     out = tmp_path / "opt.md"
-    assert bench.main(["--models", "resnet18_compconv128+reference,resnet18_compconv128,resnet18_compconv128+deploy",
-                       "--workloads", "infer:2", "--settings", "eager-cl", "--img-size", "32", "--repeats", "1",
-                       "--min-seconds", "0.01", "--warmup", "1", "--memory-settings", "none", "--out", str(out)]) == 0
-    assert "resnet18_compconv128+deploy" in out.read_text()
+    assert bench.main(["--models", "resnet18,resnet18_compconv128+deploy", "--workloads", "infer:2",
+                       "--settings", "eager-cl,ort", "--img-size", "32", "--repeats", "1", "--min-seconds", "0.01",
+                       "--warmup", "1", "--memory-settings", "none", "--per-layer", "resnet18_compconv128:2",
+                       "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "## infer, batch 2, ort" in text and "## Per layer: resnet18_compconv128" in text
+    assert "| layer2.0.downsample.0 | 64->128, 1, 2 | 1 |" in text and "**all replaced layers**" in text
     with pytest.raises(ValueError, match="unknown variant"):
         bench.create_variant("resnet18_compconv128+fast")
+    with pytest.raises(ValueError, match="ort setting is inference"):
+        bench.build_step("resnet18", bench.Workload("train", 2), bench.Setting.parse("ort"), torch.device("cpu"), 32,
+                         "fp32")

@@ -58,6 +58,7 @@ def test_every_registered_model_has_a_config():
     assert set(compconv.models.registered_model_names()) <= set(_options("model"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("entry, experiment", [("train_cls", e) for e in ("imagenet_r50", "fmnist_study")] +
                          [("train_det", e) for e in ("coco_frcnn_1x", "coco_frcnn_2x")])
 def test_experiments_print_with_cfg_job(entry, experiment):

@@ -92,6 +92,7 @@ def test_cocoeval_perfect_shifted_and_empty(tmp_path):
     assert evaluate_bbox(coco, [], [1, 2, 3])["AP"] == 0.0
 
 
+@pytest.mark.slow
 def test_training_steps_reduce_the_loss_on_generated_data(tmp_path):
     from compconv.detection import write_fmnist_detection
     from compconv.detection.coco import collate_detection
@@ -136,6 +137,7 @@ DET_TINY = ["model=resnet18_compconv128", "data.generate.train_images=16", "data
             "head.fpn_channels=64", "trainer.progress=false"]
 
 
+@pytest.mark.slow
 def test_train_det_runs_evaluates_logs_and_resumes(tmp_path):
     run = tmp_path / "run"
     data_root = f"data.root={tmp_path / 'det'}"
@@ -151,6 +153,7 @@ def test_train_det_runs_evaluates_logs_and_resumes(tmp_path):
     assert second["epochs"] == 2 and second["history"][0] == first["history"][0]  # epoch 1 came from last.pt
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("overrides, message", [
     (["data=coco", "data.root=/nonexistent/coco"], "does not exist"),
     (["data=fashion_mnist"], "is a classification dataset"),
@@ -160,6 +163,7 @@ def test_train_det_bad_input(tmp_path, overrides, message):
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_train_det_malformed_annotations(tmp_path):
     root = tmp_path / "coco"
     (root / "annotations").mkdir(parents=True)

@@ -14,6 +14,8 @@ import torch
 
 from helpers import ROOT, TINY, env, run_script, summary, write_imagefolder
 
+pytestmark = pytest.mark.slow  # every test here launches train_cls.py
+
 R18 = "model=resnet18_compconv128"
 
 

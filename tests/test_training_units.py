@@ -82,6 +82,7 @@ def test_malformed_idx_is_a_clear_error():
         read_idx(b"\x00\x00\x08\x01\x00\x00\x00\x10" + b"\x00" * 3, "short")
 
 
+@pytest.mark.slow
 def test_library_imports_without_hydra_wandb_omegaconf_mmdet():
     blocked = "('hydra', 'wandb', 'omegaconf', 'mmdet', 'mmengine', 'mmcv')"
     code = (f"import sys\nfor m in {blocked}: sys.modules[m] = None\n"
@@ -91,6 +92,7 @@ def test_library_imports_without_hydra_wandb_omegaconf_mmdet():
     assert proc.stdout.strip() == "ok", proc.stderr
 
 
+@pytest.mark.slow
 def test_peak_memory_is_reset_per_run_on_the_cpu():
     """A multirun's jobs share one process: each run must start a new peak, not inherit the last one's."""
     code = ("import torch\nfrom compconv.train.memory import peak_memory_mb, reset_peak_memory\n"

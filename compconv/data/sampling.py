@@ -14,7 +14,12 @@ from torch.utils.data import Dataset, Sampler, default_collate
 
 
 class EpochSeededDataset(Dataset):
-    """Wraps a dataset so that each item's random transforms are seeded by (seed, epoch, index)."""
+    """Wraps a dataset so that each item's random transforms are seeded by (seed, epoch, index).
+
+    Indexed by ``(epoch, index)`` pairs (what :class:`ResumableSampler` yields for training), the epoch
+    travels with each index, so persistent loader workers, which keep their own copy of the dataset,
+    still see the current epoch. A plain index uses the epoch set by :meth:`set_epoch`.
+    """
 
     def __init__(self, dataset: Dataset, seed: int) -> None:
         self.dataset, self.seed, self.epoch = dataset, seed, 0
@@ -25,8 +30,9 @@ class EpochSeededDataset(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, index: int):
-        item_seed = hash((self.seed, self.epoch, index)) & 0x7FFF_FFFF_FFFF_FFFF
+    def __getitem__(self, key: int | tuple[int, int]):
+        epoch, index = key if isinstance(key, tuple) else (self.epoch, key)
+        item_seed = hash((self.seed, epoch, index)) & 0x7FFF_FFFF_FFFF_FFFF
         python_state = random.getstate()
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(item_seed)
@@ -59,11 +65,22 @@ class ResumableSampler(Sampler[int]):
         per_rank = self.size // self.world_size
         return order[self.rank:per_rank * self.world_size:self.world_size]
 
-    def __iter__(self) -> Iterator[int]:
-        return iter(self._indices()[self.start:])
+    def __iter__(self) -> Iterator[int] | Iterator[tuple[int, int]]:
+        indices = self._indices()[self.start:]
+        if self.shuffle:  # training: the epoch travels with each index (see EpochSeededDataset)
+            return iter([(self.epoch, index) for index in indices])
+        return iter(indices)
 
     def __len__(self) -> int:
         return len(self._indices()) - self.start
+
+
+def loader_options(workers: int, prefetch_factor: int, device) -> dict:
+    """DataLoader settings: pinned memory for GPUs, persistent workers that prefetch ``prefetch_factor`` batches."""
+    options = {"num_workers": workers, "pin_memory": device.type == "cuda"}
+    if workers > 0:
+        options.update(persistent_workers=True, prefetch_factor=prefetch_factor)
+    return options
 
 
 def collate_skipping_bad(batch: list) -> tuple[torch.Tensor, torch.Tensor, int]:

@@ -34,6 +34,7 @@ class DetDataConfig:
     batch_size: int = 2
     eval_batch_size: int = 2
     workers: int = 0
+    prefetch_factor: int = 4
     train_subset: Optional[int] = None
     val_subset: Optional[int] = None
     skip_bad: bool = False

@@ -12,7 +12,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ..complexity import count_macs
-from ..data import EpochSeededDataset, ResumableSampler
+from ..data import EpochSeededDataset, ResumableSampler, loader_options
 from ..train.base import TrainingRun
 from ..train.distributed import barrier, broadcast_object
 from ..train.engine import Sums
@@ -46,13 +46,12 @@ class DetectionRun(TrainingRun):
         self.num_classes = train.num_classes
         self.train_set = EpochSeededDataset(train, self.cfg.seed)
         self.train_sampler = ResumableSampler(len(train), self.dist.rank, self.dist.world_size, True, self.cfg.seed)
-        pin = self.device.type == "cuda"
+        options = loader_options(cfg.workers, cfg.prefetch_factor, self.device)
         self.train_loader = DataLoader(self.train_set, cfg.batch_size, sampler=self.train_sampler,
-                                       num_workers=cfg.workers, collate_fn=collate_detection, drop_last=True,
-                                       pin_memory=pin)
+                                       collate_fn=collate_detection, drop_last=True, **options)
         val_sampler = ResumableSampler(len(self.val_set), self.dist.rank, self.dist.world_size, shuffle=False)
         self.val_loader = DataLoader(self.val_set, cfg.eval_batch_size, sampler=val_sampler,
-                                     num_workers=cfg.workers, collate_fn=collate_detection, pin_memory=pin)
+                                     collate_fn=collate_detection, **options)
 
     def build_model(self) -> nn.Module:
         return build_detector(self.cfg.model, self.cfg.head, self.cfg.data, self.num_classes)
@@ -80,8 +79,8 @@ class DetectionRun(TrainingRun):
         losses = self.net(images, targets)
         loss = sum(losses.values())
         n = len(images)
-        sums = {f"{k}_sum": float(v.detach()) * n for k, v in losses.items()}
-        return loss, {**sums, "loss_sum": float(loss.detach()) * n, "count": n, "skipped": skipped}
+        sums = {f"{k}_sum": v.detach().double() * n for k, v in losses.items()}
+        return loss, {**sums, "loss_sum": loss.detach().double() * n, "count": n, "skipped": skipped}
 
     def train_metrics(self, sums: Sums) -> dict[str, float]:
         n = max(sums["count"], 1.0)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import abc
 import json
 import logging
+import math
 import platform
 import random
 import time
@@ -21,12 +22,12 @@ import timm
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
 from ..io import atomic_write_text
-from .checkpoint import load_checkpoint, model_signature, save_checkpoint
+from .checkpoint import LAST, PREVIOUS, load_newest, model_signature, save_rotating
 from .config import ConfigError
-from .distributed import DistContext, barrier, broadcast_object, cleanup, init_distributed
+from .distributed import (DistContext, all_reduce_max, barrier, broadcast_object, cleanup, init_distributed,
+                          resolve_device, wrap_ddp)
 from .engine import Sums
 from .loggers import NullLogger, WandbLogger
 from .memory import peak_memory_mb, reset_peak_memory
@@ -34,12 +35,11 @@ from .optim import build_optimizer, build_scheduler
 from .signals import StopRequest
 
 _logger = logging.getLogger("compconv.train")
+DATA_BOUND_FRACTION = 0.3  # warn when waiting for batches takes more than this share of an epoch
 
 
-def resolve_device(choice: str) -> torch.device:
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("trainer.device=cuda but no CUDA device is available; use trainer.device=auto or cpu")
-    return torch.device("cuda" if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()) else "cpu")
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite: the run diverged."""
 
 
 def amp_dtype(choice: str, device: torch.device) -> torch.dtype | None:
@@ -69,10 +69,15 @@ class TrainingRun(abc.ABC):
 
     def __init__(self, cfg) -> None:
         self.cfg = cfg
-        self.device = resolve_device(cfg.trainer.device)
-        self.dist: DistContext = init_distributed(self.device.type)
+        try:
+            resolve_device(cfg.trainer.device, DistContext())  # a clear error before any process group exists
+        except ValueError as error:
+            raise ConfigError(str(error)) from error
+        wants_cuda = cfg.trainer.device == "cuda" or (cfg.trainer.device == "auto" and torch.cuda.is_available())
+        self.dist: DistContext = init_distributed("cuda" if wants_cuda else "cpu")
+        self.device = resolve_device(cfg.trainer.device, self.dist)  # cuda:LOCAL_RANK under torchrun / SLURM
         self.run_dir = Path(broadcast_object(cfg.run_dir, self.dist))  # ranks may disagree on ${now}
-        self.checkpoint_path = self.run_dir / "last.pt"
+        self.checkpoint_path = self.run_dir / LAST
         torch.manual_seed(cfg.seed + self.dist.rank)
         random.seed(cfg.seed + self.dist.rank)
         if cfg.trainer.deterministic:
@@ -94,10 +99,9 @@ class TrainingRun(abc.ABC):
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self.ema = timm.utils.ModelEmaV3(self.model, decay=cfg.trainer.ema_decay) if cfg.trainer.ema_decay else None
 
-        self.net: nn.Module = self.model
-        if self.dist.enabled:
-            self.net = DistributedDataParallel(
-                self.model, device_ids=[self.device.index or 0] if self.device.type == "cuda" else None)
+        self.net: nn.Module = wrap_ddp(self.model, self.device, self.dist, cfg.trainer.sync_bn)
+        if self.net is not self.model:
+            self.model = self.net.module  # SyncBatchNorm conversion may have replaced modules
         if cfg.trainer.compile:
             self.net = torch.compile(self.net)
 
@@ -167,20 +171,26 @@ class TrainingRun(abc.ABC):
             keys = set().union(*gathered)
         return sorted(keys)
 
-    def save(self) -> None:
+    def save(self, is_best: bool = False) -> None:
         state = self._state()  # collective: every rank takes part
         if self.dist.is_main:
-            save_checkpoint(self.checkpoint_path, state)
+            save_rotating(self.run_dir, state, is_best)
         barrier(self.dist)
 
     def _resume(self) -> None:
         choice = self.cfg.trainer.resume
         if choice == "never":
             return
-        path = self.checkpoint_path if choice == "auto" else Path(choice)
-        if choice == "auto" and not path.is_file():
-            return
-        state = load_checkpoint(path, self.cfg.model.name, self.model)
+        if choice == "auto":
+            found = load_newest([self.checkpoint_path, self.run_dir / PREVIOUS], self.cfg.model.name, self.model)
+            if found is None:
+                return
+            state, path = found
+        else:
+            path = Path(choice)
+            if not path.is_file():
+                raise FileNotFoundError(f"trainer.resume={choice}: no such checkpoint (auto|never|<path to a .pt>)")
+            state, path = load_newest([path], self.cfg.model.name, self.model)
         self.model.load_state_dict(state["model"])
         if self.ema and state["ema"]:
             self.ema.load_state_dict(state["ema"])
@@ -212,59 +222,97 @@ class TrainingRun(abc.ABC):
             return nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
-    def _stop_everywhere(self, stop: StopRequest) -> bool:
-        flag = stop.requested
-        if self.dist.enabled:
-            tensor = torch.tensor([float(flag)], device=self.device)
-            dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-            flag = bool(tensor.item())
-        return flag
+    def _check_point(self, stop: StopRequest, loss_sum: torch.Tensor, steps: int) -> bool:
+        """Every ``trainer.log_interval`` steps: the only host syncs of the loop.
+
+        Reads the running loss (for the progress bar), stops the run if it is not finite, and agrees
+        between ranks on a stop signal. Returns True when the run must stop for a signal.
+        """
+        loss = float(loss_sum) / max(steps, 1)
+        flags = all_reduce_max([float(stop.requested), float(not math.isfinite(loss))], self.device) \
+            if self.dist.enabled else [float(stop.requested), float(not math.isfinite(loss))]
+        if flags[1]:
+            lr = self.optimizer.param_groups[0]["lr"]
+            raise NonFiniteLossError(
+                f"training loss is {loss if not math.isfinite(loss) else 'non-finite on another rank'} at epoch "
+                f"{self.epoch + 1}, step {self.step_in_epoch} (global step {self.global_step}), lr {lr:.4g}: the run "
+                f"diverged. Nothing was saved after the last good checkpoint ({self.checkpoint_path}); lower "
+                "optim.lr, add warmup (sched.warmup_epochs) or set trainer.clip_grad")
+        if self._bar is not None:
+            self._bar.set_postfix(loss=f"{loss:.3f}", lr=f"{self.optimizer.param_groups[0]['lr']:.4g}", refresh=False)
+        return bool(flags[0])
 
     def train_epoch(self, stop: StopRequest) -> dict[str, float] | None:
-        """Trains the current epoch from ``step_in_epoch``; returns None if a stop signal interrupted it."""
+        """Trains the current epoch from ``step_in_epoch``; returns None if a stop signal interrupted it.
+
+        No step waits for the device: metric sums stay on it, and the loss, the non-finite check and
+        the ranks' agreement on a stop signal are read every ``trainer.log_interval`` steps (a single
+        process also honours a signal at every step, which needs no sync).
+        """
         cfg = self.cfg.trainer
         self.net.train()
         self.train_set.set_epoch(self.epoch)
         self.train_sampler.set_epoch(self.epoch, start=self.step_in_epoch * self.cfg.data.batch_size)
         total = min(self.steps_per_epoch, cfg.max_train_steps or self.steps_per_epoch)
-        bar = None
+        self._bar = None
         if cfg.progress and self.dist.is_main:
             from tqdm import tqdm
-            bar = tqdm(total=total, initial=self.step_in_epoch, desc=f"epoch {self.epoch + 1}/{cfg.epochs}",
-                       dynamic_ncols=True)
-        start_time, seen = time.perf_counter(), 0
-        for batch in self.train_loader:
-            if self.step_in_epoch >= total:
-                break
-            with self.autocast():
-                loss, sums = self.training_step(batch)
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scaler.scale(loss).backward()
-            if cfg.clip_grad:
-                self.scaler.unscale_(self.optimizer)
-                nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip_grad)
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            self.scheduler.step()
-            if self.ema is not None:
-                self.ema.update(self.model, step=self.global_step)
-            self.sums.add(**sums)
-            self.step_in_epoch += 1
-            self.global_step += 1
-            seen += int(sums.get("count", 0))
-            if bar is not None:
-                bar.update(1)
-                lr = self.optimizer.param_groups[0]["lr"]
-                bar.set_postfix(loss=f"{float(loss.detach()):.3f}", lr=f"{lr:.4g}", refresh=False)
-            if self._stop_everywhere(stop):
-                if bar is not None:
-                    bar.close()
-                return None
-        if bar is not None:
-            bar.close()
+            self._bar = tqdm(total=total, initial=self.step_in_epoch, desc=f"epoch {self.epoch + 1}/{cfg.epochs}",
+                             dynamic_ncols=True)
+        sync_debug = cfg.sync_debug and self.device.type == "cuda"
+        start_time, data_time, seen = time.perf_counter(), 0.0, 0
+        window_loss, window_steps = torch.zeros((), device=self.device, dtype=torch.float64), 0
+        batches = iter(self.train_loader)
+        try:
+            while self.step_in_epoch < total:
+                fetch = time.perf_counter()
+                batch = next(batches, None)
+                data_time += time.perf_counter() - fetch
+                if batch is None:
+                    break
+                if sync_debug:
+                    torch.cuda.set_sync_debug_mode("error")  # any host sync inside a step raises
+                with self.autocast():
+                    loss, sums = self.training_step(batch)
+                self.optimizer.zero_grad(set_to_none=True)
+                self.scaler.scale(loss).backward()
+                if cfg.clip_grad:
+                    self.scaler.unscale_(self.optimizer)
+                    nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip_grad)
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+                self.scheduler.step()
+                if self.ema is not None:
+                    self.ema.update(self.model, step=self.global_step)
+                self.sums.add(**sums)
+                window_loss += loss.detach()
+                if sync_debug:
+                    torch.cuda.set_sync_debug_mode("default")
+                window_steps += 1
+                self.step_in_epoch += 1
+                self.global_step += 1
+                seen += int(sums.get("count", 0))
+                if self._bar is not None:
+                    self._bar.update(1)
+                at_check = window_steps >= cfg.log_interval or self.step_in_epoch >= total
+                if at_check or (stop.requested and not self.dist.enabled):
+                    if self._check_point(stop, window_loss, window_steps):
+                        return None
+                    window_loss.zero_()
+                    window_steps = 0
+        finally:
+            if self._bar is not None:
+                self._bar.close()
         elapsed = time.perf_counter() - start_time
         metrics = self.train_metrics(self.sums.reduced(self.device, self._sum_keys()))
-        return {**metrics, "images_per_s": seen * self.dist.world_size / max(elapsed, 1e-9)}
+        if not math.isfinite(metrics.get("loss", 0.0)):
+            raise NonFiniteLossError(f"the epoch's mean training loss is {metrics['loss']} at epoch {self.epoch + 1}; "
+                                     f"nothing was saved after the last good checkpoint ({self.checkpoint_path})")
+        frac = data_time / max(elapsed, 1e-9)
+        if frac > DATA_BOUND_FRACTION and self.dist.is_main:
+            _logger.warning("epoch %d: %.0f%% of the time went to waiting for data: the loader is the bottleneck "
+                            "(raise data.workers, now %d)", self.epoch + 1, 100 * frac, self.cfg.data.workers)
+        return {**metrics, "images_per_s": seen * self.dist.world_size / max(elapsed, 1e-9), "data_time_frac": frac}
 
     def fit(self) -> dict[str, Any]:
         cfg = self.cfg.trainer
@@ -290,14 +338,15 @@ class TrainingRun(abc.ABC):
                     record.update({f"val_ema/{k}": v for k, v in self.evaluate(self.ema.module).items()})
                 record["peak_mem_mb"] = peak_memory_mb(self.device)
                 value = val_metrics[self.key_metric]
-                self.best = value if self.best is None else max(self.best, value)
+                is_best = self.best is None or value > self.best
+                self.best = value if is_best else self.best
                 self.history.append(record)
                 self.logger.log(record, step=self.global_step)
                 if self.dist.is_main:
                     _logger.info("epoch %d: %s", self.epoch + 1, ", ".join(
                         f"{k} {v:.4g}" for k, v in record.items() if isinstance(v, float)))
                 self.epoch, self.step_in_epoch, self.sums = self.epoch + 1, 0, Sums()
-                self.save()
+                self.save(is_best)
         return self._finish(train_seconds=time.perf_counter() - started)
 
     def _finish(self, eval_only: dict[str, float] | None = None, train_seconds: float | None = None) -> dict[str, Any]:

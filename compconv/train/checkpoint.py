@@ -1,8 +1,16 @@
-"""Checkpoints: written atomically, loaded with ``weights_only=True``, refused when from another model."""
+"""Checkpoints: written atomically, the previous one and the best one kept, damaged files skipped on resume.
+
+A run directory holds ``last.pt`` (every epoch and at a stop signal), ``prev.pt`` (the ``last.pt``
+before it) and ``best.pt`` (the epoch with the best key metric). Resuming loads the newest of
+``last.pt`` / ``prev.pt`` that loads, warning about any that does not.
+"""
 
 from __future__ import annotations
 
 import hashlib
+import logging
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -11,9 +19,16 @@ from torch import nn
 
 from ..io import atomic_write
 
+_logger = logging.getLogger(__name__)
+LAST, PREVIOUS, BEST = "last.pt", "prev.pt", "best.pt"
+
 
 class CheckpointMismatchError(RuntimeError):
     pass
+
+
+class CheckpointError(RuntimeError):
+    """No checkpoint to resume from could be loaded."""
 
 
 def model_signature(model: nn.Module) -> str:
@@ -27,17 +42,40 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
     return atomic_write(path, lambda f: torch.save(state, f), mode="wb")
 
 
+def save_rotating(run_dir: str | Path, state: dict[str, Any], is_best: bool = False) -> Path:
+    """Writes ``run_dir/last.pt``, keeping the one it replaces as ``prev.pt``; copies it to ``best.pt`` if best.
+
+    At every moment at least one complete checkpoint exists: the old ``last.pt`` is renamed (atomic)
+    before the new one is written (atomic).
+    """
+    run_dir = Path(run_dir)
+    last = run_dir / LAST
+    if last.is_file():
+        os.replace(last, run_dir / PREVIOUS)
+    save_checkpoint(last, state)
+    if is_best:
+        def copy_last(handle) -> None:
+            with open(last, "rb") as source:
+                shutil.copyfileobj(source, handle)
+
+        atomic_write(run_dir / BEST, copy_last, mode="wb")
+    return last
+
+
 def load_checkpoint(path: str | Path, model_name: str, model: nn.Module) -> dict[str, Any]:
     """Loads a training checkpoint and checks it belongs to ``model``.
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
         CheckpointMismatchError: the checkpoint was written for another model or architecture.
+        Exception: whatever ``torch.load`` raises for a damaged file.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist (trainer.resume=auto|never|<path>)")
     state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict) or "model" not in state:
+        raise ValueError("not a checkpoint of this project (no 'model' entry)")
     saved_name, saved_sig = state.get("model_name"), state.get("model_signature")
     if saved_name != model_name or saved_sig != model_signature(model):
         raise CheckpointMismatchError(
@@ -45,3 +83,34 @@ def load_checkpoint(path: str | Path, model_name: str, model: nn.Module) -> dict
             f"'{model_name}' (signature {model_signature(model)}); pass the matching model=... or another checkpoint"
         )
     return state
+
+
+def load_newest(paths: list[Path], model_name: str, model: nn.Module) -> tuple[dict[str, Any], Path] | None:
+    """The first of ``paths`` (newest first) that loads, warning about each damaged one before it.
+
+    Returns None when none of them exists.
+
+    Raises:
+        CheckpointError: files exist but none loads (each named with its error).
+        CheckpointMismatchError: a file loads but belongs to another model.
+    """
+    failures = []
+    for path in paths:
+        if not path.is_file():
+            continue
+        try:
+            state = load_checkpoint(path, model_name, model)
+        except CheckpointMismatchError:
+            raise
+        except Exception as error:  # torch.load raises RuntimeError, EOFError, pickle or zip errors on damage
+            reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else 'unreadable'}"
+            failures.append(f"{path} ({reason})")
+            _logger.warning("checkpoint %s does not load (%s); trying an older one", path, reason)
+            continue
+        if failures:
+            _logger.warning("resuming from %s instead of the damaged %s", path, ", ".join(failures))
+        return state, path
+    if failures:
+        raise CheckpointError(f"no checkpoint loads: {'; '.join(failures)}. Move them away to start afresh, "
+                              "or pass trainer.resume=never or trainer.resume=<a good checkpoint>")
+    return None

@@ -67,6 +67,7 @@ class DataConfig:
     batch_size: int = 128
     eval_batch_size: int = 256
     workers: int = 0
+    prefetch_factor: int = 4
     train_subset: Optional[int] = None
     val_subset: Optional[int] = None
     skip_bad: bool = False
@@ -81,6 +82,7 @@ class DataConfig:
         for key in ("img_size", "in_chans", "batch_size", "eval_batch_size", "num_classes", "train_subset", "val_subset"):
             _check_positive(f"{path}.{key}", getattr(self, key))
         _check_positive(f"{path}.workers", self.workers, allow_zero=True)
+        _check_positive(f"{path}.prefetch_factor", self.prefetch_factor)
         if len(self.mean) != len(self.std):
             raise ConfigError(f"{path}.mean and {path}.std must have the same length")
         if not 0 < self.crop_pct <= 1:
@@ -148,6 +150,9 @@ class TrainerConfig:
     max_eval_steps: Optional[int] = None
     progress: bool = True
     deterministic: bool = False
+    log_interval: int = 50
+    sync_bn: bool = False
+    sync_debug: bool = False
 
     def validate(self, path: str) -> None:
         _check_positive(f"{path}.epochs", self.epochs)
@@ -160,6 +165,7 @@ class TrainerConfig:
             raise ConfigError(f"{path}.ema_decay={self.ema_decay} must be in (0, 1) or null")
         _check_positive(f"{path}.max_train_steps", self.max_train_steps)
         _check_positive(f"{path}.max_eval_steps", self.max_eval_steps)
+        _check_positive(f"{path}.log_interval", self.log_interval)
 
 
 @dataclass

@@ -10,7 +10,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ..complexity import complexity
-from ..data import ResumableSampler, build_datasets, collate_skipping_bad
+from ..data import ResumableSampler, build_datasets, collate_skipping_bad, loader_options
 from ..models import compconv_model_names, registered_model_names
 from .base import TrainingRun
 from .config import ConfigError, TrainConfig
@@ -40,17 +40,15 @@ class ClassificationRun(TrainingRun):
 
     def build_data(self) -> None:
         cfg = self.cfg
-        pin = self.device.type == "cuda"
+        options = loader_options(cfg.data.workers, cfg.data.prefetch_factor, self.device)
         train_set, val_set, self.num_classes = build_datasets(cfg.data, cfg.seed)
         self.train_set = train_set
         self.train_sampler = ResumableSampler(len(train_set), self.dist.rank, self.dist.world_size, True, cfg.seed)
-        self.train_loader = DataLoader(
-            train_set, cfg.data.batch_size, sampler=self.train_sampler, num_workers=cfg.data.workers,
-            collate_fn=collate_skipping_bad, drop_last=True, pin_memory=pin)
+        self.train_loader = DataLoader(train_set, cfg.data.batch_size, sampler=self.train_sampler,
+                                       collate_fn=collate_skipping_bad, drop_last=True, **options)
         val_sampler = ResumableSampler(len(val_set), self.dist.rank, self.dist.world_size, shuffle=False)
-        self.val_loader = DataLoader(
-            val_set, cfg.data.eval_batch_size, sampler=val_sampler, num_workers=cfg.data.workers,
-            collate_fn=collate_skipping_bad, pin_memory=pin)
+        self.val_loader = DataLoader(val_set, cfg.data.eval_batch_size, sampler=val_sampler,
+                                     collate_fn=collate_skipping_bad, **options)
         self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.trainer.label_smoothing)
         self.eval_criterion = nn.CrossEntropyLoss()
 
