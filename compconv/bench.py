@@ -85,9 +85,10 @@ def _sync(device: torch.device) -> None:
 VARIANTS = ("deploy", "deploy_rule")
 
 
-def create_variant(name: str, example_input: torch.Tensor | None = None) -> nn.Module:
+def create_variant(name: str, example_input: torch.Tensor | None = None, runtime: str = "torch") -> nn.Module:
     """A timm model, optionally in inference form: ``NAME+deploy`` (:func:`compconv.deploy` timing each
-    layer's forms on ``example_input``) or ``NAME+deploy_rule`` (deploy's rule, no timing)."""
+    layer's forms on ``example_input`` in ``runtime``) or ``NAME+deploy_rule`` (deploy's rule, no timing).
+    Training workloads always run the model as trained."""
     from .deploy import deploy
 
     base, *variants = name.split("+")
@@ -99,7 +100,7 @@ def create_variant(name: str, example_input: torch.Tensor | None = None) -> nn.M
         model.eval()
         if example_input is not None:
             model = model.to(example_input.device, memory_format=_format_of(example_input))
-        deploy(model, example_input if "deploy" in variants else None)
+        deploy(model, example_input if "deploy" in variants else None, runtime)
     return model
 
 
@@ -122,13 +123,13 @@ def _ort_step(model: nn.Module, x: torch.Tensor) -> Callable[[], None]:
 def build_step(name: str, workload: Workload, setting: Setting, device: torch.device, img_size: int,
                precision: str) -> tuple[Callable[[], None], nn.Module]:
     """A closure running one inference or training step (forward + backward + SGD) of model ``name``."""
-    if "+deploy" in name and workload.mode == "train":
-        raise ValueError(f"{name}: a deployed model is for inference only")
+    if workload.mode == "train":
+        name = name.split("+")[0]  # deploy is an inference form: training runs the model as trained
     if setting.ort and (workload.mode == "train" or device.type != "cpu" or precision != "fp32"):
         raise ValueError("the ort setting is inference on the CPU in fp32")
     memory_format = torch.channels_last if setting.channels_last else torch.contiguous_format
     x = torch.randn(workload.batch, 3, img_size, img_size, device=device).to(memory_format=memory_format)
-    model = create_variant(name, x if workload.mode == "infer" else None).to(device)
+    model = create_variant(name, x if workload.mode == "infer" else None, "ort" if setting.ort else "torch").to(device)
     model = model.to(memory_format=memory_format)
     if setting.ort:
         return _ort_step(model, x), model

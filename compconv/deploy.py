@@ -10,8 +10,9 @@
    fastest: ``dense`` (one plain conv with bias: exact, the plain conv's MACs), ``lowrank`` (the first
    conv, the identity slices, then one conv with bias: :class:`LowRankConv2d`) or ``chain`` (the CompConv
    and its BatchNorm as trained). With ``example_input`` each candidate is timed on the layer's real
-   input (the choice is cached per geometry, input shape and thread count); without it a rule measured
-   on CPUs decides (:func:`rule_choice`);
+   input in the runtime the model will run in (PyTorch, or ONNX Runtime with ``runtime="ort"``; the
+   choice is cached per geometry, input shape and thread count); without it a rule measured on CPUs
+   decides (:func:`rule_choice`);
 4. the channel shuffle of a CompConv whose output passes a BatchNorm and elementwise ops into the next
    conv of the same block (``conv1 -> bn1 -> conv2``, ``conv2 -> bn2 -> conv3``) moves into the
    BatchNorm's parameters and the consumer's input channels (identity slices become gathers).
@@ -214,15 +215,23 @@ def form_macs(module: CompConv2d, form: str) -> int:
     return plan.macs_per_position
 
 
-def rule_choice(module: CompConv2d) -> str:
-    """The form used without ``example_input``: measured on 2-core AVX-512 CPUs (see README, Performance).
+def rule_choice(module: CompConv2d, runtime: str = "torch") -> str:
+    """The form used without ``example_input``, from measurements on a 2-core AVX-512 CPU (README, Performance).
 
-    Depth-1 1x1 layers save at most half the MACs but add a memory-bound pass over the output: dense wins.
-    Deeper ones save 5-10x MACs, and the chain as trained was fastest at batch 32 (224x224, channels_last).
+    PyTorch: depth-1 1x1 layers save at most half the MACs but add a memory-bound pass over the output, so
+    dense wins; deeper ones save 5-10x MACs and the chain as trained was fastest (batch 32, channels_last).
+    ONNX Runtime: every concatenation and slice costs layout reorders around its blocked convs, so the
+    low-rank pair wins where it saves MACs (at most 0.6x the plain conv's) and dense elsewhere; this beat
+    per-layer timing (1.49x vs 1.41x ResNet-50 at batch 8), which cannot see the reorders between layers.
     """
+    if runtime == "ort":
+        return "lowrank" if form_macs(module, "lowrank") <= 0.6 * module.plan.plain_macs_per_position else "dense"
     if module.plan.depth == 1 or module.plan.macs_ratio > 0.5:
         return "dense"
     return "chain"
+
+
+RUNTIMES = ("torch", "ort")
 
 
 @torch.inference_mode()
@@ -238,8 +247,30 @@ def _time_ms(module: nn.Module, x: torch.Tensor, repeats: int = 5) -> float:
     return 1e3 * statistics.median(times)
 
 
-def _measured_choice(module: CompConv2d, norm, x: torch.Tensor) -> tuple[str, dict]:
-    key = (module.in_channels, module.out_channels, module.stride, module.plan.depth, module.plan.c_prim,
+@torch.no_grad()
+def _time_ort_ms(module: nn.Module, x: torch.Tensor, repeats: int = 5) -> float:
+    """Median ms of ``module`` exported (TorchScript exporter: fast, and exact for every form) and run in ONNX Runtime."""
+    import tempfile
+
+    from .export import ort_session
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = f"{folder}/layer.onnx"
+        torch.onnx.export(module.float().cpu(), (x.float().cpu().contiguous(),), path, dynamo=False,
+                          input_names=["x"])
+        session = ort_session(path, torch.get_num_threads())
+    feed = {"x": x.float().cpu().contiguous().numpy()}
+    session.run(None, feed)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        session.run(None, feed)
+        times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
+
+
+def _measured_choice(module: CompConv2d, norm, x: torch.Tensor, runtime: str) -> tuple[str, dict]:
+    key = (runtime, module.in_channels, module.out_channels, module.stride, module.plan.depth, module.plan.c_prim,
            tuple(x.shape), x.dtype, x.is_contiguous(memory_format=torch.channels_last), str(x.device),
            torch.get_num_threads())
     if key in _CHOICE_CACHE:
@@ -248,7 +279,8 @@ def _measured_choice(module: CompConv2d, norm, x: torch.Tensor) -> tuple[str, di
     candidates = {"chain": nn.Sequential(module, norm) if norm is not None else module}
     for form in ("lowrank", "dense"):
         candidates[form] = build_form(module, norm, form).to(memory_format=fmt).eval()
-    times = {form: _time_ms(candidate, x) for form, candidate in candidates.items()}
+    timer = _time_ort_ms if runtime == "ort" else _time_ms
+    times = {form: timer(candidate, x) for form, candidate in candidates.items()}
     choice = min(times, key=times.get)
     _CHOICE_CACHE[key] = choice
     return choice, times
@@ -312,7 +344,7 @@ def _consumer_ok(consumer: nn.Module) -> bool:
 
 
 @torch.no_grad()
-def deploy(model: nn.Module, example_input: Optional[torch.Tensor] = None) -> DeployReport:
+def deploy(model: nn.Module, example_input: Optional[torch.Tensor] = None, runtime: str = "torch") -> DeployReport:
     """Turns every CompConv of ``model`` into its fastest exact inference form, in place.
 
     Args:
@@ -320,10 +352,15 @@ def deploy(model: nn.Module, example_input: Optional[torch.Tensor] = None) -> De
         example_input: A batch as the model will see it (device, dtype, memory format). Given, each 1x1
             layer's candidate forms are timed on its real input and the fastest is kept; None applies
             :func:`rule_choice`.
+        runtime: Where the deployed model will run: ``"torch"`` (PyTorch; forms timed on ``example_input``'s
+            device) or ``"ort"`` (ONNX Runtime on the CPU; forms timed there, each layer exported alone).
+            Each runtime has its own rule when no ``example_input`` is given.
 
     Returns:
         A :class:`DeployReport`; ``report.table()`` lists the form and MACs of each 1x1 layer.
     """
+    if runtime not in RUNTIMES:
+        raise ValueError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")
     model.eval()
     report = DeployReport()
     for module in model.modules():
@@ -352,9 +389,9 @@ def deploy(model: nn.Module, example_input: Optional[torch.Tensor] = None) -> De
             continue
         times = {}
         if id(conv) in inputs:
-            form, times = _measured_choice(conv, norm, inputs[id(conv)])
+            form, times = _measured_choice(conv, norm, inputs[id(conv)], runtime)
         else:
-            form = rule_choice(conv)
+            form = rule_choice(conv, runtime)
         report.layers.append(LayerChoice(names[id(conv)], form, form_macs(conv, form),
                                          conv.plan.plain_macs_per_position, times))
         if form != "chain":

@@ -58,7 +58,8 @@ def export_onnx(model: nn.Module, path: str | Path, input_size: tuple[int, ...] 
         batch_size: Batch of the traced example; the batch dimension is dynamic in the file.
         dynamo: ``True``: the ``torch.export``-based exporter; ``False``: the TorchScript-based one.
         deploy_model: Apply :func:`compconv.deploy` first (the inference form).
-        example_input: Passed to :func:`compconv.deploy` to time each layer's forms.
+        example_input: Passed to :func:`compconv.deploy`, which then times each layer's forms on it in ONNX
+            Runtime; by default deploy's ONNX Runtime rule decides (faster end to end, see ``rule_choice``).
         opset: ONNX opset.
         atol: Largest accepted absolute difference to PyTorch, relative to the largest output.
 
@@ -68,7 +69,7 @@ def export_onnx(model: nn.Module, path: str | Path, input_size: tuple[int, ...] 
     onnx = _require("onnx")
     _require("onnxscript") if dynamo else None
     model = copy.deepcopy(model).eval().float().cpu()
-    report = deploy(model, example_input) if deploy_model else None
+    report = deploy(model, example_input, runtime="ort") if deploy_model else None
     x = torch.randn(batch_size, *input_size)
     expected = model(x)
     path = Path(path)

@@ -33,7 +33,7 @@ def _close(got, want):
 ])
 @pytest.mark.parametrize("timed", [False, True])
 @torch.no_grad()
-def test_deploy_keeps_eval_outputs(name, options, norms, forms, timed):
+def test_deploy_keeps_eval_outputs(name, options, norms, forms, timed):  # timed in PyTorch
     model = timm.create_model(name, num_classes=10, compconv=options)
     _randomise_norms(model)
     model.eval()
@@ -80,6 +80,7 @@ def test_form_macs_and_rule():
     c = deep.plan.c_prim
     assert form_macs(deep, "lowrank") == 2048 * c + 4 * c * 512
     assert (rule_choice(deep), rule_choice(shallow)) == ("chain", "dense")
+    assert (rule_choice(deep, "ort"), rule_choice(shallow, "ort")) == ("lowrank", "dense")
 
 
 @torch.no_grad()
@@ -131,3 +132,17 @@ def test_deployed_model_compiles_scripts_and_exports():
         torch.testing.assert_close(torch.compile(model, fullgraph=True, backend="aot_eager")(x), expected)
         torch.testing.assert_close(torch.jit.script(copy.deepcopy(model))(x), expected)
     torch.testing.assert_close(torch.export.export(model, (x,)).module()(x), expected)
+
+
+@torch.no_grad()
+def test_deploy_for_onnx_runtime_times_forms_there_and_keeps_outputs():
+    pytest.importorskip("onnxruntime")
+    model = timm.create_model("resnet18_compconv128", num_classes=10).eval()
+    _randomise_norms(model)
+    x = torch.randn(2, 3, 64, 64)
+    reference = model(x)
+    report = deploy(model, x, runtime="ort")
+    assert all(set(c.times_ms) == {"chain", "lowrank", "dense"} for c in report.layers)
+    _close(model(x), reference)
+    with pytest.raises(ValueError, match="runtime"):
+        deploy(model, runtime="tensorrt")
