@@ -379,7 +379,8 @@ def main(argv: list[str] | None = None) -> int:
         "",
         "img/s: median of the repeats (each >= the target duration), models interleaved within a cell; spread = "
         "(max - min) / median. speed ratio = img/s / first model's img/s; ideal = first model's MACs / this "
-        "model's MACs; efficiency = speed ratio / ideal. Peak memory: CUDA max allocated, or on CPU the growth of "
+        "model's MACs; efficiency = speed ratio / ideal. Variants (+deploy) apply to inference; training runs the "
+        "model as trained. Peak memory: CUDA max allocated, or on CPU the growth of "
         "max RSS over the built model's resident size during two steps. MACs per image (FlopCounterMode / 2).",
     ]
     rows, sections = [], []
@@ -414,14 +415,15 @@ def main(argv: list[str] | None = None) -> int:
                 measure = args.memory_settings == "all" or str(setting) in args.memory_settings.split(",")
                 memory = None if not measure else peak_memory_mb(
                     name, workload, setting, device, args.img_size, args.precision)
-                row = {"workload": str(workload), "setting": str(setting), "model": name,
+                shown = name.split("+")[0] if workload.mode == "train" else name  # training runs the model as trained
+                row = {"workload": str(workload), "setting": str(setting), "model": shown,
                        "macs_G": costs[name].macs / 1e9, "params_M": costs[name].params / 1e6,
                        "img_per_s": median, "spread": spread, "speed_ratio": median / base, "ideal_ratio": ideal,
                        "efficiency": median / base / ideal, "peak_mem_mb": memory,
                        "latency_ms": 1e3 * workload.batch / median}
                 rows.append(row)
                 mem = f"{memory:.0f}" if memory is not None else "-"
-                table.append(f"| {name} | {row['macs_G']:.3f} | {row['params_M']:.2f} | {median:.1f} | {spread:.1%} | "
+                table.append(f"| {shown} | {row['macs_G']:.3f} | {row['params_M']:.2f} | {median:.1f} | {spread:.1%} | "
                              f"{row['speed_ratio']:.3f} | {ideal:.3f} | {row['efficiency']:.3f} | {mem} |")
             sections.extend(table)
             print("\n".join(table), flush=True)

@@ -7,6 +7,7 @@ import pytest
 from compconv import bench
 
 
+@pytest.mark.slow  # measures peak memory in a spawned process
 def test_benchmark_writes_markdown_and_csv(tmp_path):
     out = tmp_path / "bench.md"
     assert bench.main(["--models", "resnet18,resnet18_compconv128", "--workloads", "infer:1,train:2",
@@ -33,6 +34,7 @@ def test_benchmark_rejects_bad_arguments():
         bench.main(["--workloads", "infer"])
 
 
+@pytest.mark.slow
 def test_deploy_variants_ort_and_per_layer_table(tmp_path):
     import torch
 

@@ -123,6 +123,7 @@ def test_timm_reparameterize_model_folds_inner_norms():
                    for m in c.modules())
 
 
+@pytest.mark.slow
 def test_deployed_model_compiles_scripts_and_exports():
     model = timm.create_model("resnet50_compconv128", num_classes=5)
     deploy(model)

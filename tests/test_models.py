@@ -9,6 +9,8 @@ from compconv import CompConv2d
 from compconv.ghost import GhostConv2d
 
 NAMES = compconv.models.registered_model_names()
+FAST = {"resnet18_compconv128", "resnet50_compconv128", "resnet50_ghost"}  # make test-fast checks these; CI all
+REGISTRY = [pytest.param(n, marks=() if n in FAST else pytest.mark.slow) for n in NAMES]
 
 
 def test_registry_has_every_variant():
@@ -19,7 +21,7 @@ def test_registry_has_every_variant():
     assert set(timm.list_models("*compconv*")) == expected
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", REGISTRY)
 def test_forward_backward(name):
     model = timm.create_model(name, num_classes=7)
     x = torch.randn(2, 3, 64, 64)
@@ -56,7 +58,7 @@ def test_torch_export():
     torch.testing.assert_close(exported.module()(x), model(x))
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", REGISTRY)
 def test_dynamo_traces_without_graph_breaks(name):
     model = timm.create_model(name, num_classes=5).eval()
     x = torch.randn(1, 3, 32, 32)

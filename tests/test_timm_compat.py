@@ -8,6 +8,8 @@ from timm.layers import create_feature_extractor, get_graph_node_names
 import compconv
 
 NAMES = compconv.models.registered_model_names()
+FAST = {"resnet18_compconv128", "resnet50_compconv128", "resnet50_ghost"}  # make test-fast checks these; CI all
+REGISTRY = [pytest.param(n, marks=() if n in FAST else pytest.mark.slow) for n in NAMES]
 
 
 def _fx_model(model, train: bool):
@@ -17,7 +19,7 @@ def _fx_model(model, train: bool):
     return create_feature_extractor(model, [train_nodes[-1] if train else eval_nodes[-1]])
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", REGISTRY)
 def test_default_cfg(name):
     """As timm's test_model_default_cfgs: unpooled features match pool_size at the default input size."""
     model = timm.create_model(name).eval()
@@ -36,7 +38,7 @@ def test_default_cfg(name):
     assert f"{cfg['first_conv']}.weight" in state
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", REGISTRY)
 def test_fx_forward_and_backward(name):
     model = timm.create_model(name, num_classes=7)
     x = torch.randn(2, 3, 64, 64)
