@@ -108,37 +108,47 @@ def test_divergence_leaves_the_last_good_checkpoint_untouched(tmp_path):
 
 
 @pytest.mark.slow
-def test_truncated_checkpoint_falls_back_to_the_previous_one(tmp_path):
+def test_truncated_checkpoint_falls_back_to_the_newest_that_loads(tmp_path):
     run = tmp_path / "run"
     args = [R18, *TINY, "trainer.max_train_steps=2"]
     run_script("train_cls.py", run, *args, "trainer.epochs=2")
     assert {p.name for p in run.glob("*.pt")} == {LAST, PREVIOUS, BEST}
-    data = (run / LAST).read_bytes()
-    (run / LAST).write_bytes(data[:len(data) // 2])
+    for name in (LAST, BEST):  # keep only prev.pt (epoch 1) intact
+        data = (run / name).read_bytes()
+        (run / name).write_bytes(data[:len(data) // 2])
     proc = run_script("train_cls.py", run, *args, "trainer.epochs=3")
-    assert f"{run / LAST} does not load" in proc.stdout + proc.stderr  # a warning through Hydra's log
-    s = summary(run)
-    assert [h["epoch"] for h in s["history"]] == [1, 2, 3]  # resumed after epoch 1, from prev.pt
+    log = proc.stdout + proc.stderr  # warnings go through Hydra's log
+    assert f"{run / LAST} does not load" in log and f"resuming from {run / PREVIOUS}" in log
+    assert [h["epoch"] for h in summary(run)["history"]] == [1, 2, 3]  # resumed after epoch 1
 
-    for name in (LAST, PREVIOUS):
+    for name in (LAST, PREVIOUS, BEST):
         (run / name).write_bytes(b"not a checkpoint")
     proc = run_script("train_cls.py", run, *args, "trainer.epochs=4", check=False)
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert proc.returncode == 2 and len(errors) == 1 and "Traceback" not in proc.stderr
-    assert "no checkpoint loads" in errors[0] and str(run / LAST) in errors[0] and str(run / PREVIOUS) in errors[0]
+    assert "no checkpoint loads" in errors[0] and all(str(run / n) in errors[0] for n in (LAST, PREVIOUS, BEST))
 
 
 @pytest.mark.slow
-def test_only_checkpoint_truncated_is_a_clean_error(tmp_path):
+def test_truncated_last_checkpoint_of_a_one_epoch_run(tmp_path):
+    """The independent check's case: one epoch, last.pt truncated, resume=auto. best.pt holds the same
+    epoch, so the run warns and continues from it; without it, one error line and status 2."""
     run = tmp_path / "run"
-    args = [R18, *TINY, "trainer.max_train_steps=2", "trainer.epochs=1"]
-    run_script("train_cls.py", run, *args)
+    args = [R18, *TINY, "trainer.max_train_steps=2"]
+    run_script("train_cls.py", run, *args, "trainer.epochs=1")
     data = (run / LAST).read_bytes()
     (run / LAST).write_bytes(data[:1000])
-    proc = run_script("train_cls.py", run, *args[:-1], "trainer.epochs=2", check=False)
+    proc = run_script("train_cls.py", run, *args, "trainer.epochs=2")
+    assert f"{run / LAST} does not load" in proc.stdout + proc.stderr and summary(run)["epochs"] == 2
+
+    (run / LAST).write_bytes(data[:1000])
+    (run / BEST).unlink()
+    (run / PREVIOUS).unlink()
+    proc = run_script("train_cls.py", run, *args, "trainer.epochs=3", check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
-    assert [line for line in proc.stderr.splitlines() if line.startswith("error:")][0].count("last.pt") == 1
-    assert summary(run)["epochs"] == 1  # the finished run's summary is not touched
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and f"{run / LAST} (RuntimeError" in errors[0]
+    assert summary(run)["epochs"] == 2  # the finished run's summary is not touched
 
 
 def test_written_files_follow_the_umask(tmp_path):

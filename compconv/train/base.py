@@ -24,7 +24,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..io import atomic_write_text
-from .checkpoint import LAST, PREVIOUS, load_newest, model_signature, save_rotating
+from .checkpoint import LAST, load_newest, model_signature, resume_candidates, save_rotating
 from .config import ConfigError
 from .distributed import (DistContext, all_reduce_max, barrier, broadcast_object, cleanup, init_distributed,
                           resolve_device, wrap_ddp)
@@ -182,7 +182,7 @@ class TrainingRun(abc.ABC):
         if choice == "never":
             return
         if choice == "auto":
-            found = load_newest([self.checkpoint_path, self.run_dir / PREVIOUS], self.cfg.model.name, self.model)
+            found = load_newest(resume_candidates(self.run_dir), self.cfg.model.name, self.model)
             if found is None:
                 return
             state, path = found
@@ -232,12 +232,17 @@ class TrainingRun(abc.ABC):
         flags = all_reduce_max([float(stop.requested), float(not math.isfinite(loss))], self.device) \
             if self.dist.enabled else [float(stop.requested), float(not math.isfinite(loss))]
         if flags[1]:
-            lr = self.optimizer.param_groups[0]["lr"]
             raise NonFiniteLossError(
                 f"training loss is {loss if not math.isfinite(loss) else 'non-finite on another rank'} at epoch "
-                f"{self.epoch + 1}, step {self.step_in_epoch} (global step {self.global_step}), lr {lr:.4g}: the run "
-                f"diverged. Nothing was saved after the last good checkpoint ({self.checkpoint_path}); lower "
-                "optim.lr, add warmup (sched.warmup_epochs) or set trainer.clip_grad")
+                f"{self.epoch + 1}, step {self.step_in_epoch} (global step {self.global_step}; checked every "
+                f"trainer.log_interval={self.cfg.trainer.log_interval} steps), lr {self._step_lr:.4g}: the run "
+                f"diverged. {self._kept_checkpoint()}; lower optim.lr, add warmup (sched.warmup_epochs) or set "
+                "trainer.clip_grad")
+
+    def _kept_checkpoint(self) -> str:
+        if self.checkpoint_path.is_file():
+            return f"The last good checkpoint {self.checkpoint_path} is untouched"
+        return "No checkpoint was written"
         if self._bar is not None:
             self._bar.set_postfix(loss=f"{loss:.3f}", lr=f"{self.optimizer.param_groups[0]['lr']:.4g}", refresh=False)
         return bool(flags[0])
@@ -281,6 +286,7 @@ class TrainingRun(abc.ABC):
                     nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip_grad)
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
+                self._step_lr = self.optimizer.param_groups[0]["lr"]  # the lr this step used (a host float)
                 self.scheduler.step()
                 if self.ema is not None:
                     self.ema.update(self.model, step=self.global_step)
@@ -306,8 +312,8 @@ class TrainingRun(abc.ABC):
         elapsed = time.perf_counter() - start_time
         metrics = self.train_metrics(self.sums.reduced(self.device, self._sum_keys()))
         if not math.isfinite(metrics.get("loss", 0.0)):
-            raise NonFiniteLossError(f"the epoch's mean training loss is {metrics['loss']} at epoch {self.epoch + 1}; "
-                                     f"nothing was saved after the last good checkpoint ({self.checkpoint_path})")
+            raise NonFiniteLossError(f"the epoch's mean training loss is {metrics['loss']} at epoch {self.epoch + 1}. "
+                                     f"{self._kept_checkpoint()}")
         frac = data_time / max(elapsed, 1e-9)
         if frac > DATA_BOUND_FRACTION and self.dist.is_main:
             _logger.warning("epoch %d: %.0f%% of the time went to waiting for data: the loader is the bottleneck "

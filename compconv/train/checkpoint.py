@@ -1,8 +1,8 @@
 """Checkpoints: written atomically, the previous one and the best one kept, damaged files skipped on resume.
 
 A run directory holds ``last.pt`` (every epoch and at a stop signal), ``prev.pt`` (the ``last.pt``
-before it) and ``best.pt`` (the epoch with the best key metric). Resuming loads the newest of
-``last.pt`` / ``prev.pt`` that loads, warning about any that does not.
+before it) and ``best.pt`` (the epoch with the best key metric). Resuming loads the newest of them
+(by modification time) that loads, warning about each newer one that does not.
 """
 
 from __future__ import annotations
@@ -85,6 +85,12 @@ def load_checkpoint(path: str | Path, model_name: str, model: nn.Module) -> dict
     return state
 
 
+def resume_candidates(run_dir: str | Path) -> list[Path]:
+    """``last.pt``, ``prev.pt`` and ``best.pt`` of a run directory that exist, newest first."""
+    paths = [Path(run_dir) / name for name in (LAST, PREVIOUS, BEST)]
+    return sorted((p for p in paths if p.is_file()), key=lambda p: p.stat().st_mtime_ns, reverse=True)
+
+
 def load_newest(paths: list[Path], model_name: str, model: nn.Module) -> tuple[dict[str, Any], Path] | None:
     """The first of ``paths`` (newest first) that loads, warning about each damaged one before it.
 
@@ -103,7 +109,8 @@ def load_newest(paths: list[Path], model_name: str, model: nn.Module) -> tuple[d
         except CheckpointMismatchError:
             raise
         except Exception as error:  # torch.load raises RuntimeError, EOFError, pickle or zip errors on damage
-            reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else 'unreadable'}"
+            text = str(error).splitlines()[0].split(". ")[0] if str(error) else "unreadable"
+            reason = f"{type(error).__name__}: {text}"
             failures.append(f"{path} ({reason})")
             _logger.warning("checkpoint %s does not load (%s); trying an older one", path, reason)
             continue
