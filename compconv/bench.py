@@ -290,7 +290,8 @@ def per_layer_table(name: str, batch: int, img_size: int, device: torch.device, 
         plain = nn.Sequential(nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride,
                                         layer.padding, layer.dilation, bias=False), copy.deepcopy(norm))
         candidates = {"plain": plain.eval().to(device, memory_format=torch.channels_last),
-                      "compconv": nn.Sequential(layer, norm), "deployed": nn.Sequential(getattr(dparent, attr), dnorm)}
+                      "compconv": nn.Sequential(layer, norm).eval(),
+                      "deployed": nn.Sequential(getattr(dparent, attr), dnorm).eval()}
         times = {k: [] for k in candidates}
         for module in candidates.values():
             module(inp)

@@ -36,8 +36,8 @@ __all__ = ["DeployReport", "LayerChoice", "LowRankConv2d", "deploy", "rule_choic
 
 FORMS = ("chain", "lowrank", "dense")
 _CHAINS = (("conv1", "bn1", "conv2"), ("conv2", "bn2", "conv3"))
-# Modules that may sit between a block's bn and next conv without breaking the fold (elementwise, or off in eval).
-_TRANSPARENT = (nn.Identity, nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Dropout)
+# Modules that may sit between a bn and the next conv without breaking the fold: they act on each channel alone.
+_TRANSPARENT = (nn.Identity, nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Dropout, nn.MaxPool2d, nn.AvgPool2d)
 _CHOICE_CACHE: dict[tuple, str] = {}
 
 
@@ -276,7 +276,8 @@ def _measured_choice(module: CompConv2d, norm, x: torch.Tensor, runtime: str) ->
     if key in _CHOICE_CACHE:
         return _CHOICE_CACHE[key], {}
     fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
-    candidates = {"chain": nn.Sequential(module, norm) if norm is not None else module}
+    # eval() on the wrapper too: an exporter restores the wrapper's mode, recursively, after exporting
+    candidates = {"chain": nn.Sequential(module, norm).eval() if norm is not None else module}
     for form in ("lowrank", "dense"):
         candidates[form] = build_form(module, norm, form).to(memory_format=fmt).eval()
     timer = _time_ort_ms if runtime == "ort" else _time_ms
@@ -406,6 +407,7 @@ def deploy(model: nn.Module, example_input: Optional[torch.Tensor] = None, runti
                     and _consumer_ok(consumer) and _transparent_between(block, norm_name, next_name)):
                 _fold_shuffle(conv, norm, consumer)
                 report.shuffles_folded += 1
+    model.eval()
     return report
 
 

@@ -43,6 +43,8 @@ def test_deploy_keeps_eval_outputs(name, options, norms, forms, timed):  # timed
     assert report.norms_folded == norms
     if forms and not timed:
         assert report.forms() == forms
+    if name.startswith("vgg"):  # every conv -> bn -> relu (-> pool) -> conv of the features, not the last
+        assert report.shuffles_folded == 11
     _close(model(x), reference)
     assert not any(isinstance(m, nn.BatchNorm2d) for c in model.modules() if isinstance(c, CompConv2d)
                    for m in c.modules())
