@@ -72,7 +72,10 @@ def test_interrupted_run_resumes_to_identical_metrics(tmp_path, how):
     proc.wait(timeout=120)
     assert proc.returncode == (128 + signal.SIGTERM if how == "sigterm" else -signal.SIGKILL), proc.stderr.read()[-2000:]
     state = torch.load(run / "last.pt", map_location="cpu", weights_only=True)
-    assert (state["epoch"], state["step_in_epoch"] > 0) == (1, True) if how == "sigterm" else state["epoch"] == 1
+    if how == "sigterm":  # mid-epoch 2, or at its end if the signal came during its evaluation
+        assert (state["epoch"], state["step_in_epoch"] > 0) in ((1, True), (2, False))
+    else:
+        assert state["epoch"] in (1, 2)
     assert not (run / "summary.json").exists()
 
     run_script("train_cls.py", run, *args)  # trainer.resume=auto picks up last.pt

@@ -353,7 +353,18 @@ class TrainingRun(abc.ABC):
                         f"{k} {v:.4g}" for k, v in record.items() if isinstance(v, float)))
                 self.epoch, self.step_in_epoch, self.sums = self.epoch + 1, 0, Sums()
                 self.save(is_best)
+                if self._stop_at_epoch_end(stop):  # a signal during evaluation or saving: stop here, not later
+                    _logger.warning("signal %s: stopping after epoch %d (checkpoint %s)", stop.signum, self.epoch,
+                                    self.checkpoint_path)
+                    self.logger.finish()
+                    cleanup(self.dist)
+                    stop.forward()
         return self._finish(train_seconds=time.perf_counter() - started)
+
+    def _stop_at_epoch_end(self, stop: StopRequest) -> bool:
+        if not self.dist.enabled:
+            return stop.requested
+        return bool(all_reduce_max([float(stop.requested)], self.device)[0])
 
     def _finish(self, eval_only: dict[str, float] | None = None, train_seconds: float | None = None) -> dict[str, Any]:
         last = self.history[-1] if self.history else {}
