@@ -11,16 +11,16 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
-from compconv.cli import run_hydra_job
+from compconv.cli import exit_on_config_error, register_configs, run_hydra_job
+from compconv.train import TrainConfig, run_classification
+
+register_configs("train_cls", TrainConfig)
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train_cls")
 def main(cfg: DictConfig) -> float | None:
-    from compconv.train import TrainConfig, run_classification
-
-    summary = run_hydra_job(cfg, TrainConfig, run_classification)
-    return summary.get("top1")
+    return run_hydra_job(cfg, run_classification).get("top1")
 
 
 if __name__ == "__main__":
-    main()
+    exit_on_config_error(main)

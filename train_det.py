@@ -12,16 +12,16 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
-from compconv.cli import run_hydra_job
+from compconv.cli import exit_on_config_error, register_configs, run_hydra_job
+from compconv.detection import DetTrainConfig, run_detection
+
+register_configs("train_det", DetTrainConfig)
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train_det")
 def main(cfg: DictConfig) -> float | None:
-    from compconv.detection import DetTrainConfig, run_detection
-
-    summary = run_hydra_job(cfg, DetTrainConfig, run_detection)
-    return summary.get("AP")
+    return run_hydra_job(cfg, run_detection).get("AP")
 
 
 if __name__ == "__main__":
-    main()
+    exit_on_config_error(main)

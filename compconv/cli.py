@@ -1,57 +1,124 @@
-"""Glue between a Hydra entry point and the library: resolve, validate, run, fail cleanly.
+"""Glue between the Hydra entry points and the library: register the schema, run, fail in one line.
 
-Only the entry points call this; OmegaConf and Hydra are imported inside the function, so the
-library stays importable without them.
+Only ``train_cls.py`` and ``train_det.py`` call this; Hydra and OmegaConf are imported inside the
+functions, so the library stays importable without them.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 from typing import Any, Callable
 
 from .data import DataError, UnreadableImageError
-from .train.base import NonFiniteLossError
 from .train.checkpoint import CheckpointError, CheckpointMismatchError
-from .train.config import ConfigError
+from .train.config import DETECTION_DATASETS, ConfigError, model_options
+from .train.engine import NonFiniteLossError
 
 _logger = logging.getLogger("compconv")
 USER_ERRORS = (ConfigError, DataError, FileNotFoundError, UnreadableImageError, CheckpointMismatchError,
                CheckpointError)
 EXIT_BAD_INPUT, EXIT_DIVERGED = 2, 3
+_task_started = False  # set once Hydra has composed the config and called the task
 
 
-def run_hydra_job(cfg: Any, schema: type, runner: Callable[[Any], dict]) -> dict:
-    """Validates a composed Hydra config against ``schema`` and calls ``runner``.
+def register_configs(config_name: str, schema: type) -> None:
+    """Registers ``schema`` as ``<config_name>_schema`` and every registered model as a ``model=`` option.
 
-    A bad configuration or input (unknown key, invalid value, missing data, unreadable image,
-    checkpoint of another model, no checkpoint that loads) is reported in one ``error:`` line and
-    exits with status 2; a diverged run (non-finite loss) likewise with status 3.
+    The primary config (``configs/<config_name>.yaml``) lists the schema first in its defaults, so every
+    group option and command-line override is merged into typed fields: a wrong type or an unknown key
+    fails while composing, and the YAML files hold only what differs from the schema's defaults.
+    """
+    from hydra.core.config_store import ConfigStore
+
+    store = ConfigStore.instance()
+    store.store(name=f"{config_name}_schema", node=schema)
+    for name, node in model_options().items():
+        store.store(group="model", name=name, node=node)
+
+
+def run_hydra_job(cfg: Any, runner: Callable[[Any], dict]) -> dict:
+    """Builds the typed config from a composed Hydra config and calls ``runner`` with it.
+
+    A bad configuration or input (invalid value, missing data, unreadable image, checkpoint of another
+    model, no checkpoint that loads) is reported in one ``error:`` line with exit status 2; a diverged
+    run (non-finite loss) likewise with status 3.
     """
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import OmegaConf
-    from omegaconf.errors import MissingMandatoryValue
+    from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
+    global _task_started
+    _task_started = True
     try:
-        values = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
         overrides = HydraConfig.get().overrides.task if HydraConfig.initialized() else []
-        script = sys.argv[0].rsplit("/", 1)[-1]
-        values["command"] = " ".join(["python", script, *overrides])
-        config = schema.from_dict(values)
+        cfg.command = " ".join(["python", _script(), *overrides])
+        # merging into a fresh schema also refuses keys added with +key=value
+        values = OmegaConf.to_container(cfg, resolve=True)
+        config = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(OmegaConf.get_type(cfg)), values))
         return runner(config)
     except MissingMandatoryValue as error:
         key = getattr(error, "full_key", "") or str(error)
-        _fail(f"missing required value {key}: pass {key}=... on the command line")
+        fail(f"missing required value {key}: pass {key}=... on the command line")
+    except OmegaConfBaseException as error:
+        fail(describe_config_error(error))
     except USER_ERRORS as error:
-        _fail(f"{type(error).__name__}: {error}")
+        fail(f"{type(error).__name__}: {error}")
     except NonFiniteLossError as error:
-        _fail(f"{type(error).__name__}: {error}", EXIT_DIVERGED)
+        fail(f"{type(error).__name__}: {error}", EXIT_DIVERGED)
     raise AssertionError("unreachable")
 
 
-def _fail(message: str, status: int = EXIT_BAD_INPUT) -> None:
-    if os.environ.get("RANK", "0") == "0":  # one line per run, not one per process
-        _logger.error(message)
+def exit_on_config_error(main: Callable[[], Any]) -> None:
+    """Calls a ``@hydra.main`` function; a composition error (unknown key or option, wrong type, bad
+    override syntax) becomes one ``error:`` line and exit status 2 instead of Hydra's report."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra re-raises composition errors instead of printing them
+    try:
+        main()
+    except (HydraException, OmegaConfBaseException) as error:
+        fail(describe_config_error(error), log=False)
+    except AssertionError as error:  # OmegaConf's reply to setting a key below a null value
+        if _task_started:
+            raise
+        fail(f"cannot apply the overrides ({error}): a key below a null value cannot be set, e.g. model.compconv.c0 "
+             "of a baseline model; pick a CompConv model or pass the whole mapping, model.compconv={c0: 64}", log=False)
+
+
+def describe_config_error(error: BaseException) -> str:
+    """One line for a Hydra or OmegaConf composition error: the key or option, and what to do."""
+    from hydra.errors import MissingConfigException
+
+    if isinstance(error, MissingConfigException) and error.options:
+        group, _, wanted = (error.missing_cfg_file or "").rpartition("/")
+        hint = " (or model.name=<any timm model>)" if group == "model" else ""
+        return f"{group}={wanted} is not an option; choose one of {sorted(error.options)}{hint}"
+    text = str(error)
+    cause = error.__cause__ or error
+    key = getattr(cause, "full_key", None) or next(iter(re.findall(r"full_key: (\S+)", text)), None)
+    option = re.search(r"In '(\w+)/(\w+)'", text)
+    if option and option.groups()[0] == "data" and ("not in 'DataConfig'" in text or "not in 'DetDataConfig'" in text):
+        name = option.groups()[1]
+        kind, script = ("detection", "train_det.py") if name in DETECTION_DATASETS else ("classification", "train_cls.py")
+        return f"data={name} is a {kind} dataset: use {script}"
+    if key and re.search(r"Key '[^']+' not in|Could not override", text + str(cause)):
+        return f"unknown config key {key}; the valid keys and their defaults: python {_script()} --cfg job"
+    reason = str(getattr(cause, "msg", None) or cause).strip().splitlines()[0]
+    return f"{key}: {reason}" if key else " ".join(text.split())
+
+
+def _script() -> str:
+    return sys.argv[0].rsplit("/", 1)[-1]
+
+
+def fail(message: str, status: int = EXIT_BAD_INPUT, log: bool = True) -> None:
+    """Prints ``error: <message>`` once per run (rank 0), also to the run's log, and exits with ``status``."""
+    if os.environ.get("RANK", "0") == "0":
+        if log:
+            _logger.error(message)
         print(f"error: {message}", file=sys.stderr)
     sys.exit(status)

@@ -14,9 +14,10 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
+from timm.layers import to_2tuple
 from torch import nn
 
-from .sizing import ReplacedConvCost, _pair
+from .sizing import ReplacedConvCost
 
 __all__ = ["GhostConv2d", "GhostOptions", "GhostPlan", "ghost_plan"]
 
@@ -84,7 +85,7 @@ def ghost_plan(in_channels: int, out_channels: int, kernel_size=1, *, bias: bool
     while (out_channels - primary) % (opts.ratio - 1):
         primary += 1
     cheap = out_channels - primary
-    return GhostPlan(in_channels, out_channels, _pair(kernel_size), primary, cheap, opts, bias)
+    return GhostPlan(in_channels, out_channels, to_2tuple(kernel_size), primary, cheap, opts, bias)
 
 
 class GhostConv2d(nn.Module):

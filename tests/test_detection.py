@@ -13,7 +13,7 @@ from compconv.detection import CocoDetection, evaluate_bbox, load_coco
 from compconv.detection.backbone import TimmFPNBackbone, build_detector
 from compconv.detection.config import DetDataConfig, DetHeadConfig, DetModelConfig
 from compconv.train.checkpoint import CheckpointMismatchError, model_signature, save_checkpoint
-from compconv.train.run import build_model
+from compconv.train import build_model
 from helpers import run_script, summary
 
 SMALL_HEAD = DetHeadConfig(fpn_channels=64, rpn_pre_nms_top_n_train=200, rpn_post_nms_top_n_train=100,

@@ -12,6 +12,7 @@ from torch import nn
 
 from compconv.io import atomic_write_text
 from compconv.train import distributed
+from compconv.train.classification import classification_sums
 from compconv.train.checkpoint import BEST, LAST, PREVIOUS
 from helpers import TINY, run_script, summary
 
@@ -49,16 +50,33 @@ def test_rank_3_of_8_trains_on_its_own_gpu(monkeypatch):
 
 def _syncs_of_one_epoch(monkeypatch, tmp_path, steps: int) -> int:
     """Device-to-host reads during one training epoch of ``steps`` steps, with one check point per epoch."""
-    from compconv.train import ClassificationRun, TrainConfig
+    from compconv.train import TrainConfig, create_state, setup_runtime, train_one_epoch
+    from compconv.train.classification import build_loaders, build_model, classification_metrics
+    from compconv.train.config import DataConfig, LoggerConfig, ModelConfig, TrainerConfig
+    from compconv.train.engine import Task
+    from compconv.train.signals import StopRequest
 
-    cfg = TrainConfig.from_dict({
-        "model": {"name": "resnet18_compconv128"}, "seed": 0, "run_dir": str(tmp_path / f"run{steps}"),
-        "data": {"train_subset": 8 * steps, "val_subset": 8, "batch_size": 8, "eval_batch_size": 8},
-        "trainer": {"epochs": 1, "progress": False, "log_interval": 10_000, "resume": "never"},
-        "logger": {"name": "none"},
-    })
-    run = ClassificationRun(cfg)
-    run.train_loader = list(run.train_loader)  # count the loop's reads, not the data pipeline's (CPU tensors)
+    cfg = TrainConfig(
+        model=ModelConfig(name="resnet18_compconv128"), run_dir=str(tmp_path / f"run{steps}"),
+        data=DataConfig(train_subset=8 * steps, val_subset=8, batch_size=8, eval_batch_size=8),
+        trainer=TrainerConfig(epochs=1, progress=False, log_interval=10_000, resume="never"),
+        logger=LoggerConfig(name="none"))
+    rt = setup_runtime(cfg)
+    loader, _, classes = build_loaders(cfg, rt)
+    state = create_state(build_model(cfg.model, classes, 1), cfg, rt, loader)
+    criterion = nn.CrossEntropyLoss()
+
+    def forward(net, batch):
+        logits = net(batch[0])
+        loss = criterion(logits, batch[1])
+        return loss, {**classification_sums(loss, logits, batch[1]), "skipped": batch[2]}
+
+    task = Task(forward=forward, evaluate=dict, train_metrics=classification_metrics, key_metric="top1")
+    batches = list(loader)  # count the loop's reads, not the data pipeline's (CPU tensors)
+
+    class Replay(list):
+        dataset, sampler, batch_size = loader.dataset, loader.sampler, loader.batch_size
+
     count = {"n": 0}
     for name in ("item", "tolist", "__float__", "__int__", "__bool__", "cpu"):
         original = getattr(torch.Tensor, name)
@@ -68,10 +86,8 @@ def _syncs_of_one_epoch(monkeypatch, tmp_path, steps: int) -> int:
             return _original(self, *args, **kwargs)
 
         monkeypatch.setattr(torch.Tensor, name, counting)
-    from compconv.train.signals import StopRequest
-
     with StopRequest() as stop:
-        metrics = run.train_epoch(stop)
+        metrics = train_one_epoch(state, Replay(batches), task, cfg, rt, stop)
     monkeypatch.undo()
     assert metrics["images"] == 8 * steps
     return count["n"]

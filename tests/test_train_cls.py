@@ -110,7 +110,9 @@ def test_two_process_ddp_reduces_to_single_process_metrics(tmp_path):
     (["model=resnet50", "model.name=resnet51"], "unknown model 'resnet51'"),
     (["trainer.amp=fp8"], "trainer.amp='fp8' is invalid"),
     (["model.compconv.tail=conv"], "tail must be one of"),
-    (["+trainer.speed=11"], "unknown config key(s) ['trainer.speed']"),
+    (["+trainer.speed=11"], "unknown config key trainer.speed"),
+    (["model=resnet5"], "model=resnet5 is not an option; choose one of ['resnet101',"),
+    (["data=coco"], "data=coco is a detection dataset: use train_det.py"),
     (["data=imagenet"], "missing required value data.root"),
     (["model=resnet50", "model.compconv={c0: 64}"], "not a CompConv model"),
 ])

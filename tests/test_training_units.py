@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import subprocess
 import sys
 
@@ -14,8 +15,17 @@ from compconv.data.fashion_mnist import read_idx
 from compconv.data.imagefolder import DataError
 from compconv.data.transforms import small_image_transform
 from compconv.train.config import OptimConfig, SchedConfig
-from compconv.train.optim import effective_lr, lr_factor, param_groups
+from compconv.train.optim import create_optimizer, create_scheduler, effective_lr
 from helpers import FMNIST, ROOT
+
+
+def lr_factor(cfg: SchedConfig, step: int, steps_per_epoch: int, epochs: int) -> float:
+    """The lr of optimizer step ``step`` (what the loop sets after ``step`` steps), as a fraction of the base lr."""
+    optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=2.0)
+    scheduler = create_scheduler(optimizer, cfg, steps_per_epoch, epochs)
+    if step:
+        scheduler.step_update(step)
+    return optimizer.param_groups[0]["lr"] / 2.0
 
 
 def test_cosine_with_warmup():
@@ -30,6 +40,11 @@ def test_cosine_with_warmup():
 def test_multistep():
     cfg = SchedConfig(name="multistep", milestones=[2, 4], gamma=0.1)
     assert [lr_factor(cfg, e * 10, 10, 6) for e in (0, 1, 2, 3, 4, 5)] == pytest.approx([1, 1, 0.1, 0.1, 0.01, 0.01])
+    # the decay starts with the milestone epoch's first step, not one step before (timm's index convention)
+    assert [lr_factor(cfg, s, 10, 6) for s in (19, 20, 39, 40)] == pytest.approx([1, 0.1, 0.1, 0.01])
+    warm = SchedConfig(name="multistep", milestones=[1], warmup_epochs=0.5, warmup_start_factor=0.2)
+    assert [lr_factor(warm, s, 10, 2) for s in (0, 5, 9, 10)] == pytest.approx([0.2, 1, 1, 0.1])
+    assert lr_factor(SchedConfig(name="constant"), 37, 10, 5) == pytest.approx(1.0)
 
 
 def test_linear_lr_scaling():
@@ -39,9 +54,24 @@ def test_linear_lr_scaling():
 
 def test_no_weight_decay_on_norm_and_bias():
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.Linear(8, 2))
-    decay, no_decay = param_groups(model, 1e-4, False)
+    groups = create_optimizer(model, OptimConfig(weight_decay=1e-4), 256).param_groups
+    no_decay, decay = sorted(groups, key=lambda g: g["weight_decay"])
     assert {p.ndim for p in decay["params"]} == {4, 2} and {p.ndim for p in no_decay["params"]} == {1}
-    assert no_decay["weight_decay"] == 0 and len(decay["params"]) + len(no_decay["params"]) == 6
+    assert no_decay["weight_decay"] == 0 and decay["weight_decay"] == 1e-4
+    assert len(decay["params"]) + len(no_decay["params"]) == 6
+    everywhere = create_optimizer(model, OptimConfig(wd_on_norm_and_bias=True), 256).param_groups
+    assert [g["weight_decay"] for g in everywhere] == [1e-4] and len(everywhere[0]["params"]) == 6
+
+
+def test_optimizer_is_timms_by_name_with_its_arguments():
+    model = nn.Linear(4, 2)
+    sgd = create_optimizer(model, OptimConfig(), 512)
+    assert type(sgd) is torch.optim.SGD and sgd.defaults["momentum"] == 0.9 and not sgd.defaults["nesterov"]
+    assert sgd.defaults["lr"] == pytest.approx(0.2)  # 0.1 per 256 images
+    adamw = create_optimizer(model, OptimConfig(name="adamw", lr=1e-3, lr_base_batch=None,
+                                                kwargs={"betas": [0.9, 0.95]}), 512)
+    assert type(adamw) is torch.optim.AdamW and tuple(adamw.defaults["betas"]) == (0.9, 0.95)
+    assert adamw.defaults["lr"] == pytest.approx(1e-3)
 
 
 def test_sampler_is_deterministic_split_and_resumable():
@@ -101,3 +131,13 @@ def test_peak_memory_is_reset_per_run_on_the_cpu():
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     high, after_reset = map(float, proc.stdout.split())
     assert high - after_reset > 300, (high, after_reset)  # the 400 MiB tensor no longer counts
+
+
+def test_no_module_imports_private_names():
+    """Packages talk through public APIs: no ``from x import _name`` anywhere in the library or entry points."""
+    paths = [*(ROOT / "compconv").rglob("*.py"), ROOT / "train_cls.py", ROOT / "train_det.py"]
+    for path in paths:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module != "__future__":
+                private = [alias.name for alias in node.names if alias.name.startswith("_")]
+                assert not private, f"{path.relative_to(ROOT)} imports {private} from {node.module}"

@@ -6,8 +6,8 @@ Nothing here imports Hydra, wandb or mmdetection (see ``compconv.integrations.mm
 from .backbone import TimmFPNBackbone, build_detector
 from .coco import CocoDetection, evaluate_bbox, load_coco
 from .config import DetTrainConfig
-from .run import DetectionRun, run_detection
+from .run import build_loaders, evaluate, run_detection
 from .synth import write_fmnist_detection
 
-__all__ = ["CocoDetection", "DetTrainConfig", "DetectionRun", "TimmFPNBackbone", "build_detector", "evaluate_bbox",
+__all__ = ["CocoDetection", "DetTrainConfig", "TimmFPNBackbone", "build_detector", "build_loaders", "evaluate", "evaluate_bbox",
            "load_coco", "run_detection", "write_fmnist_detection"]

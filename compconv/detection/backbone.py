@@ -13,7 +13,7 @@ from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastL
 
 from ..train.checkpoint import CheckpointMismatchError
 from ..train.config import ConfigError
-from ..train.run import build_model
+from ..train import build_model
 
 # timm ResNet stage names, deepest first (torchvision's trainable_layers convention).
 _RESNET_STAGES = (("layer4",), ("layer3",), ("layer2",), ("layer1",), ("conv1", "bn1"))

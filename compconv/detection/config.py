@@ -1,23 +1,30 @@
-"""Configuration of a detection run: shares model/optim/sched/trainer/logger with classification."""
+"""The schema of a detection run: shares optim/sched/trainer/logger with classification."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar, Optional
+from typing import Any, Optional
 
-from ..train.config import ConfigError, ModelConfig, RunConfig, _check_choice, _check_positive
+from ..train.config import (CLASSIFICATION_DATASETS, DETECTION_DATASETS, ConfigError, ModelConfig, RunConfig,
+                            check_choice, check_fraction, check_positive)
 
 
 @dataclass
 class DetModelConfig(ModelConfig):
-    """A classification model config plus the checkpoint (from train_cls.py) that initialises the backbone."""
+    """A classification model config plus the checkpoint (a ``last.pt`` of ``train_cls.py`` for the same
+    model; no ImageNet CompConv weights exist) that initialises the backbone."""
 
     backbone_checkpoint: Optional[str] = None
 
 
 @dataclass
 class DetDataConfig:
-    """COCO-format detection data: ``root/<images>/`` folders and ``root/annotations/*.json``."""
+    """COCO-format detection data: ``root/<images>/`` folders and ``root/annotations/*.json``.
+
+    The defaults are the generated Fashion-MNIST detection set's (items on 128x128 canvases, written to
+    ``root`` by :func:`compconv.detection.write_fmnist_detection` on first use); ``configs/data/coco.yaml``
+    holds COCO 2017's differences.
+    """
 
     name: str = "fmnist_det"
     root: str = "data/fmnist_det"
@@ -26,37 +33,51 @@ class DetDataConfig:
     train_ann: str = "annotations/instances_train2017.json"
     val_ann: str = "annotations/instances_val2017.json"
     in_chans: int = 3
-    mean: list = field(default_factory=lambda: [0.485, 0.456, 0.406])
-    std: list = field(default_factory=lambda: [0.229, 0.224, 0.225])
-    min_size: int = 800
-    max_size: int = 1333
+    mean: list[float] = field(default_factory=lambda: [0.286, 0.286, 0.286])
+    std: list[float] = field(default_factory=lambda: [0.353, 0.353, 0.353])
+    min_size: int = 128  # the canvases are used at their size
+    max_size: int = 128
     hflip: float = 0.5
-    batch_size: int = 2
-    eval_batch_size: int = 2
+    batch_size: int = 8  # per process
+    eval_batch_size: int = 16
     workers: int = 0
     prefetch_factor: int = 4
     train_subset: Optional[int] = None
     val_subset: Optional[int] = None
     skip_bad: bool = False
-    generate: Optional[dict] = None
-    evaluator: str = "auto"
+    generate: Optional[dict[str, Any]] = field(
+        default_factory=lambda: {"train_images": 400, "val_images": 100, "canvas": 128, "seed": 0})
+    evaluator: str = "auto"  # auto (faster_coco_eval when installed) | pycocotools | faster_coco_eval
 
-    def validate(self, path: str) -> None:
-        _check_choice(f"{path}.name", self.name, ("coco", "fmnist_det"))
-        for key in ("in_chans", "min_size", "max_size", "batch_size", "eval_batch_size", "train_subset", "val_subset"):
-            _check_positive(f"{path}.{key}", getattr(self, key))
-        _check_positive(f"{path}.workers", self.workers, allow_zero=True)
+    def __post_init__(self) -> None:
+        if self.name in CLASSIFICATION_DATASETS:
+            raise ConfigError(f"data={self.name} is a classification dataset: use train_cls.py, or "
+                              "data=coco / data=fmnist_det here")
+        check_choice("data.name", self.name, DETECTION_DATASETS)
+        if self.name == "coco" and self.root == DetDataConfig.root:
+            raise ConfigError("missing required value data.root for data=coco: pass data.root=/path/to/coco")
+        for key in ("in_chans", "min_size", "max_size", "batch_size", "eval_batch_size", "train_subset",
+                    "val_subset", "prefetch_factor"):
+            check_positive(f"data.{key}", getattr(self, key))
+        check_positive("data.workers", self.workers, allow_zero=True)
+        check_fraction("data.hflip", self.hflip)
         if len(self.mean) != self.in_chans or len(self.std) != self.in_chans:
-            raise ConfigError(f"{path}.mean and {path}.std need {self.in_chans} values (data.in_chans)")
-        _check_choice(f"{path}.evaluator", self.evaluator, ("auto", "pycocotools", "faster_coco_eval"))
+            raise ConfigError(f"data.mean and data.std need {self.in_chans} values (data.in_chans)")
+        check_choice("data.evaluator", self.evaluator, ("auto", "pycocotools", "faster_coco_eval"))
 
 
 @dataclass
 class DetHeadConfig:
-    """Faster R-CNN + FPN settings (torchvision's defaults where they exist)."""
+    """Faster R-CNN + FPN with torchvision's defaults (COCO); ``head=frcnn_fpn_small`` for small images.
+
+    Attributes:
+        out_indices: timm feature levels (strides 4, 8, 16, 32 for ResNets).
+        trainable_layers: Backbone stages trained, deepest first (3, as torchvision: stem and layer1 frozen).
+        frozen_bn: BatchNorm of the backbone frozen (timm's ``freeze_batch_norm_2d``).
+    """
 
     fpn_channels: int = 256
-    out_indices: list = field(default_factory=lambda: [1, 2, 3, 4])
+    out_indices: list[int] = field(default_factory=lambda: [1, 2, 3, 4])
     trainable_layers: int = 3
     frozen_bn: bool = True
     box_score_thresh: float = 0.05
@@ -67,21 +88,17 @@ class DetHeadConfig:
     rpn_post_nms_top_n_test: int = 1000
     box_batch_size_per_image: int = 512
 
-    def validate(self, path: str) -> None:
+    def __post_init__(self) -> None:
         for key in ("fpn_channels", "detections_per_img", "rpn_pre_nms_top_n_train", "rpn_post_nms_top_n_train",
                     "rpn_pre_nms_top_n_test", "rpn_post_nms_top_n_test", "box_batch_size_per_image"):
-            _check_positive(f"{path}.{key}", getattr(self, key))
+            check_positive(f"head.{key}", getattr(self, key))
         if not 0 <= self.trainable_layers <= 5:
-            raise ConfigError(f"{path}.trainable_layers={self.trainable_layers} must be in 0..5")
+            raise ConfigError(f"head.trainable_layers={self.trainable_layers} must be in 0..5")
 
 
 @dataclass
 class DetTrainConfig(RunConfig):
-    """A whole detection run."""
-
-    other_task_datasets: ClassVar[dict[str, str]] = {
-        name: "classification dataset: use train_cls.py, or data=coco / data=fmnist_det here"
-        for name in ("fashion_mnist", "imagenet", "imagefolder")}
+    """A whole detection run (``train_det.py``)."""
 
     model: DetModelConfig = field(default_factory=DetModelConfig)
     data: DetDataConfig = field(default_factory=DetDataConfig)

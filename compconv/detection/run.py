@@ -1,4 +1,7 @@
-"""Detection run: Faster R-CNN + FPN on a CompConv backbone; COCO data; COCOeval box AP."""
+"""Detection: Faster R-CNN + FPN on a CompConv backbone, COCO-format data, COCOeval box AP.
+
+:func:`run_detection` mirrors :func:`compconv.train.run_classification` and shares its loop.
+"""
 
 from __future__ import annotations
 
@@ -13,9 +16,9 @@ from torch.utils.data import DataLoader
 
 from ..complexity import count_macs
 from ..data import EpochSeededDataset, ResumableSampler, loader_options
-from ..train.base import TrainingRun
+from ..train import Runtime, Task, create_state, fit, resume, setup_runtime
 from ..train.distributed import barrier, broadcast_object
-from ..train.engine import Sums
+from ..train.sums import Sums
 from .backbone import build_detector
 from .coco import METRIC_NAMES, CocoDetection, coco_results, collate_detection, evaluate_bbox
 from .config import DetTrainConfig
@@ -24,110 +27,107 @@ from .synth import write_fmnist_detection
 _logger = logging.getLogger("compconv.detection")
 
 
-class DetectionRun(TrainingRun):
-    """Faster R-CNN training with the shared loop; evaluation reports COCO box AP (percent)."""
+def build_loaders(cfg: DetTrainConfig, rt: Runtime) -> tuple[DataLoader, DataLoader]:
+    """Training and validation loaders over the ranks; writes the generated set first if it is missing."""
+    data, root = cfg.data, Path(cfg.data.root)
+    if data.name == "fmnist_det" and not (root / data.train_ann).is_file():
+        if rt.dist.is_main:
+            _logger.info("writing the Fashion-MNIST detection set to %s", root)
+            write_fmnist_detection(root, **(data.generate or {}))
+        barrier(rt.dist)
+    train = CocoDetection(root / data.train_images, root / data.train_ann, True, data.hflip, data.in_chans,
+                          data.train_subset, data.skip_bad)
+    val = CocoDetection(root / data.val_images, root / data.val_ann, False, 0.0, data.in_chans, data.val_subset,
+                        data.skip_bad)
+    if train.category_ids != val.category_ids:
+        raise FileNotFoundError(f"train and val annotations of {root} list different categories")
+    options = loader_options(data.workers, data.prefetch_factor, rt.device)
+    rank, world = rt.dist.rank, rt.dist.world_size
+    train_loader = DataLoader(EpochSeededDataset(train, cfg.seed), data.batch_size, drop_last=True,
+                              sampler=ResumableSampler(len(train), rank, world, True, cfg.seed),
+                              collate_fn=collate_detection, **options)
+    val_loader = DataLoader(val, data.eval_batch_size, sampler=ResumableSampler(len(val), rank, world, shuffle=False),
+                            collate_fn=collate_detection, **options)
+    return train_loader, val_loader
 
-    key_metric = "AP"
 
-    def build_data(self) -> None:
-        cfg = self.cfg.data
-        root = Path(cfg.root)
-        if cfg.name == "fmnist_det" and not (root / cfg.train_ann).is_file():
-            if self.dist.is_main:
-                _logger.info("writing the Fashion-MNIST detection set to %s", root)
-                write_fmnist_detection(root, **(cfg.generate or {}))
-            barrier(self.dist)
-        train = CocoDetection(root / cfg.train_images, root / cfg.train_ann, True, cfg.hflip, cfg.in_chans,
-                              cfg.train_subset, cfg.skip_bad)
-        self.val_set = CocoDetection(root / cfg.val_images, root / cfg.val_ann, False, 0.0, cfg.in_chans,
-                                     cfg.val_subset, cfg.skip_bad)
-        if train.category_ids != self.val_set.category_ids:
-            raise FileNotFoundError(f"train and val annotations of {root} list different categories")
-        self.num_classes = train.num_classes
-        self.train_set = EpochSeededDataset(train, self.cfg.seed)
-        self.train_sampler = ResumableSampler(len(train), self.dist.rank, self.dist.world_size, True, self.cfg.seed)
-        options = loader_options(cfg.workers, cfg.prefetch_factor, self.device)
-        self.train_loader = DataLoader(self.train_set, cfg.batch_size, sampler=self.train_sampler,
-                                       collate_fn=collate_detection, drop_last=True, **options)
-        val_sampler = ResumableSampler(len(self.val_set), self.dist.rank, self.dist.world_size, shuffle=False)
-        self.val_loader = DataLoader(self.val_set, cfg.eval_batch_size, sampler=val_sampler,
-                                     collate_fn=collate_detection, **options)
+def _to_device(images, targets, rt: Runtime):
+    images = [image.to(rt.device, non_blocking=True) for image in images]
+    targets = [{k: v.to(rt.device) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets]
+    return images, targets
 
-    def build_model(self) -> nn.Module:
-        return build_detector(self.cfg.model, self.cfg.head, self.cfg.data, self.num_classes)
 
-    def count_complexity(self) -> tuple[int, int]:
-        """MACs of the whole detector and of its backbone body at the evaluation input size (min x max)."""
-        data = self.cfg.data
-        image = torch.zeros(data.in_chans, data.min_size, data.max_size)
-        self.model.eval()
-        with torch.no_grad():
-            macs, per_module = count_macs(self.model, [image])
-        self.model.train()
-        self.backbone_macs = per_module.get("backbone.body", 0)
-        self.backbone_params = sum(p.numel() for p in self.model.backbone.body.parameters())
-        return macs, sum(p.numel() for p in self.model.parameters())
+def detection_forward(net: nn.Module, batch, rt: Runtime) -> tuple[torch.Tensor, dict[str, Any]]:
+    """The summed Faster R-CNN losses of one batch, and each loss's sum for the epoch means."""
+    images, targets, skipped = batch
+    images, targets = _to_device(images, targets, rt)
+    losses = net(images, targets)
+    loss = sum(losses.values())
+    n = len(images)
+    sums = {f"{k}_sum": v.detach().double() * n for k, v in losses.items()}
+    return loss, {**sums, "loss_sum": loss.detach().double() * n, "count": n, "skipped": skipped}
 
-    def _to_device(self, images, targets):
-        images = [image.to(self.device, non_blocking=True) for image in images]
-        targets = [{k: v.to(self.device) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets]
-        return images, targets
 
-    def training_step(self, batch):
-        images, targets, skipped = batch
-        images, targets = self._to_device(images, targets)
-        losses = self.net(images, targets)
-        loss = sum(losses.values())
-        n = len(images)
-        sums = {f"{k}_sum": v.detach().double() * n for k, v in losses.items()}
-        return loss, {**sums, "loss_sum": loss.detach().double() * n, "count": n, "skipped": skipped}
+def detection_metrics(sums: Sums) -> dict[str, float]:
+    """Mean of each training loss, and the image counts."""
+    n = max(sums["count"], 1.0)
+    metrics = {key[:-4]: value / n for key, value in sums.values.items() if key.endswith("_sum")}
+    return {**metrics, "images": int(sums["count"]), "skipped_images": int(sums["skipped"])}
 
-    def train_metrics(self, sums: Sums) -> dict[str, float]:
-        n = max(sums["count"], 1.0)
-        metrics = {key[:-4]: value / n for key, value in sums.values.items() if key.endswith("_sum")}
-        return {**metrics, "images": int(sums["count"]), "skipped_images": int(sums["skipped"])}
 
-    @torch.no_grad()
-    def evaluate(self, model: nn.Module | None = None) -> dict[str, float]:
-        model = model or self.net
-        model.eval()
-        results, image_ids = [], []
-        for step, (images, targets, _) in enumerate(self.val_loader):
-            if self.cfg.trainer.max_eval_steps and step >= self.cfg.trainer.max_eval_steps:
-                break
-            images, targets = self._to_device(images, targets)
-            with self.autocast():
-                outputs = model(images)
-            results += coco_results(outputs, targets, self.val_set.category_ids)
-            image_ids += [t["image_id"] for t in targets]
-        if self.dist.enabled:
-            gathered = [None] * self.dist.world_size
-            dist.all_gather_object(gathered, (results, image_ids))
-            results = [r for part, _ in gathered for r in part]
-            image_ids = [i for _, part in gathered for i in part]
-        metrics = None
-        if self.dist.is_main:
-            metrics = evaluate_bbox(self.val_set.coco, results, image_ids, self.cfg.data.evaluator)
-            metrics.update(images=len(image_ids), detections=len(results))
-        return broadcast_object(metrics, self.dist)
-
-    def final_metrics(self, metrics: dict[str, float]) -> dict[str, Any]:
-        return {name: metrics.get(name) for name in METRIC_NAMES}
-
-    def summary_fields(self) -> dict[str, Any]:
-        report = getattr(self.model, "compconv_report", None)
-        options = report.options.as_dict() if report else None
-        data = self.cfg.data
-        return {
-            "task": "detection", "c0": options.get("c0") if options else None, "compconv": options,
-            "dataset": data.name, "min_size": data.min_size, "max_size": data.max_size,
-            "train_images": len(self.train_set), "val_images": len(self.val_set),
-            "backbone_params": self.backbone_params, "backbone_macs": self.backbone_macs,
-            "backbone_checkpoint": self.cfg.model.backbone_checkpoint,
-            "macs_note": f"MACs of the detector (and its backbone body) on one {data.min_size}x{data.max_size} image",
-        }
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: DataLoader, rt: Runtime, evaluator: str = "auto",
+             max_steps: int | None = None) -> dict[str, float]:
+    """COCO box AP (percent) of ``model`` on ``loader``: detections gathered on rank 0, COCOeval there."""
+    model.eval()
+    val_set = loader.dataset
+    results, image_ids = [], []
+    for step, (images, targets, _) in enumerate(loader):
+        if max_steps and step >= max_steps:
+            break
+        images, targets = _to_device(images, targets, rt)
+        with rt.autocast():
+            outputs = model(images)
+        results += coco_results(outputs, targets, val_set.category_ids)
+        image_ids += [t["image_id"] for t in targets]
+    if rt.dist.enabled:
+        gathered = [None] * rt.dist.world_size
+        dist.all_gather_object(gathered, (results, image_ids))
+        results = [r for part, _ in gathered for r in part]
+        image_ids = [i for _, part in gathered for i in part]
+    metrics = None
+    if rt.dist.is_main:
+        metrics = evaluate_bbox(val_set.coco, results, image_ids, evaluator)
+        metrics.update(images=len(image_ids), detections=len(results))
+    return broadcast_object(metrics, rt.dist)
 
 
 def run_detection(cfg: DetTrainConfig) -> dict[str, Any]:
-    """Builds a :class:`DetectionRun` from a validated config and fits it."""
-    return DetectionRun(cfg).fit()
+    """Trains (or, with ``trainer.eval_only``, evaluates) a detector; returns the summary it writes."""
+    rt = setup_runtime(cfg)
+    train_loader, val_loader = build_loaders(cfg, rt)
+    data = cfg.data
+    model = build_detector(cfg.model, cfg.head, data, val_loader.dataset.num_classes)
+    model.eval()
+    with torch.no_grad():  # MACs of the detector and its backbone body at the evaluation input size
+        macs, per_module = count_macs(model, [torch.zeros(data.in_chans, data.min_size, data.max_size)])
+    model.train()
+    state = create_state(model, cfg, rt, train_loader)
+    resume(state, cfg, rt)
+    report = getattr(model, "compconv_report", None)
+    options = report.options.as_dict() if report else None
+    task = Task(
+        forward=lambda net, batch: detection_forward(net, batch, rt),
+        evaluate=lambda m: evaluate(m, val_loader, rt, data.evaluator, cfg.trainer.max_eval_steps),
+        train_metrics=detection_metrics, key_metric="AP",
+        final_metrics=lambda m: {name: m.get(name) for name in METRIC_NAMES},
+        summary_fields={
+            "task": "detection", "c0": options.get("c0") if options else None, "compconv": options,
+            "dataset": data.name, "min_size": data.min_size, "max_size": data.max_size,
+            "train_images": len(train_loader.dataset), "val_images": len(val_loader.dataset),
+            "params": sum(p.numel() for p in model.parameters()), "macs": macs,
+            "backbone_params": sum(p.numel() for p in model.backbone.body.parameters()),
+            "backbone_macs": per_module.get("backbone.body", 0),
+            "backbone_checkpoint": cfg.model.backbone_checkpoint,
+            "macs_note": f"MACs of the detector (and its backbone body) on one {data.min_size}x{data.max_size} image"})
+    return fit(state, task, cfg, rt, train_loader)

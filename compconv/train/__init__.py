@@ -1,10 +1,12 @@
-"""Training: config schema, data loading, loop, checkpoints, distributed helpers and loggers.
+"""Training: config schema, runtime and state, the shared loop, checkpoints, distributed helpers, loggers.
 
 Nothing here imports Hydra; wandb is imported only when a wandb logger is created.
 """
 
-from .base import TrainingRun
+from .classification import build_model, evaluate, run_classification
 from .config import ConfigError, TrainConfig
-from .run import ClassificationRun, build_model, run_classification
+from .engine import NonFiniteLossError, Task, fit, train_one_epoch
+from .state import Runtime, TrainState, create_state, resume, setup_runtime
 
-__all__ = ["ClassificationRun", "ConfigError", "TrainConfig", "TrainingRun", "build_model", "run_classification"]
+__all__ = ["ConfigError", "NonFiniteLossError", "Runtime", "Task", "TrainConfig", "TrainState", "build_model",
+           "create_state", "evaluate", "fit", "resume", "run_classification", "setup_runtime", "train_one_epoch"]

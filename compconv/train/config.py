@@ -1,140 +1,215 @@
-"""Typed, validated configuration of a training run (no Hydra needed: built from any nested mapping).
+"""The schema of a classification run: typed dataclasses holding every default once.
 
-Unknown keys and invalid values raise :class:`ConfigError` naming the key and what is allowed, so
-a bad command line fails at start-up, not hours into a run.
+The entry points register these classes in Hydra's ConfigStore as structured configs, so OmegaConf
+checks types and rejects unknown keys while composing; each class checks its own values in
+``__post_init__`` (run by ``OmegaConf.to_object`` or a plain constructor call) and raises
+:class:`ConfigError` naming the key. Nothing here imports Hydra or OmegaConf.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import types
-import typing
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Mapping, Optional
+from typing import Any, Optional
 
+from ..models import compconv_model_names, registered_model_names
 from ..options import CompConvOptions
 
 
 class ConfigError(ValueError):
-    pass
+    """A configuration value is invalid; the message names the key and what is allowed."""
 
 
-def _check_choice(path: str, value: Any, choices: tuple) -> None:
+def check_choice(key: str, value: Any, choices: tuple, hint: str = "") -> None:
+    """Raises :class:`ConfigError` unless ``value`` is one of ``choices``."""
     if value not in choices:
-        raise ConfigError(f"{path}={value!r} is invalid; choose one of {list(choices)}")
+        raise ConfigError(f"{key}={value!r} is invalid; choose one of {list(choices)}{hint}")
 
 
-def _check_positive(path: str, value: Any, allow_zero: bool = False) -> None:
-    if value is None:
-        return
-    if value < 0 or (value == 0 and not allow_zero):
-        raise ConfigError(f"{path}={value!r} must be {'>= 0' if allow_zero else '> 0'}")
+def check_positive(key: str, value: Any, allow_zero: bool = False) -> None:
+    """Raises :class:`ConfigError` if ``value`` is below zero (or zero, unless ``allow_zero``); None passes."""
+    if value is not None and (value < 0 or (value == 0 and not allow_zero)):
+        raise ConfigError(f"{key}={value!r} must be {'>= 0' if allow_zero else '> 0'}")
+
+
+def check_fraction(key: str, value: float, closed_high: bool = True) -> None:
+    """Raises :class:`ConfigError` unless ``0 <= value <= 1`` (``< 1`` when not ``closed_high``)."""
+    if not (0 <= value <= 1 if closed_high else 0 <= value < 1):
+        raise ConfigError(f"{key}={value} must be in [0, 1{']' if closed_high else ')'}")
 
 
 @dataclass
 class ModelConfig:
     """A timm model name (``resnet50``, ``resnet50_compconv128``...) and its options.
 
-    ``compconv`` overrides the CompConv options of a CompConv model (e.g. ``{"tail": "dense"}``);
-    it must be null for a baseline.
+    Attributes:
+        name: Any timm model; every model this package registers is also a ``model=`` option.
+        compconv: CompConv options of a CompConv model (:class:`compconv.CompConvOptions` fields);
+            null for a baseline, or to use the registered model's own options.
+        drop_path_rate: Stochastic depth rate.
+        kwargs: Further keyword arguments of ``timm.create_model`` (e.g. ``{ghost: {ratio: 3}}``).
     """
 
     name: str = "resnet50_compconv128"
-    compconv: Optional[dict] = None
+    compconv: Any = None  # a mapping or null (typed Any: OmegaConf cannot merge a mapping into a null dict node)
     drop_path_rate: float = 0.0
-    kwargs: dict = field(default_factory=dict)
+    kwargs: dict[str, Any] = field(default_factory=dict)
 
-    def validate(self, path: str) -> None:
+    def __post_init__(self) -> None:
+        if self.compconv is not None and not isinstance(self.compconv, dict):
+            raise ConfigError(f"model.compconv={self.compconv!r} must be a mapping of CompConv options or null")
         if self.compconv is not None:
             try:
                 CompConvOptions.from_mapping(self.compconv)
             except ValueError as error:
-                raise ConfigError(f"{path}.compconv: {error}") from error
-        _check_positive(f"{path}.drop_path_rate", self.drop_path_rate, allow_zero=True)
+                raise ConfigError(f"model.compconv: {error}") from error
+        check_positive("model.drop_path_rate", self.drop_path_rate, allow_zero=True)
+
+
+def model_options() -> dict[str, dict[str, Any]]:
+    """The ``model=`` options: every model this package registers and the timm model each one patches.
+
+    A CompConv model's option lists its full CompConv options (so ``model.compconv.c0=256`` works);
+    a baseline's and the Ghost peer's set only the name.
+    """
+    import timm
+
+    options: dict[str, dict[str, Any]] = {}
+    for name in registered_model_names():
+        base = name.rsplit("_", 1)[0]
+        if timm.is_model(base):
+            options[base] = {"name": base}
+        options[name] = {"name": name}
+        if name in compconv_model_names():
+            c0 = int(name.rsplit("compconv", 1)[1])
+            options[name]["compconv"] = CompConvOptions(c0=c0).as_dict()
+    return dict(sorted(options.items()))
+
+
+CLASSIFICATION_DATASETS = ("fashion_mnist", "imagenet", "imagefolder")
+DETECTION_DATASETS = ("coco", "fmnist_det")
 
 
 @dataclass
 class DataConfig:
-    """Dataset and loader settings; see ``configs/data/*.yaml`` for each dataset's defaults."""
+    """Classification data and loader; the defaults are Fashion-MNIST's (``configs/data/*.yaml`` hold the rest).
+
+    Fashion-MNIST comes from Debian's ``dataset-fashion-mnist``: 28x28 grey images resized to 32x32, one
+    input channel, random crop with ``crop_padding`` + horizontal flip. ImageNet / ImageFolder: train
+    RandomResizedCrop(img_size) + flip; eval resize to img_size / crop_pct + centre crop.
+    """
 
     name: str = "fashion_mnist"
     root: str = "/usr/share/datasets/fashion-mnist"
     img_size: int = 32
     in_chans: int = 1
-    num_classes: Optional[int] = 10
-    mean: list = field(default_factory=lambda: [0.2860])
-    std: list = field(default_factory=lambda: [0.3530])
-    batch_size: int = 128
-    eval_batch_size: int = 256
-    workers: int = 0
-    prefetch_factor: int = 4
-    train_subset: Optional[int] = None
+    num_classes: Optional[int] = 10  # null: inferred from the class folders
+    mean: list[float] = field(default_factory=lambda: [0.2860])
+    std: list[float] = field(default_factory=lambda: [0.3530])
+    batch_size: int = 128  # per process
+    eval_batch_size: int = 512
+    workers: int = 0  # Fashion-MNIST is in-memory uint8: worker processes cost more than they save on 2 cores
+    prefetch_factor: int = 4  # batches each worker loads ahead; workers persist across epochs
+    train_subset: Optional[int] = None  # first N training images (quick runs)
     val_subset: Optional[int] = None
-    skip_bad: bool = False
-    crop_padding: int = 4
+    skip_bad: bool = False  # skip and count unreadable images instead of stopping
+    crop_padding: int = 4  # Fashion-MNIST's random crop
     hflip: float = 0.5
-    crop_pct: float = 0.875
+    crop_pct: float = 0.875  # ImageFolder evaluation: centre crop fraction
     interpolation: str = "bilinear"
     color_jitter: Optional[float] = None
 
-    def validate(self, path: str) -> None:
-        _check_choice(f"{path}.name", self.name, ("fashion_mnist", "imagenet", "imagefolder"))
-        for key in ("img_size", "in_chans", "batch_size", "eval_batch_size", "num_classes", "train_subset", "val_subset"):
-            _check_positive(f"{path}.{key}", getattr(self, key))
-        _check_positive(f"{path}.workers", self.workers, allow_zero=True)
-        _check_positive(f"{path}.prefetch_factor", self.prefetch_factor)
+    def __post_init__(self) -> None:
+        if self.name in DETECTION_DATASETS:
+            raise ConfigError(f"data={self.name} is a detection dataset: use train_det.py")
+        check_choice("data.name", self.name, CLASSIFICATION_DATASETS)
+        for key in ("img_size", "in_chans", "batch_size", "eval_batch_size", "num_classes", "train_subset",
+                    "val_subset", "prefetch_factor"):
+            check_positive(f"data.{key}", getattr(self, key))
+        check_positive("data.workers", self.workers, allow_zero=True)
+        if self.name != "fashion_mnist" and self.root == DataConfig.root:
+            raise ConfigError(f"missing required value data.root for data={self.name}: pass data.root=/path/to/images")
         if len(self.mean) != len(self.std):
-            raise ConfigError(f"{path}.mean and {path}.std must have the same length")
+            raise ConfigError("data.mean and data.std must have the same length")
         if not 0 < self.crop_pct <= 1:
-            raise ConfigError(f"{path}.crop_pct={self.crop_pct} must be in (0, 1]")
-        if not 0 <= self.hflip <= 1:
-            raise ConfigError(f"{path}.hflip={self.hflip} must be a probability")
+            raise ConfigError(f"data.crop_pct={self.crop_pct} must be in (0, 1]")
+        check_fraction("data.hflip", self.hflip)
 
 
 @dataclass
 class OptimConfig:
-    """Optimizer. ``lr`` is for ``lr_base_batch`` images; it is scaled linearly to the global batch
-    when ``lr_base_batch`` is set (e.g. 0.1 x batch/256)."""
+    """A timm optimizer (``timm.optim.create_optimizer_v2``) with the learning rate scaled to the global batch.
 
-    name: str = "sgd"
+    Attributes:
+        name: A timm optimizer name: ``momentum`` (SGD with classical momentum, the default), ``sgd``
+            (timm's: SGD with Nesterov momentum), ``adamw``, ``lamb``... (``timm.optim.list_optimizers()``).
+        lr: Learning rate for ``lr_base_batch`` images, scaled linearly to the global batch; used as is
+            when ``lr_base_batch`` is null.
+        weight_decay: Applied to weights; none on norm and bias parameters unless ``wd_on_norm_and_bias``.
+        kwargs: Further arguments of the optimizer (``momentum`` is 0.9 unless set; ``betas``, ``eps``...).
+    """
+
+    name: str = "momentum"
     lr: float = 0.1
-    lr_base_batch: Optional[int] = None
-    momentum: float = 0.9
-    nesterov: bool = False
-    betas: list = field(default_factory=lambda: [0.9, 0.999])
-    eps: float = 1e-8
+    lr_base_batch: Optional[int] = 256
     weight_decay: float = 1e-4
     wd_on_norm_and_bias: bool = False
+    kwargs: dict[str, Any] = field(default_factory=dict)
 
-    def validate(self, path: str) -> None:
-        _check_choice(f"{path}.name", self.name, ("sgd", "adamw"))
-        _check_positive(f"{path}.lr", self.lr)
-        _check_positive(f"{path}.weight_decay", self.weight_decay, allow_zero=True)
-        _check_positive(f"{path}.lr_base_batch", self.lr_base_batch)
+    def __post_init__(self) -> None:
+        from timm.optim import list_optimizers
+
+        check_choice("optim.name", self.name, tuple(list_optimizers()), " (timm.optim.list_optimizers())")
+        check_positive("optim.lr", self.lr)
+        check_positive("optim.weight_decay", self.weight_decay, allow_zero=True)
+        check_positive("optim.lr_base_batch", self.lr_base_batch)
+
+
+SCHEDULES = ("cosine", "multistep", "constant")
 
 
 @dataclass
 class SchedConfig:
-    """Per-step schedule: linear warmup, then cosine to ``min_lr_factor`` x lr, multistep or constant."""
+    """Per-step learning-rate schedule (timm's schedulers, stepped every optimizer step).
+
+    A linear warmup over ``warmup_epochs`` from ``warmup_start_factor`` x lr, then ``cosine`` decay to
+    ``min_lr_factor`` x lr at the end of training, ``multistep`` decay by ``gamma`` at each epoch in
+    ``milestones``, or ``constant``.
+    """
 
     name: str = "cosine"
     warmup_epochs: float = 0.0
     warmup_start_factor: float = 0.01
-    min_lr_factor: float = 0.0
-    milestones: list = field(default_factory=list)
-    gamma: float = 0.1
+    min_lr_factor: float = 0.0  # cosine only
+    milestones: list[int] = field(default_factory=list)  # multistep only
+    gamma: float = 0.1  # multistep only
 
-    def validate(self, path: str) -> None:
-        _check_choice(f"{path}.name", self.name, ("cosine", "multistep", "constant"))
-        _check_positive(f"{path}.warmup_epochs", self.warmup_epochs, allow_zero=True)
+    def __post_init__(self) -> None:
+        check_choice("sched.name", self.name, SCHEDULES)
+        check_positive("sched.warmup_epochs", self.warmup_epochs, allow_zero=True)
+        check_fraction("sched.warmup_start_factor", self.warmup_start_factor)
         if self.name == "multistep" and not self.milestones:
-            raise ConfigError(f"{path}.milestones must list epochs when {path}.name=multistep")
+            raise ConfigError("sched.milestones must list epochs when sched.name=multistep")
 
 
 @dataclass
 class TrainerConfig:
-    """Loop settings. ``resume``: ``auto`` (continue from ``<run_dir>/last.pt`` if present),
-    ``never``, or a checkpoint path. ``amp``: ``auto`` = bf16 on CUDA, off on CPU."""
+    """The loop.
+
+    Attributes:
+        device: ``auto`` (``cuda:LOCAL_RANK`` when a GPU is visible), ``cpu`` or ``cuda``.
+        amp: ``auto`` (bf16 on CUDA, off on CPU), ``off``, ``bf16`` or ``fp16``.
+        clip_grad: Maximum gradient norm; null = off.
+        ema_decay: Weight EMA (timm's ModelEmaV3), e.g. 0.9998; null = none.
+        resume: ``auto`` (the newest loadable ``last.pt``/``prev.pt``/``best.pt`` of the run directory),
+            ``never``, or a checkpoint path.
+        eval_only: Evaluate the checkpoint given by ``resume`` and write ``eval.json``.
+        max_train_steps / max_eval_steps: Cap the steps per epoch (smoke tests).
+        deterministic: ``torch.use_deterministic_algorithms`` (warn only).
+        log_interval: Steps between the loop's host syncs: progress-bar loss, non-finite check, stop agreement.
+        sync_bn: ``nn.SyncBatchNorm`` under DDP on GPUs.
+        sync_debug: CUDA: raise on any host sync inside a training step (``scripts/gpu_check.sh``).
+    """
 
     epochs: int = 2
     device: str = "auto"
@@ -154,42 +229,42 @@ class TrainerConfig:
     sync_bn: bool = False
     sync_debug: bool = False
 
-    def validate(self, path: str) -> None:
-        _check_positive(f"{path}.epochs", self.epochs)
-        _check_choice(f"{path}.device", self.device, ("auto", "cpu", "cuda"))
-        _check_choice(f"{path}.amp", self.amp, ("auto", "off", "bf16", "fp16"))
-        _check_positive(f"{path}.clip_grad", self.clip_grad)
-        if not 0 <= self.label_smoothing < 1:
-            raise ConfigError(f"{path}.label_smoothing={self.label_smoothing} must be in [0, 1)")
+    def __post_init__(self) -> None:
+        for key in ("epochs", "clip_grad", "max_train_steps", "max_eval_steps", "log_interval"):
+            check_positive(f"trainer.{key}", getattr(self, key))
+        check_choice("trainer.device", self.device, ("auto", "cpu", "cuda"))
+        check_choice("trainer.amp", self.amp, ("auto", "off", "bf16", "fp16"))
+        check_fraction("trainer.label_smoothing", self.label_smoothing, closed_high=False)
         if self.ema_decay is not None and not 0 < self.ema_decay < 1:
-            raise ConfigError(f"{path}.ema_decay={self.ema_decay} must be in (0, 1) or null")
-        _check_positive(f"{path}.max_train_steps", self.max_train_steps)
-        _check_positive(f"{path}.max_eval_steps", self.max_eval_steps)
-        _check_positive(f"{path}.log_interval", self.log_interval)
+            raise ConfigError(f"trainer.ema_decay={self.ema_decay} must be in (0, 1) or null")
 
 
 @dataclass
 class LoggerConfig:
-    """``wandb`` (offline unless ``mode=online`` or the WANDB_MODE environment variable says so) or ``none``."""
+    """``wandb`` (offline unless ``mode=online`` or WANDB_MODE says otherwise; sync later with
+    ``wandb sync <run_dir>/wandb/offline-run-*``) or ``none``."""
 
     name: str = "wandb"
     project: str = "compconv"
     entity: Optional[str] = None
     mode: str = "offline"
     group: Optional[str] = None
-    tags: list = field(default_factory=list)
+    tags: list[str] = field(default_factory=list)
 
-    def validate(self, path: str) -> None:
-        _check_choice(f"{path}.name", self.name, ("wandb", "none"))
-        _check_choice(f"{path}.mode", self.mode, ("offline", "online", "disabled"))
+    def __post_init__(self) -> None:
+        check_choice("logger.name", self.name, ("wandb", "none"))
+        check_choice("logger.mode", self.mode, ("offline", "online", "disabled"))
 
 
 @dataclass
 class RunConfig:
-    """Fields, validation and (de)serialisation shared by the run configs of every entry point."""
+    """Fields shared by the run configs of every entry point.
 
-    #: dataset names that belong to another entry point, and what to use instead
-    other_task_datasets: ClassVar[dict[str, str]] = {}
+    Attributes:
+        run_dir: Where checkpoints, summaries and wandb files go (the entry points use Hydra's output dir).
+        experiment: Set by ``experiment=...``; names the wandb run and the table row.
+        command: The command line that started the run (set by the entry point; kept in the summary).
+    """
 
     optim: OptimConfig = field(default_factory=OptimConfig)
     sched: SchedConfig = field(default_factory=SchedConfig)
@@ -200,71 +275,14 @@ class RunConfig:
     experiment: Optional[str] = None
     command: Optional[str] = None
 
-    def validate(self) -> None:
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if hasattr(value, "validate"):
-                value.validate(f.name)
-
-    @classmethod
-    def from_dict(cls, values: Mapping[str, Any]):
-        """Builds and validates a config from nested mappings (e.g. ``OmegaConf.to_container(cfg)``)."""
-        data = values.get("data", {})
-        name = data.get("name") if isinstance(data, Mapping) else None
-        if name in cls.other_task_datasets:
-            raise ConfigError(f"data={name} is a {cls.other_task_datasets[name]}")
-        config = _build(cls, values, "")
-        config.validate()
-        return config
-
     def to_dict(self) -> dict[str, Any]:
+        """Plain nested dicts (for checkpoints, summaries and wandb)."""
         return dataclasses.asdict(self)
 
 
 @dataclass
 class TrainConfig(RunConfig):
-    """A whole classification run."""
-
-    other_task_datasets: ClassVar[dict[str, str]] = {
-        name: "detection dataset: use train_det.py" for name in ("coco", "fmnist_det")}
+    """A whole classification run (``train_cls.py``)."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
-
-
-def _accepts(hint: Any, value: Any) -> bool:
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        return any(_accepts(arg, value) for arg in typing.get_args(hint))
-    if hint is type(None):
-        return value is None
-    if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if hint in (list, dict, str, bool):
-        return isinstance(value, (tuple, list) if hint is list else hint)
-    return True
-
-
-def _build(cls: type, values: Mapping[str, Any], path: str):
-    if not isinstance(values, Mapping):
-        raise ConfigError(f"{path or 'config'} must be a mapping, got {values!r}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - names)
-    if unknown:
-        where = f"{path}." if path else ""
-        raise ConfigError(f"unknown config key(s) {[where + k for k in unknown]}; valid keys: {sorted(names)}")
-    kwargs = {}
-    for name, value in values.items():
-        hint, key = hints[name], f"{path}.{name}" if path else name
-        if dataclasses.is_dataclass(hint):
-            kwargs[name] = _build(hint, value, key)
-            continue
-        if not _accepts(hint, value):
-            raise ConfigError(f"{key}={value!r} has the wrong type; expected {hint}")
-        if hint is float or (typing.get_origin(hint) in (typing.Union, types.UnionType) and float in typing.get_args(hint)):
-            value = float(value) if value is not None else None
-        kwargs[name] = list(value) if isinstance(value, tuple) else value
-    return cls(**kwargs)

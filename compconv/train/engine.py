@@ -1,56 +1,239 @@
-"""Metric sums over a pass of a loader: accumulated on the device (no host sync per step), reduced exactly."""
+"""The loop shared by classification and detection: ``train_one_epoch`` and ``fit``, over a :class:`TrainState`.
+
+A task describes itself with a :class:`Task` (one training forward, an evaluation, its metrics); the
+loop does the rest: AMP, gradient clipping, EMA, per-step schedule, device-side sums, signals, exact
+resume, checkpoints, loggers and the summary.
+"""
 
 from __future__ import annotations
 
+import json
+import logging
+import math
+import platform
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
 import torch
+from torch import nn
 
-from .distributed import all_reduce_sum
+from ..io import atomic_write_text
+from .distributed import all_reduce_max, broadcast_object, cleanup
+from .loggers import NullLogger, WandbLogger
+from .memory import peak_memory_mb, reset_peak_memory
+from .signals import StopRequest
+from .state import Runtime, TrainState, save_state
+from .sums import Sums
 
-
-class Sums:
-    """Named sums (``count`` = examples seen). Tensor values stay on their device until :meth:`reduced`,
-    so adding a batch's loss or hit count never waits for the GPU; numbers from the host add as they are."""
-
-    def __init__(self, values: dict[str, float] | None = None) -> None:
-        self.values: dict[str, float | torch.Tensor] = dict(values or {})
-
-    def add(self, **values: float | torch.Tensor) -> None:
-        for key, value in values.items():
-            if torch.is_tensor(value):
-                value = value.detach().to(torch.float64)
-            self.values[key] = self.values.get(key, 0.0) + value
-
-    def host(self) -> dict[str, float]:
-        """The sums as Python floats (one device-to-host copy for all tensor values)."""
-        keys = sorted(self.values)
-        tensors = [k for k in keys if torch.is_tensor(self.values[k])]
-        numbers = torch.stack([self.values[k] for k in tensors]).cpu().tolist() if tensors else []
-        host = {k: float(self.values[k]) for k in keys if k not in tensors}
-        return {**host, **dict(zip(tensors, numbers))}
-
-    def reduced(self, device: torch.device, keys: list[str] | None = None) -> "Sums":
-        values = self.host()
-        keys = sorted(keys or values)
-        totals = all_reduce_sum([values.get(k, 0.0) for k in keys], device)
-        return Sums(dict(zip(keys, totals)))
-
-    def __getitem__(self, key: str) -> float:
-        value = self.values.get(key, 0.0)
-        return float(value)
-
-    def state(self) -> dict[str, float]:
-        return self.host()
+_logger = logging.getLogger("compconv.train")
+DATA_BOUND_FRACTION = 0.3  # warn when waiting for batches takes more than this share of an epoch
 
 
-def classification_sums(loss: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor | int]:
-    """Loss sum and top-1/top-5 hit counts of one batch, as device tensors (``count`` is a host int)."""
-    n = targets.numel()
-    k = min(5, logits.shape[1])
-    hits = logits.topk(k, dim=1).indices.eq(targets.unsqueeze(1))
-    return {"loss_sum": loss.detach().double() * n, "correct1": hits[:, 0].sum(), "correct5": hits.any(dim=1).sum(), "count": n}
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite: the run diverged."""
 
 
-def classification_metrics(sums: Sums) -> dict[str, float]:
-    n = max(sums["count"], 1.0)
-    return {"loss": sums["loss_sum"] / n, "top1": 100 * sums["correct1"] / n, "top5": 100 * sums["correct5"] / n,
-            "images": int(sums["count"]), "skipped_images": int(sums["skipped"])}
+@dataclass
+class Task:
+    """What the shared loop needs to know about a task.
+
+    Attributes:
+        forward: ``(net, batch) -> (loss, sums)`` for one training batch; ``sums`` holds device tensors
+            (and host numbers such as ``count``), accumulated without a host sync.
+        evaluate: ``model -> metrics`` on the validation set, reduced over ranks.
+        train_metrics: The epoch's training metrics from its reduced sums.
+        key_metric: The validation metric that picks ``best.pt`` (higher is better).
+        final_metrics: The summary's headline metrics from the last evaluation.
+        summary_fields: Task fields of the summary (dataset, input size, MACs...).
+    """
+
+    forward: Callable[[nn.Module, Any], tuple[torch.Tensor, dict[str, Any]]]
+    evaluate: Callable[[nn.Module], dict[str, float]]
+    train_metrics: Callable[[Sums], dict[str, float]]
+    key_metric: str
+    final_metrics: Callable[[dict[str, float]], dict[str, Any]] = dict
+    summary_fields: dict[str, Any] = field(default_factory=dict)
+
+
+def train_one_epoch(state: TrainState, loader, task: Task, cfg, rt: Runtime, stop: StopRequest) -> dict | None:
+    """Trains the current epoch from ``state.step_in_epoch``; None if a stop signal interrupted it.
+
+    No step waits for the device: metric sums stay on it, and the loss, the non-finite check and the
+    ranks' agreement on a stop signal are read every ``trainer.log_interval`` steps and at the end (a
+    single process also honours a signal at the next step, which needs no sync).
+    """
+    trainer = cfg.trainer
+    state.net.train()
+    loader.dataset.set_epoch(state.epoch)
+    loader.sampler.set_epoch(state.epoch, start=state.step_in_epoch * loader.batch_size)
+    total = min(len(loader) + state.step_in_epoch, trainer.max_train_steps or math.inf)
+    bar = None
+    if trainer.progress and rt.dist.is_main:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, initial=state.step_in_epoch, desc=f"epoch {state.epoch + 1}/{trainer.epochs}",
+                   dynamic_ncols=True)
+    sync_debug = trainer.sync_debug and rt.device.type == "cuda"
+    start_time, data_time, seen, lr = time.perf_counter(), 0.0, 0, 0.0
+    window_loss, window_steps = torch.zeros((), device=rt.device, dtype=torch.float64), 0
+    batches = iter(loader)
+    try:
+        while state.step_in_epoch < total:
+            fetch = time.perf_counter()
+            batch = next(batches, None)
+            data_time += time.perf_counter() - fetch
+            if batch is None:
+                break
+            if sync_debug:
+                torch.cuda.set_sync_debug_mode("error")  # any host sync inside a step raises
+            with rt.autocast():
+                loss, sums = task.forward(state.net, batch)
+            state.optimizer.zero_grad(set_to_none=True)
+            state.scaler.scale(loss).backward()
+            if trainer.clip_grad:
+                state.scaler.unscale_(state.optimizer)
+                nn.utils.clip_grad_norm_(state.model.parameters(), trainer.clip_grad)
+            state.scaler.step(state.optimizer)
+            state.scaler.update()
+            lr = state.optimizer.param_groups[0]["lr"]  # the lr this step used (a host float)
+            state.global_step += 1
+            state.step_in_epoch += 1
+            state.scheduler.step_update(state.global_step)
+            if state.ema is not None:
+                state.ema.update(state.model, step=state.global_step - 1)
+            state.sums.add(**sums)
+            window_loss += loss.detach()
+            if sync_debug:
+                torch.cuda.set_sync_debug_mode("default")
+            window_steps += 1
+            seen += int(sums.get("count", 0))
+            if bar is not None:
+                bar.update(1)
+            if window_steps >= trainer.log_interval or state.step_in_epoch >= total or \
+                    (stop.requested and not rt.dist.enabled):
+                mean_loss = float(window_loss) / window_steps
+                if _stop_agreed(stop, rt, not math.isfinite(mean_loss), state, cfg, mean_loss, lr):
+                    return None
+                if bar is not None:
+                    bar.set_postfix(loss=f"{mean_loss:.3f}", lr=f"{lr:.4g}", refresh=False)
+                window_loss.zero_()
+                window_steps = 0
+    finally:
+        if bar is not None:
+            bar.close()
+    elapsed = time.perf_counter() - start_time
+    metrics = task.train_metrics(state.sums.reduced(rt.device))
+    if not math.isfinite(metrics.get("loss", 0.0)):
+        raise NonFiniteLossError(f"the epoch's mean training loss is {metrics['loss']} at epoch {state.epoch + 1}. "
+                                 f"{_kept_checkpoint(rt)}")
+    frac = data_time / max(elapsed, 1e-9)
+    if frac > DATA_BOUND_FRACTION and rt.dist.is_main:
+        _logger.warning("epoch %d: %.0f%% of the time went to waiting for data: the loader is the bottleneck "
+                        "(raise data.workers, now %d)", state.epoch + 1, 100 * frac, cfg.data.workers)
+    return {**metrics, "images_per_s": seen * rt.dist.world_size / max(elapsed, 1e-9), "data_time_frac": frac}
+
+
+def _stop_agreed(stop: StopRequest, rt: Runtime, diverged: bool, state: TrainState, cfg, loss: float,
+                 lr: float) -> bool:
+    """The loop's only host sync: raises if any rank's loss is not finite; True if any rank got a signal."""
+    flags = [float(stop.requested), float(diverged)]
+    if rt.dist.enabled:
+        flags = all_reduce_max(flags, rt.device)
+    if flags[1]:
+        value = loss if diverged else "non-finite on another rank"
+        raise NonFiniteLossError(
+            f"training loss is {value} at epoch {state.epoch + 1}, step {state.step_in_epoch} (global step "
+            f"{state.global_step}; checked every trainer.log_interval={cfg.trainer.log_interval} steps), lr "
+            f"{lr:.4g}: the run diverged. {_kept_checkpoint(rt)}; lower optim.lr, add warmup "
+            "(sched.warmup_epochs) or set trainer.clip_grad")
+    return bool(flags[0])
+
+
+def _kept_checkpoint(rt: Runtime) -> str:
+    if (rt.run_dir / "last.pt").is_file():
+        return f"The last good checkpoint {rt.run_dir / 'last.pt'} is untouched"
+    return "No checkpoint was written"
+
+
+def fit(state: TrainState, task: Task, cfg, rt: Runtime, train_loader) -> dict[str, Any]:
+    """Trains to ``trainer.epochs`` (or only evaluates, with ``trainer.eval_only``) and writes the summary.
+
+    Each epoch: train, evaluate (and the EMA weights), log, checkpoint. A stop signal (SIGTERM, or
+    SIGUSR1/2 from SLURM) is honoured at the next step or, if it arrives during evaluation or saving, at
+    the epoch's end: checkpoint, then the previous handler (submitit's requeue) or exit ``128 + signum``.
+    """
+    reset_peak_memory(rt.device)
+    logger = _make_logger(state, task, cfg, rt)
+    if cfg.trainer.eval_only:
+        return _finish(state, task, cfg, rt, logger, eval_only=task.evaluate(state.net))
+    started = time.perf_counter()
+    with StopRequest() as stop:
+        while state.epoch < cfg.trainer.epochs:
+            train_metrics = train_one_epoch(state, train_loader, task, cfg, rt, stop)
+            if train_metrics is None:
+                save_state(state, cfg, rt)
+                _stop(stop, logger, rt, f"signal {stop.signum}: checkpoint written to {rt.run_dir / 'last.pt'} at "
+                      f"epoch {state.epoch} step {state.step_in_epoch}")
+            val_metrics = task.evaluate(state.net)
+            record = {"epoch": state.epoch + 1, "lr": state.optimizer.param_groups[0]["lr"],
+                      **{f"train/{k}": v for k, v in train_metrics.items()},
+                      **{f"val/{k}": v for k, v in val_metrics.items()}}
+            if state.ema is not None:
+                record.update({f"val_ema/{k}": v for k, v in task.evaluate(state.ema.module).items()})
+            record["peak_mem_mb"] = peak_memory_mb(rt.device)
+            value = val_metrics[task.key_metric]
+            is_best = state.best is None or value > state.best
+            state.best = value if is_best else state.best
+            state.history.append(record)
+            logger.log(record, step=state.global_step)
+            if rt.dist.is_main:
+                _logger.info("epoch %d: %s", state.epoch + 1,
+                             ", ".join(f"{k} {v:.4g}" for k, v in record.items() if isinstance(v, float)))
+            state.epoch, state.step_in_epoch, state.sums = state.epoch + 1, 0, Sums()
+            save_state(state, cfg, rt, is_best)
+            if _stop_agreed(stop, rt, False, state, cfg, 0.0, 0.0):  # a signal during evaluation or saving
+                _stop(stop, logger, rt, f"signal {stop.signum}: stopping after epoch {state.epoch} "
+                      f"(checkpoint {rt.run_dir / 'last.pt'})")
+    return _finish(state, task, cfg, rt, logger, train_seconds=time.perf_counter() - started)
+
+
+def _stop(stop: StopRequest, logger, rt: Runtime, message: str) -> None:
+    _logger.warning(message)
+    logger.finish()
+    cleanup(rt.dist)
+    stop.forward()
+
+
+def _make_logger(state: TrainState, task: Task, cfg, rt: Runtime):
+    if not rt.dist.is_main or cfg.logger.name == "none":
+        return NullLogger()
+    config = {**cfg.to_dict(), "params": task.summary_fields.get("params"), "macs": task.summary_fields.get("macs")}
+    name = cfg.experiment or f"{cfg.model.name}-s{cfg.seed}"
+    logger = WandbLogger(cfg.logger, str(rt.run_dir), config, name, state.logger_id)
+    state.logger_id = logger.run_id
+    return logger
+
+
+def _finish(state: TrainState, task: Task, cfg, rt: Runtime, logger, eval_only: dict | None = None,
+            train_seconds: float | None = None) -> dict[str, Any]:
+    last = state.history[-1] if state.history else {}
+    final = eval_only if eval_only is not None else {k[4:]: v for k, v in last.items() if k.startswith("val/")}
+    summary = {
+        "model": cfg.model.name, **task.summary_fields, **task.final_metrics(final),
+        f"best_{task.key_metric}": state.best if state.history else None,
+        "seed": cfg.seed, "epochs": state.epoch, "global_batch": cfg.data.batch_size * rt.dist.world_size,
+        "world_size": rt.dist.world_size, "images_per_s": last.get("train/images_per_s"),
+        "peak_mem_mb": peak_memory_mb(rt.device), "train_seconds": train_seconds,
+        "device": torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else platform.processor() or "cpu",
+        "torch": torch.__version__, "experiment": cfg.experiment, "command": cfg.command,
+        "run_dir": str(rt.run_dir), "history": state.history,
+    }
+    if rt.dist.is_main:
+        name = "eval.json" if eval_only is not None else "summary.json"
+        atomic_write_text(rt.run_dir / name, json.dumps(summary, indent=2, default=str) + "\n")
+        logger.summary({k: v for k, v in summary.items() if k != "history" and v is not None})
+        logger.finish()
+    summary = broadcast_object(summary, rt.dist)
+    cleanup(rt.dist)
+    return summary

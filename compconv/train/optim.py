@@ -1,22 +1,12 @@
-"""Optimizer with weight decay off for norm and bias parameters, and per-step LR schedules."""
+"""The optimizer and the per-step learning-rate schedule, from timm."""
 
 from __future__ import annotations
 
-import math
-
 import torch
+from timm.optim import create_optimizer_v2
+from timm.scheduler import CosineLRScheduler, MultiStepLRScheduler
+from timm.scheduler.scheduler import Scheduler
 from torch import nn
-
-
-def param_groups(model: nn.Module, weight_decay: float, wd_on_norm_and_bias: bool) -> list[dict]:
-    """Two groups: decayed weights, and 1-D tensors (norm scales, biases) without weight decay."""
-    if wd_on_norm_and_bias:
-        return [{"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": weight_decay}]
-    decay, no_decay = [], []
-    for param in model.parameters():
-        if param.requires_grad:
-            (no_decay if param.ndim <= 1 else decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 def effective_lr(cfg, global_batch: int) -> float:
@@ -24,28 +14,28 @@ def effective_lr(cfg, global_batch: int) -> float:
     return cfg.lr * global_batch / cfg.lr_base_batch if cfg.lr_base_batch else cfg.lr
 
 
-def build_optimizer(model: nn.Module, cfg, global_batch: int) -> torch.optim.Optimizer:
-    groups = param_groups(model, cfg.weight_decay, cfg.wd_on_norm_and_bias)
-    lr = effective_lr(cfg, global_batch)
-    if cfg.name == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
-    return torch.optim.AdamW(groups, lr=lr, betas=tuple(cfg.betas), eps=cfg.eps)
+def create_optimizer(model: nn.Module, cfg, global_batch: int) -> torch.optim.Optimizer:
+    """timm's optimizer ``cfg.name`` at the scaled lr; no weight decay on norm and bias parameters
+    (timm's ``param_groups_weight_decay``) unless ``cfg.wd_on_norm_and_bias``. Frozen parameters are left out."""
+    return create_optimizer_v2(model, opt=cfg.name, lr=effective_lr(cfg, global_batch),
+                               weight_decay=cfg.weight_decay, filter_bias_and_bn=not cfg.wd_on_norm_and_bias,
+                               **cfg.kwargs)
 
 
-def lr_factor(cfg, step: int, steps_per_epoch: int, epochs: int) -> float:
-    """LR multiplier at optimizer step ``step``: linear warmup, then cosine / multistep / constant."""
+def create_scheduler(optimizer: torch.optim.Optimizer, cfg, steps_per_epoch: int, epochs: int) -> Scheduler:
+    """A timm scheduler stepped per optimizer step (``step_update(global_step)``).
+
+    Linear warmup from ``warmup_start_factor`` x lr over ``warmup_epochs``, then a cosine over the
+    remaining steps to ``min_lr_factor`` x lr, or a step decay by ``gamma`` at the first step of each
+    epoch in ``milestones`` (none for ``constant``).
+    """
+    lr = optimizer.param_groups[0]["lr"]
     warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
-    if step < warmup:
-        return cfg.warmup_start_factor + (1 - cfg.warmup_start_factor) * step / warmup
+    common = {"warmup_t": warmup, "warmup_lr_init": cfg.warmup_start_factor * lr, "t_in_epochs": False}
     if cfg.name == "cosine":
-        total = max(1, epochs * steps_per_epoch - warmup)
-        progress = min(1.0, (step - warmup) / total)
-        return cfg.min_lr_factor + (1 - cfg.min_lr_factor) * 0.5 * (1 + math.cos(math.pi * progress))
-    if cfg.name == "multistep":
-        epoch = step // steps_per_epoch
-        return cfg.gamma ** sum(epoch >= m for m in cfg.milestones)
-    return 1.0
-
-
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg, steps_per_epoch: int, epochs: int):
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(cfg, step, steps_per_epoch, epochs))
+        return CosineLRScheduler(optimizer, t_initial=max(1, epochs * steps_per_epoch - warmup),
+                                 lr_min=cfg.min_lr_factor * lr, warmup_prefix=True, **common)
+    milestones = cfg.milestones if cfg.name == "multistep" else []
+    # timm applies decay step d at index d - 1, so d = first step of the epoch + 1.
+    return MultiStepLRScheduler(optimizer, decay_t=[m * steps_per_epoch + 1 for m in milestones],
+                                decay_rate=cfg.gamma, warmup_prefix=False, **common)

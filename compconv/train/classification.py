@@ -1,0 +1,122 @@
+"""Classification: Fashion-MNIST / ImageNet / ImageFolder data, a timm model, cross-entropy, top-1/top-5.
+
+:func:`run_classification` reads like a torchvision reference ``main``: runtime, data, model, state,
+resume, then the shared loop (:func:`compconv.train.engine.fit`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import timm
+import torch
+from timm.utils import accuracy
+from torch import nn
+from torch.utils.data import DataLoader
+
+from ..complexity import complexity
+from ..data import ResumableSampler, build_datasets, collate_skipping_bad, loader_options
+from ..models import compconv_model_names, registered_model_names
+from .config import ConfigError, TrainConfig
+from .engine import Task, fit
+from .state import Runtime, create_state, resume, setup_runtime
+from .sums import Sums
+
+
+def build_model(cfg, num_classes: int, in_chans: int, **extra: Any) -> nn.Module:
+    """timm model from a :class:`ModelConfig`, with a clear error for unknown names or misplaced options."""
+    name = cfg.name
+    if not timm.is_model(name):
+        raise ConfigError(f"unknown model {name!r}; this package registers {registered_model_names()}, "
+                          "and any timm model name works (e.g. resnet50, vgg16)")
+    kwargs = dict(cfg.kwargs, num_classes=num_classes, in_chans=in_chans, **extra)
+    if cfg.drop_path_rate:
+        kwargs["drop_path_rate"] = cfg.drop_path_rate
+    if cfg.compconv is not None:
+        if name not in compconv_model_names():
+            raise ConfigError(f"model.compconv is set but {name!r} is not a CompConv model; set model.compconv=null")
+        kwargs["compconv"] = dict(cfg.compconv)
+    return timm.create_model(name, pretrained=False, **kwargs)
+
+
+def build_loaders(cfg: TrainConfig, rt: Runtime) -> tuple[DataLoader, DataLoader, int]:
+    """Training and validation loaders split over the ranks, and the number of classes."""
+    options = loader_options(cfg.data.workers, cfg.data.prefetch_factor, rt.device)
+    train_set, val_set, num_classes = build_datasets(cfg.data, cfg.seed)
+    rank, world = rt.dist.rank, rt.dist.world_size
+    train = DataLoader(train_set, cfg.data.batch_size, sampler=ResumableSampler(len(train_set), rank, world, True, cfg.seed),
+                       collate_fn=collate_skipping_bad, drop_last=True, **options)
+    val = DataLoader(val_set, cfg.data.eval_batch_size, sampler=ResumableSampler(len(val_set), rank, world, shuffle=False),
+                     collate_fn=collate_skipping_bad, **options)
+    return train, val, num_classes
+
+
+def classification_sums(loss: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> dict[str, Any]:
+    """Loss sum and top-1/top-5 hit counts of one batch as device tensors (``count`` is a host int)."""
+    n = targets.numel()
+    top1, top5 = accuracy(logits, targets, topk=(1, min(5, logits.shape[1])))
+    hits = torch.stack([top1, top5]).double().mul(n / 100).round()  # timm gives percentages; counts are exact
+    return {"loss_sum": loss.detach().double() * n, "correct1": hits[0], "correct5": hits[1], "count": n}
+
+
+def classification_metrics(sums: Sums) -> dict[str, float]:
+    """Mean loss and top-1/top-5 accuracy (percent) from reduced sums."""
+    n = max(sums["count"], 1.0)
+    return {"loss": sums["loss_sum"] / n, "top1": 100 * sums["correct1"] / n, "top5": 100 * sums["correct5"] / n,
+            "images": int(sums["count"]), "skipped_images": int(sums["skipped"])}
+
+
+def _to_device(images: torch.Tensor, targets: torch.Tensor, rt: Runtime):
+    images = images.to(rt.device, non_blocking=True, memory_format=rt.memory_format)
+    return images, targets.to(rt.device, non_blocking=True)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: DataLoader, rt: Runtime, max_steps: int | None = None) -> dict[str, float]:
+    """Loss and top-1/top-5 of ``model`` on ``loader``, reduced over the ranks."""
+    model.eval()
+    criterion = nn.CrossEntropyLoss()
+    sums = Sums({"count": 0.0, "skipped": 0.0, "loss_sum": 0.0, "correct1": 0.0, "correct5": 0.0})
+    for step, (images, targets, skipped) in enumerate(loader):
+        if max_steps and step >= max_steps:
+            break
+        sums.add(skipped=skipped)
+        if targets.numel() == 0:
+            continue
+        images, targets = _to_device(images, targets, rt)
+        with rt.autocast():
+            logits = model(images)
+        logits = logits.float()
+        sums.add(**classification_sums(criterion(logits, targets), logits, targets))
+    return classification_metrics(sums.reduced(rt.device))
+
+
+def run_classification(cfg: TrainConfig) -> dict[str, Any]:
+    """Trains (or, with ``trainer.eval_only``, evaluates) a classifier; returns the summary it writes."""
+    rt = setup_runtime(cfg)
+    train_loader, val_loader, num_classes = build_loaders(cfg, rt)
+    model = build_model(cfg.model, num_classes, cfg.data.in_chans)
+    cost = complexity(model, (cfg.data.in_chans, cfg.data.img_size, cfg.data.img_size))
+    state = create_state(model, cfg, rt, train_loader)
+    resume(state, cfg, rt)
+    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.trainer.label_smoothing)
+
+    def forward(net: nn.Module, batch) -> tuple[torch.Tensor, dict[str, Any]]:
+        images, targets, skipped = batch
+        images, targets = _to_device(images, targets, rt)
+        logits = net(images)
+        loss = criterion(logits, targets)
+        return loss, {**classification_sums(loss.float(), logits.float(), targets), "skipped": skipped}
+
+    report = getattr(model, "compconv_report", None)
+    options = report.options.as_dict() if report else None
+    task = Task(
+        forward=forward, evaluate=lambda m: evaluate(m, val_loader, rt, cfg.trainer.max_eval_steps),
+        train_metrics=classification_metrics, key_metric="top1",
+        final_metrics=lambda m: {"top1": m.get("top1"), "top5": m.get("top5"), "val_loss": m.get("loss")},
+        summary_fields={
+            "c0": options.get("c0") if options else None, "compconv": options, "dataset": cfg.data.name,
+            "img_size": cfg.data.img_size, "in_chans": cfg.data.in_chans, "train_images": len(train_loader.dataset),
+            "val_images": len(val_loader.dataset), "params": cost.params, "macs": cost.macs,
+            "macs_note": "MACs of one image at the training input size"})
+    return fit(state, task, cfg, rt, train_loader)

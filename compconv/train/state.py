@@ -1,0 +1,179 @@
+"""What a run is made of: where it runs (:class:`Runtime`) and what it advances and checkpoints (:class:`TrainState`)."""
+
+from __future__ import annotations
+
+import logging
+import random
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .checkpoint import load_newest, model_signature, resume_candidates, save_rotating
+from .config import ConfigError
+from .distributed import DistContext, barrier, broadcast_object, init_distributed, resolve_device, wrap_ddp
+from .optim import create_optimizer, create_scheduler
+from .sums import Sums
+
+_logger = logging.getLogger("compconv.train")
+
+
+@dataclass
+class Runtime:
+    """Where a run executes: process group, device, precision, memory format and run directory."""
+
+    dist: DistContext
+    device: torch.device
+    run_dir: Path
+    amp_dtype: torch.dtype | None
+    memory_format: torch.memory_format
+
+    def autocast(self):
+        """``torch.autocast`` at the run's AMP dtype, or nothing when AMP is off."""
+        if self.amp_dtype is None:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+
+def amp_dtype(choice: str, device: torch.device) -> torch.dtype | None:
+    """``trainer.amp`` as a dtype: ``auto`` is bf16 on CUDA and off on the CPU."""
+    if choice == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    return {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[choice]
+
+
+def setup_runtime(cfg) -> Runtime:
+    """Joins the process group (torchrun / SLURM), picks ``cuda:LOCAL_RANK`` or the CPU, seeds each rank."""
+    try:
+        resolve_device(cfg.trainer.device, DistContext())  # a clear error before any process group exists
+    except ValueError as error:
+        raise ConfigError(str(error)) from error
+    wants_cuda = cfg.trainer.device == "cuda" or (cfg.trainer.device == "auto" and torch.cuda.is_available())
+    ctx = init_distributed("cuda" if wants_cuda else "cpu")
+    device = resolve_device(cfg.trainer.device, ctx)
+    torch.manual_seed(cfg.seed + ctx.rank)
+    random.seed(cfg.seed + ctx.rank)
+    if cfg.trainer.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    run_dir = Path(broadcast_object(cfg.run_dir, ctx))  # ranks may disagree on ${now}
+    memory_format = torch.channels_last if cfg.trainer.channels_last else torch.contiguous_format
+    return Runtime(ctx, device, run_dir, amp_dtype(cfg.trainer.amp, device), memory_format)
+
+
+@dataclass
+class TrainState:
+    """Everything the loop advances and a checkpoint holds.
+
+    ``model`` is the bare model (what is saved and evaluated); ``net`` runs the training batches
+    (the model, wrapped in DDP and/or compiled).
+    """
+
+    model: nn.Module
+    net: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: torch.amp.GradScaler
+    ema: timm.utils.ModelEmaV3 | None = None
+    epoch: int = 0
+    step_in_epoch: int = 0
+    global_step: int = 0
+    sums: Sums = field(default_factory=Sums)
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best: float | None = None
+    logger_id: str | None = None
+
+
+def create_state(model: nn.Module, cfg, rt: Runtime, train_loader) -> TrainState:
+    """Moves ``model`` to the run's device and builds its optimizer, schedule, scaler, EMA, DDP and compile."""
+    steps_per_epoch = len(train_loader)
+    if steps_per_epoch == 0:
+        raise ConfigError(f"the training set ({len(train_loader.dataset)} images) is smaller than one batch of "
+                          f"data.batch_size={cfg.data.batch_size} per process")
+    model.to(rt.device, memory_format=rt.memory_format)
+    optimizer = create_optimizer(model, cfg.optim, cfg.data.batch_size * rt.dist.world_size)
+    scheduler = create_scheduler(optimizer, cfg.sched, steps_per_epoch, cfg.trainer.epochs)
+    scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.amp_dtype == torch.float16)
+    ema = timm.utils.ModelEmaV3(model, decay=cfg.trainer.ema_decay) if cfg.trainer.ema_decay else None
+    net = wrap_ddp(model, rt.device, rt.dist, cfg.trainer.sync_bn)
+    if net is not model:
+        model = net.module  # SyncBatchNorm conversion may have replaced modules
+    if cfg.trainer.compile:
+        net = torch.compile(net)
+    return TrainState(model, net, optimizer, scheduler, scaler, ema)
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _gather(obj: Any, rt: Runtime) -> list[Any]:
+    if not rt.dist.enabled:
+        return [obj]
+    gathered = [None] * rt.dist.world_size
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def save_state(state: TrainState, cfg, rt: Runtime, is_best: bool = False) -> None:
+    """Writes ``last.pt`` (and ``best.pt``) on rank 0; collective, so every rank calls it."""
+    keys = sorted(set().union(*_gather(sorted(state.sums.values), rt)))  # every rank reduces the same keys
+    checkpoint = {
+        "model_name": cfg.model.name, "model_signature": model_signature(state.model),
+        "model": state.model.state_dict(), "optimizer": state.optimizer.state_dict(),
+        "scaler": state.scaler.state_dict(), "ema": state.ema.state_dict() if state.ema else None,
+        "epoch": state.epoch, "step_in_epoch": state.step_in_epoch, "global_step": state.global_step,
+        "sums": state.sums.reduced(rt.device, keys).host(), "history": state.history, "best": state.best,
+        "rng": _gather(_rng_state(), rt), "world_size": rt.dist.world_size, "config": cfg.to_dict(),
+        "wandb_id": state.logger_id,
+    }
+    if rt.dist.is_main:
+        save_rotating(rt.run_dir, checkpoint, is_best)
+    barrier(rt.dist)
+
+
+def resume(state: TrainState, cfg, rt: Runtime) -> None:
+    """Loads ``trainer.resume``: ``auto`` (the newest loadable checkpoint of the run directory, if any),
+    ``never``, or a path. With ``trainer.eval_only`` only the weights (and EMA) are loaded."""
+    choice = cfg.trainer.resume
+    if choice == "never":
+        return
+    if choice == "auto":
+        found = load_newest(resume_candidates(rt.run_dir), cfg.model.name, state.model)
+        if found is None:
+            return
+    else:
+        if not Path(choice).is_file():
+            raise FileNotFoundError(f"trainer.resume={choice}: no such checkpoint (auto|never|<path to a .pt>)")
+        found = load_newest([Path(choice)], cfg.model.name, state.model)
+    checkpoint, path = found
+    state.model.load_state_dict(checkpoint["model"])
+    if state.ema and checkpoint["ema"]:
+        state.ema.load_state_dict(checkpoint["ema"])
+    if cfg.trainer.eval_only:
+        return
+    state.optimizer.load_state_dict(checkpoint["optimizer"])
+    state.scaler.load_state_dict(checkpoint["scaler"])
+    state.epoch, state.step_in_epoch = checkpoint["epoch"], checkpoint["step_in_epoch"]
+    state.global_step = checkpoint["global_step"]
+    state.scheduler.step_update(state.global_step)
+    state.history, state.best, state.logger_id = checkpoint["history"], checkpoint["best"], checkpoint.get("wandb_id")
+    if rt.dist.is_main:
+        state.sums = Sums(checkpoint["sums"])  # reduced sums live on rank 0 only
+    rng = checkpoint["rng"]
+    _set_rng_state(rng[rt.dist.rank] if len(rng) == rt.dist.world_size else rng[0])
+    _logger.info("resumed from %s at epoch %d step %d", path, state.epoch, state.step_in_epoch)
