@@ -131,13 +131,12 @@ def _gather(obj: Any, rt: Runtime) -> list[Any]:
 
 def save_state(state: TrainState, cfg, rt: Runtime, is_best: bool = False) -> None:
     """Writes ``last.pt`` (and ``best.pt``) on rank 0; collective, so every rank calls it."""
-    keys = sorted(set().union(*_gather(sorted(state.sums.values), rt)))  # every rank reduces the same keys
     checkpoint = {
         "model_name": cfg.model.name, "model_signature": model_signature(state.model),
         "model": state.model.state_dict(), "optimizer": state.optimizer.state_dict(),
         "scaler": state.scaler.state_dict(), "ema": state.ema.state_dict() if state.ema else None,
         "epoch": state.epoch, "step_in_epoch": state.step_in_epoch, "global_step": state.global_step,
-        "sums": state.sums.reduced(rt.device, keys).host(), "history": state.history, "best": state.best,
+        "sums": state.sums.reduced(rt.device).host(), "history": state.history, "best": state.best,
         "rng": _gather(_rng_state(), rt), "world_size": rt.dist.world_size, "config": cfg.to_dict(),
         "wandb_id": state.logger_id,
     }

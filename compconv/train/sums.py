@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 
 from .distributed import all_reduce_sum
 
@@ -28,10 +29,14 @@ class Sums:
         host = {k: float(self.values[k]) for k in keys if k not in tensors}
         return {**host, **dict(zip(tensors, numbers))}
 
-    def reduced(self, device: torch.device, keys: list[str] | None = None) -> "Sums":
-        """The sums over all ranks (``keys``: the same list on every rank; default: this rank's keys)."""
+    def reduced(self, device: torch.device) -> "Sums":
+        """The sums over all ranks, over the union of the ranks' keys (a rank may have none yet after a resume)."""
         values = self.host()
-        keys = sorted(keys or values)
+        keys = sorted(values)
+        if dist.is_available() and dist.is_initialized():
+            gathered = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, keys)
+            keys = sorted(set().union(*gathered))
         totals = all_reduce_sum([values.get(k, 0.0) for k in keys], device)
         return Sums(dict(zip(keys, totals)))
 
