@@ -4,6 +4,7 @@ damaged checkpoints, file permissions, data-loading time."""
 from __future__ import annotations
 
 import os
+import signal
 import stat
 
 import pytest
@@ -11,8 +12,11 @@ import torch
 from torch import nn
 
 from compconv.io import atomic_write_text
-from compconv.train import distributed
-from compconv.train.classification import classification_sums
+from compconv.train import TrainConfig, create_state, distributed, setup_runtime, train_one_epoch
+from compconv.train.classification import build_loaders, build_model, classification_metrics, classification_sums
+from compconv.train.config import DataConfig, LoggerConfig, ModelConfig, TrainerConfig
+from compconv.train.engine import Task
+from compconv.train.signals import StopRequest
 from compconv.train.checkpoint import BEST, LAST, PREVIOUS
 from helpers import TINY, run_script, summary
 
@@ -48,18 +52,12 @@ def test_rank_3_of_8_trains_on_its_own_gpu(monkeypatch):
     assert cpu.kwargs == {} and type(cpu.module[0]) is nn.BatchNorm2d
 
 
-def _syncs_of_one_epoch(monkeypatch, tmp_path, steps: int) -> int:
-    """Device-to-host reads during one training epoch of ``steps`` steps, with one check point per epoch."""
-    from compconv.train import TrainConfig, create_state, setup_runtime, train_one_epoch
-    from compconv.train.classification import build_loaders, build_model, classification_metrics
-    from compconv.train.config import DataConfig, LoggerConfig, ModelConfig, TrainerConfig
-    from compconv.train.engine import Task
-    from compconv.train.signals import StopRequest
-
+def _one_epoch_setup(tmp_path, steps: int, log_interval: int = 10_000):
+    """A resnet18_compconv128 state and task for ``steps`` training steps of 8 images, built as run_classification does."""
     cfg = TrainConfig(
         model=ModelConfig(name="resnet18_compconv128"), run_dir=str(tmp_path / f"run{steps}"),
         data=DataConfig(train_subset=8 * steps, val_subset=8, batch_size=8, eval_batch_size=8),
-        trainer=TrainerConfig(epochs=1, progress=False, log_interval=10_000, resume="never"),
+        trainer=TrainerConfig(epochs=1, progress=False, log_interval=log_interval, resume="never"),
         logger=LoggerConfig(name="none"))
     rt = setup_runtime(cfg)
     loader, _, classes = build_loaders(cfg, rt)
@@ -72,6 +70,12 @@ def _syncs_of_one_epoch(monkeypatch, tmp_path, steps: int) -> int:
         return loss, {**classification_sums(loss, logits, batch[1]), "skipped": batch[2]}
 
     task = Task(forward=forward, evaluate=dict, train_metrics=classification_metrics, key_metric="top1")
+    return state, loader, task, cfg, rt
+
+
+def _syncs_of_one_epoch(monkeypatch, tmp_path, steps: int) -> int:
+    """Device-to-host reads during one training epoch of ``steps`` steps, with one check point per epoch."""
+    state, loader, task, cfg, rt = _one_epoch_setup(tmp_path, steps)
     batches = list(loader)  # count the loop's reads, not the data pipeline's (CPU tensors)
 
     class Replay(list):
@@ -91,6 +95,16 @@ def _syncs_of_one_epoch(monkeypatch, tmp_path, steps: int) -> int:
     monkeypatch.undo()
     assert metrics["images"] == 8 * steps
     return count["n"]
+
+
+@pytest.mark.parametrize("log_interval", [10_000, 2])
+def test_a_stop_signal_ends_the_epoch_at_the_next_step(tmp_path, log_interval):
+    """A single process stops after the step during which the signal came, whatever the log interval."""
+    state, loader, task, cfg, rt = _one_epoch_setup(tmp_path, 5, log_interval)
+    with StopRequest() as stop:
+        stop.signum = signal.SIGTERM  # as the handler records it
+        assert train_one_epoch(state, loader, task, cfg, rt, stop) is None
+    assert (state.step_in_epoch, state.global_step) == (1, 1)
 
 
 def test_training_steps_do_not_read_device_values(monkeypatch, tmp_path):
