@@ -113,7 +113,15 @@ def train_one_epoch(state: TrainState, loader, task: Task, cfg, rt: Runtime, sto
             if window_steps >= trainer.log_interval or state.step_in_epoch >= total or \
                     (stop.requested and not rt.dist.enabled):
                 mean_loss = float(window_loss) / window_steps
-                if _stop_agreed(stop, rt, not math.isfinite(mean_loss), state, cfg, mean_loss, lr):
+                stop_now, diverged = _agree(stop, rt, not math.isfinite(mean_loss))
+                if diverged:
+                    value = mean_loss if not math.isfinite(mean_loss) else "non-finite on another rank"
+                    raise NonFiniteLossError(
+                        f"training loss is {value} at epoch {state.epoch + 1}, step {state.step_in_epoch} (global "
+                        f"step {state.global_step}; checked every trainer.log_interval={trainer.log_interval} steps), "
+                        f"lr {lr:.4g}: the run diverged. {_kept_checkpoint(rt)}; lower optim.lr, add warmup "
+                        "(sched.warmup_epochs) or set trainer.clip_grad")
+                if stop_now:
                     return None
                 if bar is not None:
                     bar.set_postfix(loss=f"{mean_loss:.3f}", lr=f"{lr:.4g}", refresh=False)
@@ -134,20 +142,12 @@ def train_one_epoch(state: TrainState, loader, task: Task, cfg, rt: Runtime, sto
     return {**metrics, "images_per_s": seen * rt.dist.world_size / max(elapsed, 1e-9), "data_time_frac": frac}
 
 
-def _stop_agreed(stop: StopRequest, rt: Runtime, diverged: bool, state: TrainState, cfg, loss: float,
-                 lr: float) -> bool:
-    """The loop's only host sync: raises if any rank's loss is not finite; True if any rank got a signal."""
+def _agree(stop: StopRequest, rt: Runtime, diverged: bool) -> tuple[bool, bool]:
+    """The loop's only host sync: (a stop signal, a non-finite loss) on any rank, in one MAX all-reduce."""
     flags = [float(stop.requested), float(diverged)]
     if rt.dist.enabled:
         flags = all_reduce_max(flags, rt.device)
-    if flags[1]:
-        value = loss if diverged else "non-finite on another rank"
-        raise NonFiniteLossError(
-            f"training loss is {value} at epoch {state.epoch + 1}, step {state.step_in_epoch} (global step "
-            f"{state.global_step}; checked every trainer.log_interval={cfg.trainer.log_interval} steps), lr "
-            f"{lr:.4g}: the run diverged. {_kept_checkpoint(rt)}; lower optim.lr, add warmup "
-            "(sched.warmup_epochs) or set trainer.clip_grad")
-    return bool(flags[0])
+    return bool(flags[0]), bool(flags[1])
 
 
 def _kept_checkpoint(rt: Runtime) -> str:
@@ -192,7 +192,7 @@ def fit(state: TrainState, task: Task, cfg, rt: Runtime, train_loader) -> dict[s
                              ", ".join(f"{k} {v:.4g}" for k, v in record.items() if isinstance(v, float)))
             state.epoch, state.step_in_epoch, state.sums = state.epoch + 1, 0, Sums()
             save_state(state, cfg, rt, is_best)
-            if _stop_agreed(stop, rt, False, state, cfg, 0.0, 0.0):  # a signal during evaluation or saving
+            if _agree(stop, rt, diverged=False)[0]:  # a signal during evaluation or saving
                 _stop(stop, logger, rt, f"signal {stop.signum}: stopping after epoch {state.epoch} "
                       f"(checkpoint {rt.run_dir / 'last.pt'})")
     return _finish(state, task, cfg, rt, logger, train_seconds=time.perf_counter() - started)
