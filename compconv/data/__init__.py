@@ -8,12 +8,12 @@ from torch.utils.data import Dataset, Subset
 
 from .fashion_mnist import FashionMNIST
 from .imagefolder import CheckedImageFolder, DataError, UnreadableImageError
-from .sampling import EpochSeededDataset, ResumableSampler, collate_skipping_bad, loader_options
+from .sampling import EpochSeededDataset, ResumableSampler, collate_skipping_bad, loader_options, rank_loaders
 from .transforms import imagenet_transform, small_image_transform
 
 __all__ = [
     "CheckedImageFolder", "DataError", "EpochSeededDataset", "FashionMNIST", "ResumableSampler", "UnreadableImageError",
-    "build_datasets", "collate_skipping_bad", "loader_options",
+    "build_datasets", "collate_skipping_bad", "loader_options", "rank_loaders",
 ]
 
 

@@ -10,7 +10,7 @@ import random
 from typing import Iterator
 
 import torch
-from torch.utils.data import Dataset, Sampler, default_collate
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 
 class EpochSeededDataset(Dataset):
@@ -81,6 +81,19 @@ def loader_options(workers: int, prefetch_factor: int, device) -> dict:
     if workers > 0:
         options.update(persistent_workers=True, prefetch_factor=prefetch_factor)
     return options
+
+
+def rank_loaders(train_set, val_set, data_cfg, seed: int, rank: int, world_size: int, device,
+                 collate_fn) -> tuple[DataLoader, DataLoader]:
+    """This rank's training loader (shuffled by seed and epoch, resumable, full batches) and validation
+    loader (in order, no padding), with :func:`loader_options` from ``data_cfg``'s ``workers`` and
+    ``prefetch_factor`` and its ``batch_size`` / ``eval_batch_size``."""
+    options = loader_options(data_cfg.workers, data_cfg.prefetch_factor, device)
+    train = DataLoader(train_set, data_cfg.batch_size, drop_last=True, collate_fn=collate_fn, **options,
+                       sampler=ResumableSampler(len(train_set), rank, world_size, shuffle=True, seed=seed))
+    val = DataLoader(val_set, data_cfg.eval_batch_size, collate_fn=collate_fn, **options,
+                     sampler=ResumableSampler(len(val_set), rank, world_size, shuffle=False))
+    return train, val
 
 
 def collate_skipping_bad(batch: list) -> tuple[torch.Tensor, torch.Tensor, int]:

@@ -15,8 +15,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ..complexity import count_macs
-from ..data import EpochSeededDataset, ResumableSampler, loader_options
-from ..train import Runtime, Task, create_state, fit, resume, setup_runtime
+from ..data import EpochSeededDataset, rank_loaders
+from ..train import Runtime, Task, compconv_fields, create_state, fit, resume, setup_runtime
 from ..train.distributed import barrier, broadcast_object
 from ..train.sums import Sums
 from .backbone import build_detector
@@ -41,13 +41,8 @@ def build_loaders(cfg: DetTrainConfig, rt: Runtime) -> tuple[DataLoader, DataLoa
                         data.skip_bad)
     if train.category_ids != val.category_ids:
         raise FileNotFoundError(f"train and val annotations of {root} list different categories")
-    options = loader_options(data.workers, data.prefetch_factor, rt.device)
-    rank, world = rt.dist.rank, rt.dist.world_size
-    train_loader = DataLoader(EpochSeededDataset(train, cfg.seed), data.batch_size, drop_last=True,
-                              sampler=ResumableSampler(len(train), rank, world, True, cfg.seed),
-                              collate_fn=collate_detection, **options)
-    val_loader = DataLoader(val, data.eval_batch_size, sampler=ResumableSampler(len(val), rank, world, shuffle=False),
-                            collate_fn=collate_detection, **options)
+    train_loader, val_loader = rank_loaders(EpochSeededDataset(train, cfg.seed), val, data, cfg.seed, rt.dist.rank,
+                                            rt.dist.world_size, rt.device, collate_detection)
     return train_loader, val_loader
 
 
@@ -114,15 +109,13 @@ def run_detection(cfg: DetTrainConfig) -> dict[str, Any]:
     model.train()
     state = create_state(model, cfg, rt, train_loader)
     resume(state, cfg, rt)
-    report = getattr(model, "compconv_report", None)
-    options = report.options.as_dict() if report else None
     task = Task(
         forward=lambda net, batch: detection_forward(net, batch, rt),
         evaluate=lambda m: evaluate(m, val_loader, rt, data.evaluator, cfg.trainer.max_eval_steps),
         train_metrics=detection_metrics, key_metric="AP",
         final_metrics=lambda m: {name: m.get(name) for name in METRIC_NAMES},
         summary_fields={
-            "task": "detection", "c0": options.get("c0") if options else None, "compconv": options,
+            "task": "detection", **compconv_fields(model),
             "dataset": data.name, "min_size": data.min_size, "max_size": data.max_size,
             "train_images": len(train_loader.dataset), "val_images": len(val_loader.dataset),
             "params": sum(p.numel() for p in model.parameters()), "macs": macs,

@@ -15,10 +15,10 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ..complexity import complexity
-from ..data import ResumableSampler, build_datasets, collate_skipping_bad, loader_options
+from ..data import build_datasets, collate_skipping_bad, rank_loaders
 from ..models import compconv_model_names, registered_model_names
 from .config import ConfigError, TrainConfig
-from .engine import Task, fit
+from .engine import Task, compconv_fields, fit
 from .state import Runtime, create_state, resume, setup_runtime
 from .sums import Sums
 
@@ -41,13 +41,9 @@ def build_model(cfg, num_classes: int, in_chans: int, **extra: Any) -> nn.Module
 
 def build_loaders(cfg: TrainConfig, rt: Runtime) -> tuple[DataLoader, DataLoader, int]:
     """Training and validation loaders split over the ranks, and the number of classes."""
-    options = loader_options(cfg.data.workers, cfg.data.prefetch_factor, rt.device)
     train_set, val_set, num_classes = build_datasets(cfg.data, cfg.seed)
-    rank, world = rt.dist.rank, rt.dist.world_size
-    train = DataLoader(train_set, cfg.data.batch_size, sampler=ResumableSampler(len(train_set), rank, world, True, cfg.seed),
-                       collate_fn=collate_skipping_bad, drop_last=True, **options)
-    val = DataLoader(val_set, cfg.data.eval_batch_size, sampler=ResumableSampler(len(val_set), rank, world, shuffle=False),
-                     collate_fn=collate_skipping_bad, **options)
+    train, val = rank_loaders(train_set, val_set, cfg.data, cfg.seed, rt.dist.rank, rt.dist.world_size, rt.device,
+                              collate_skipping_bad)
     return train, val, num_classes
 
 
@@ -108,14 +104,12 @@ def run_classification(cfg: TrainConfig) -> dict[str, Any]:
         loss = criterion(logits, targets)
         return loss, {**classification_sums(loss.float(), logits.float(), targets), "skipped": skipped}
 
-    report = getattr(model, "compconv_report", None)
-    options = report.options.as_dict() if report else None
     task = Task(
         forward=forward, evaluate=lambda m: evaluate(m, val_loader, rt, cfg.trainer.max_eval_steps),
         train_metrics=classification_metrics, key_metric="top1",
         final_metrics=lambda m: {"top1": m.get("top1"), "top5": m.get("top5"), "val_loss": m.get("loss")},
         summary_fields={
-            "c0": options.get("c0") if options else None, "compconv": options, "dataset": cfg.data.name,
+            **compconv_fields(model), "dataset": cfg.data.name,
             "img_size": cfg.data.img_size, "in_chans": cfg.data.in_chans, "train_images": len(train_loader.dataset),
             "val_images": len(val_loader.dataset), "params": cost.params, "macs": cost.macs,
             "macs_note": "MACs of one image at the training input size"})

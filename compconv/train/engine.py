@@ -56,6 +56,13 @@ class Task:
     summary_fields: dict[str, Any] = field(default_factory=dict)
 
 
+def compconv_fields(model: nn.Module) -> dict[str, Any]:
+    """The summary's ``c0`` and ``compconv`` options of a patched model (None for a baseline)."""
+    report = getattr(model, "compconv_report", None)
+    options = report.options.as_dict() if report else None
+    return {"c0": options.get("c0") if options else None, "compconv": options}
+
+
 def train_one_epoch(state: TrainState, loader, task: Task, cfg, rt: Runtime, stop: StopRequest) -> dict | None:
     """Trains the current epoch from ``state.step_in_epoch``; None if a stop signal interrupted it.
 
