@@ -13,14 +13,16 @@ import sys
 from typing import Any, Callable
 
 from .data import DataError, UnreadableImageError
-from .train.checkpoint import CheckpointError, CheckpointMismatchError
+from .io import StorageError, storage_errno
+from .train.checkpoint import CheckpointError, CheckpointMismatchError, kept_checkpoint
 from .train.config import DETECTION_DATASETS, ConfigError, model_options
 from .train.engine import NonFiniteLossError
+from .train.rundir import RunDirInUseError
 
 _logger = logging.getLogger("compconv")
 USER_ERRORS = (ConfigError, DataError, FileNotFoundError, UnreadableImageError, CheckpointMismatchError,
                CheckpointError)
-EXIT_BAD_INPUT, EXIT_DIVERGED = 2, 3
+EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_STORAGE = 2, 3, 4
 _task_started = False  # set once Hydra has composed the config and called the task
 
 
@@ -42,9 +44,11 @@ def register_configs(config_name: str, schema: type) -> None:
 def run_hydra_job(cfg: Any, runner: Callable[[Any], dict]) -> dict:
     """Builds the typed config from a composed Hydra config and calls ``runner`` with it.
 
-    A bad configuration or input (invalid value, missing data, unreadable image, checkpoint of another
-    model, no checkpoint that loads) is reported in one ``error:`` line with exit status 2; a diverged
-    run (non-finite loss) likewise with status 3.
+    A bad configuration or input (invalid value, missing or damaged data, unreadable image, checkpoint
+    of another model, no checkpoint that loads, a run directory another run holds) is reported in one
+    ``error:`` line with exit status 2; a diverged run (non-finite loss) likewise with status 3; a
+    storage failure (full disk, quota, I/O error, read-only) with status 4, naming the file, the cause
+    and the newest checkpoint that survived.
     """
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import OmegaConf
@@ -64,11 +68,48 @@ def run_hydra_job(cfg: Any, runner: Callable[[Any], dict]) -> dict:
         fail(f"missing required value {key}: pass {key}=... on the command line")
     except OmegaConfBaseException as error:
         fail(describe_config_error(error))
+    except RunDirInUseError as error:
+        fail(str(error), log=False)  # the log file is the other run's
     except USER_ERRORS as error:
-        fail(f"{type(error).__name__}: {error}")
+        fail(f"{type(error).__name__}: {error_message(error)}")
     except NonFiniteLossError as error:
         fail(f"{type(error).__name__}: {error}", EXIT_DIVERGED)
+    except StorageError as error:
+        fail_storage(error, _run_dir(cfg))
+    except Exception as error:
+        if storage_errno(error) is None:
+            raise
+        fail_storage(StorageError(getattr(error, "filename", None) or "the run directory", storage_errno(error),
+                                  str(error)), _run_dir(cfg))
     raise AssertionError("unreachable")
+
+
+def error_message(error: BaseException) -> str:
+    """The message of ``error``; for an error re-raised from a DataLoader worker (whose message is the
+    worker's whole traceback), the original message only."""
+    text = str(error)
+    if "Original Traceback" not in text:
+        return text
+    last = [line for line in text.strip().splitlines() if line.strip()][-1]
+    prefix = f"{type(error).__module__}.{type(error).__name__}: "
+    return last[len(prefix):] if last.startswith(prefix) else last
+
+
+def _run_dir(cfg: Any) -> str | None:
+    try:
+        return str(cfg.run_dir)
+    except Exception:  # an unresolvable config has no run directory yet
+        return None
+
+
+def fail_storage(error: StorageError, run_dir: str | None) -> None:
+    """Exits with :data:`EXIT_STORAGE` and one line: the file, the cause, what survived, the fix.
+
+    Nothing is written to the run's log (the disk that failed is usually the log's too).
+    """
+    if error.kept is None and run_dir is not None:
+        error.kept = kept_checkpoint(run_dir)
+    fail(str(error), EXIT_STORAGE, log=False)
 
 
 def exit_on_config_error(main: Callable[[], Any]) -> None:
@@ -80,6 +121,11 @@ def exit_on_config_error(main: Callable[[], Any]) -> None:
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra re-raises composition errors instead of printing them
     try:
         main()
+    except OSError as error:  # Hydra writing .hydra/ or the log before the task starts
+        if storage_errno(error) is None:
+            raise
+        fail(str(StorageError(error.filename or "the run directory", storage_errno(error), str(error))),
+             EXIT_STORAGE, log=False)
     except (HydraException, OmegaConfBaseException) as error:
         fail(describe_config_error(error), log=False)
     except AssertionError as error:  # OmegaConf's reply to setting a key below a null value

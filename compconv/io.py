@@ -1,11 +1,105 @@
-"""Atomic file writes: a crash never leaves a half-written checkpoint or result file behind."""
+"""Atomic file writes, and storage failures as one :class:`StorageError` that says what happened.
+
+A crash never leaves a half-written checkpoint or result file behind: each file is written to a
+temporary file beside it and renamed over it. A full disk, an exceeded quota, an I/O error or a
+directory that became read-only while writing becomes a :class:`StorageError` naming the file and
+the cause, with the temporary file removed.
+"""
 
 from __future__ import annotations
 
+import errno
+import logging
 import os
+import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
+
+STORAGE_ERRNOS = {
+    errno.ENOSPC: "no space left on device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EIO: "I/O error",
+    errno.EACCES: "permission denied",
+    errno.EROFS: "read-only file system",
+    errno.EPERM: "operation not permitted",
+}
+_FIXES = {
+    errno.ENOSPC: "free space", errno.EDQUOT: "free space or raise the quota",
+    errno.EIO: "check the disk", errno.EACCES: "make the run directory writable",
+    errno.EROFS: "make the run directory writable", errno.EPERM: "make the run directory writable",
+}
+LOW_SPACE_BYTES = 4 << 20  # torch.save hides the OSError of a full disk; less free space than this means ENOSPC
+
+
+class StorageError(RuntimeError):
+    """Writing ``path`` failed for a reason of the storage (``errno`` one of :data:`STORAGE_ERRNOS`).
+
+    Attributes:
+        path: The file being written.
+        errno: The cause (``errno.ENOSPC``...), or None when only torch's message is known.
+        detail: The underlying message.
+        kept: What survived (e.g. the newest loadable checkpoint), filled in by whoever knows it.
+    """
+
+    def __init__(self, path: str | os.PathLike, errno_: int | None, detail: str = "", kept: str | None = None) -> None:
+        super().__init__(path, errno_, detail)
+        self.path, self.errno, self.detail, self.kept = Path(path), errno_, detail, kept
+
+    @property
+    def reason(self) -> str:
+        if self.errno in STORAGE_ERRNOS:
+            return STORAGE_ERRNOS[self.errno]
+        return f"write failed ({self.detail})" if self.detail else "write failed"
+
+    def __str__(self) -> str:
+        fix = _FIXES.get(self.errno, "fix the storage")
+        kept = f"; {self.kept}" if self.kept else ""
+        then = " to resume" if self.kept and self.kept.startswith("kept") else ""
+        return f"{self.reason} writing {self.path}{kept}; {fix} and rerun the same command{then}"
+
+
+def storage_errno(error: BaseException) -> int | None:
+    """The storage errno of ``error`` or of an exception it was raised from, else None."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in STORAGE_ERRNOS:
+            return error.errno
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def as_storage_error(error: BaseException, path: str | os.PathLike) -> StorageError | None:
+    """``error`` raised while writing ``path`` as a :class:`StorageError`, or None if storage is not the cause.
+
+    torch.save reports a failed write as ``RuntimeError: [enforce fail at inline_container.cc] ...
+    unexpected pos`` or ``PytorchStreamWriter failed writing file``, without the OSError; then the
+    free space of the directory decides whether the disk was full.
+    """
+    if isinstance(error, StorageError):
+        return error
+    code = storage_errno(error)
+    if code is not None:
+        return StorageError(path, code, str(error))
+    text = str(error)
+    if isinstance(error, RuntimeError) and ("inline_container" in text or "PytorchStreamWriter" in text):
+        first = text.strip().splitlines()[0] if text.strip() else type(error).__name__
+        return StorageError(path, errno.ENOSPC if free_bytes(Path(path).parent) < LOW_SPACE_BYTES else None, first)
+    return None
+
+
+def free_bytes(directory: str | os.PathLike) -> int:
+    """Bytes an unprivileged writer may still use in ``directory`` (of its nearest existing ancestor)."""
+    directory = Path(directory)
+    while not directory.exists() and directory != directory.parent:
+        directory = directory.parent
+    try:
+        stats = os.statvfs(directory)
+    except OSError:
+        return shutil.disk_usage(directory).free
+    return stats.f_bavail * stats.f_frsize
 
 
 def _umask() -> int:
@@ -19,22 +113,55 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: st
 
     The file gets the permissions a plain ``open()`` would give it (0666 less the umask), not the
     0600 of the temporary file, so lab-mates on a shared cluster can read checkpoints and summaries.
+
+    Raises:
+        StorageError: the storage failed (full disk, quota, I/O error, read-only); nothing is left behind
+            and an existing ``path`` is untouched.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, mode) as handle:
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as error:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        storage = as_storage_error(error, path) if isinstance(error, Exception) else None
+        if storage is not None and storage is not error:
+            raise storage from error
         raise
     return path
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write(path, lambda f: f.write(text))
+
+
+class StrictFileHandler(logging.FileHandler):
+    """A ``logging.FileHandler`` whose storage failures end the run as a :class:`StorageError`.
+
+    logging's default prints a ``--- Logging error ---`` traceback for every record it cannot write
+    and goes on; on a full disk that buries the one line that matters. The entry points use this
+    class for the run's log file (``hydra.job_logging.handlers.file.class``).
+    """
+
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 (logging's name)
+        error = sys.exc_info()[1]
+        storage = as_storage_error(error, self.baseFilename) if error is not None else None
+        if storage is None:
+            super().handleError(record)
+            return
+        for logger in (logging.getLogger(), *logging.Logger.manager.loggerDict.values()):
+            if isinstance(logger, logging.Logger) and self in logger.handlers:
+                logger.removeHandler(self)  # later records must not fail (and raise) again
+        try:
+            self.close()
+        except OSError:
+            pass
+        raise storage

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -25,11 +26,21 @@ HOW_TO_GET = (
 )
 
 
+REINSTALL = ("replace it with a good copy (apt-get install --reinstall dataset-fashion-mnist, or the file of "
+             "https://github.com/zalandoresearch/fashion-mnist)")
+
+
 def _open(root: Path, stem: str) -> bytes:
     for path, opener in ((root / f"{stem}.gz", gzip.open), (root / stem, open)):
         if path.is_file():
-            with opener(path, "rb") as handle:
-                return handle.read()
+            try:
+                with opener(path, "rb") as handle:
+                    return handle.read()
+            except (EOFError, gzip.BadGzipFile, zlib.error) as error:  # truncated or corrupt archive
+                raise DataError(f"Fashion-MNIST file {path} is damaged ({error}): {REINSTALL}") from error
+            except OSError as error:
+                raise DataError(f"cannot read Fashion-MNIST file {path} ({error.strerror or error}): "
+                                f"{REINSTALL}, or fix its permissions") from error
     raise FileNotFoundError(f"Fashion-MNIST file {stem}(.gz) not found in {root}: {HOW_TO_GET}")
 
 
@@ -43,7 +54,7 @@ def read_idx(data: bytes, name: str = "idx") -> np.ndarray:
     shape = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
     body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
     if body.size != int(np.prod(shape)):
-        raise DataError(f"{name} is truncated: header says {shape}, found {body.size} values")
+        raise DataError(f"{name} is truncated: header says {shape}, found {body.size} values; {REINSTALL}")
     return body.reshape(shape)
 
 
@@ -66,8 +77,8 @@ class FashionMNIST(Dataset):
         if split not in _FILES:
             raise ValueError(f"split must be 'train' or 'val', got {split!r}")
         images_stem, labels_stem = _FILES[split]
-        images = read_idx(_open(root, images_stem), images_stem)
-        labels = read_idx(_open(root, labels_stem), labels_stem)
+        images = read_idx(_open(root, images_stem), str(root / images_stem))
+        labels = read_idx(_open(root, labels_stem), str(root / labels_stem))
         if len(images) != len(labels):
             raise DataError(f"{root}: {len(images)} images but {len(labels)} labels")
         if subset is not None:

@@ -6,11 +6,15 @@ with any number of loader workers, sees exactly the images an uninterrupted run 
 
 from __future__ import annotations
 
+import logging
+import os
 import random
 from typing import Iterator
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
+
+_logger = logging.getLogger("compconv.data")
 
 
 class EpochSeededDataset(Dataset):
@@ -75,8 +79,34 @@ class ResumableSampler(Sampler[int]):
         return len(self._indices()) - self.start
 
 
+def available_cpus() -> int:
+    """CPU cores this process may use: its affinity mask (what SLURM's ``cpus_per_task`` and taskset set),
+    shared by the processes torchrun starts on this node (``LOCAL_WORLD_SIZE``)."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cpus = os.cpu_count() or 1
+    return max(1, cpus // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+
+
+def usable_workers(configured: int) -> int:
+    """``min(configured, available_cpus())``, logged when it lowers ``data.workers``: loader workers
+    beyond the cores a process has only compete with each other and with the training step."""
+    cpus = available_cpus()
+    if configured <= cpus:
+        return configured
+    _logger.info("data.workers=%d lowered to %d: this process may use %d CPU cores (os.sched_getaffinity%s)",
+                 configured, cpus, cpus, ", shared by LOCAL_WORLD_SIZE processes" if "LOCAL_WORLD_SIZE" in os.environ
+                 else "")
+    return cpus
+
+
 def loader_options(workers: int, prefetch_factor: int, device) -> dict:
-    """DataLoader settings: pinned memory for GPUs, persistent workers that prefetch ``prefetch_factor`` batches."""
+    """DataLoader settings: pinned memory for GPUs, persistent workers that prefetch ``prefetch_factor`` batches.
+
+    ``workers`` is capped by :func:`usable_workers`.
+    """
+    workers = usable_workers(workers)
     options = {"num_workers": workers, "pin_memory": device.type == "cuda"}
     if workers > 0:
         options.update(persistent_workers=True, prefetch_factor=prefetch_factor)

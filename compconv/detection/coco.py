@@ -29,7 +29,11 @@ def load_coco(ann_file: str | Path):
     try:
         data = json.loads(ann_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise DataError(f"annotation file {ann_file} is not valid JSON: {error}") from error
+        raise DataError(f"annotation file {ann_file} is not valid JSON ({error}): replace it with a complete copy "
+                        "(a truncated download or copy reads like this)") from error
+    except OSError as error:
+        raise DataError(f"cannot read annotation file {ann_file} ({error.strerror or error}): fix its permissions "
+                        "or the filesystem, or replace it") from error
     missing = [key for key in ("images", "annotations", "categories") if key not in data]
     if not isinstance(data, dict) or missing:
         raise DataError(f"annotation file {ann_file} lacks {missing or 'a top-level object'}: not COCO instances json")

@@ -100,6 +100,13 @@ def evaluate(model: nn.Module, loader: DataLoader, rt: Runtime, evaluator: str =
 def run_detection(cfg: DetTrainConfig) -> dict[str, Any]:
     """Trains (or, with ``trainer.eval_only``, evaluates) a detector; returns the summary it writes."""
     rt = setup_runtime(cfg)
+    try:
+        return _run(cfg, rt)
+    finally:
+        rt.close()  # the run directory's lock
+
+
+def _run(cfg, rt: Runtime) -> dict[str, Any]:
     train_loader, val_loader = build_loaders(cfg, rt)
     data = cfg.data
     model = build_detector(cfg.model, cfg.head, data, val_loader.dataset.num_classes)

@@ -17,10 +17,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..io import atomic_write
+from ..io import StorageError, atomic_write, free_bytes
 
 _logger = logging.getLogger(__name__)
 LAST, PREVIOUS, BEST = "last.pt", "prev.pt", "best.pt"
+LOW_SPACE_FACTOR = 2  # warn before a save when less than this many checkpoints' worth of space is free
+_warned_low_space: set[str] = set()
 
 
 class CheckpointMismatchError(RuntimeError):
@@ -50,16 +52,42 @@ def save_rotating(run_dir: str | Path, state: dict[str, Any], is_best: bool = Fa
     """
     run_dir = Path(run_dir)
     last = run_dir / LAST
-    if last.is_file():
-        os.replace(last, run_dir / PREVIOUS)
-    save_checkpoint(last, state)
-    if is_best:
-        def copy_last(handle) -> None:
-            with open(last, "rb") as source:
-                shutil.copyfileobj(source, handle)
+    try:
+        if last.is_file():
+            warn_if_low_space(run_dir, last.stat().st_size)
+            os.replace(last, run_dir / PREVIOUS)
+        save_checkpoint(last, state)
+        if is_best:
+            def copy_last(handle) -> None:
+                with open(last, "rb") as source:
+                    shutil.copyfileobj(source, handle)
 
-        atomic_write(run_dir / BEST, copy_last, mode="wb")
+            atomic_write(run_dir / BEST, copy_last, mode="wb")
+    except StorageError as error:
+        error.kept = error.kept or kept_checkpoint(run_dir)
+        raise
     return last
+
+
+def warn_if_low_space(run_dir: Path, checkpoint_bytes: int) -> None:
+    """Warns once per run directory when less than about twice a checkpoint's size is free there."""
+    free = free_bytes(run_dir)
+    key = os.path.realpath(run_dir)
+    if free < LOW_SPACE_FACTOR * checkpoint_bytes and key not in _warned_low_space:
+        _warned_low_space.add(key)
+        _logger.warning("only %.0f MiB free in %s, less than %d checkpoints of %.0f MiB: the next saves may fail; "
+                        "free space", free / 2**20, run_dir, LOW_SPACE_FACTOR, checkpoint_bytes / 2**20)
+
+
+def kept_checkpoint(run_dir: str | Path) -> str:
+    """What a failed save left to resume from: ``kept <path> (epoch E, step S)``, the newest that loads."""
+    for path in resume_candidates(run_dir):
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            return f"kept {path} (epoch {state['epoch']}, step {state['step_in_epoch']})"
+        except Exception:  # a damaged file is not what survived
+            continue
+    return "no checkpoint was kept"
 
 
 def load_checkpoint(path: str | Path, model_name: str, model: nn.Module) -> dict[str, Any]:

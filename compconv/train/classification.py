@@ -90,6 +90,13 @@ def evaluate(model: nn.Module, loader: DataLoader, rt: Runtime, max_steps: int |
 def run_classification(cfg: TrainConfig) -> dict[str, Any]:
     """Trains (or, with ``trainer.eval_only``, evaluates) a classifier; returns the summary it writes."""
     rt = setup_runtime(cfg)
+    try:
+        return _run(cfg, rt)
+    finally:
+        rt.close()  # the run directory's lock
+
+
+def _run(cfg, rt: Runtime) -> dict[str, Any]:
     train_loader, val_loader, num_classes = build_loaders(cfg, rt)
     model = build_model(cfg.model, num_classes, cfg.data.in_chans)
     cost = complexity(model, (cfg.data.in_chans, cfg.data.img_size, cfg.data.img_size))

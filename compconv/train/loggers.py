@@ -1,10 +1,15 @@
-"""Run loggers. wandb is imported lazily, and a wandb failure never stops training."""
+"""Run loggers. wandb is imported lazily, and a wandb failure never stops training, unless the storage
+of the run directory failed (then the run ends with a :class:`compconv.io.StorageError`: a full disk
+is not wandb's problem, and the checkpoint after it would fail as well)."""
 
 from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 from typing import Any
+
+from ..io import STORAGE_ERRNOS, StorageError, storage_errno
 
 _logger = logging.getLogger(__name__)
 
@@ -41,6 +46,7 @@ class WandbLogger(NullLogger):
             )
             self.run_dir = self._run.dir
         except Exception as error:  # logging must never stop training
+            _raise_if_storage(error, Path(run_dir) / "wandb")
             _logger.warning("wandb disabled: %s", error)
             self._run = None
 
@@ -54,6 +60,7 @@ class WandbLogger(NullLogger):
         try:
             call()
         except Exception as error:
+            _raise_if_storage(error, Path(self.run_dir or "."))
             _logger.warning("wandb %s failed, disabling it: %s", action, error)
             self._run = None
 
@@ -65,3 +72,12 @@ class WandbLogger(NullLogger):
 
     def finish(self) -> None:
         self._guard("finish", lambda: self._run.finish())
+
+
+def _raise_if_storage(error: Exception, where: Path) -> None:
+    code = storage_errno(error)
+    if code is None:  # wandb often wraps the OSError into its own errors, keeping only the text
+        text = str(error).lower()
+        code = next((c for c, reason in STORAGE_ERRNOS.items() if reason in text), None)
+    if code is not None:
+        raise StorageError(where, code, str(error).splitlines()[0] if str(error) else type(error).__name__) from error

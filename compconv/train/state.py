@@ -18,6 +18,7 @@ from .checkpoint import load_newest, model_signature, resume_candidates, save_ro
 from .config import ConfigError
 from .distributed import DistContext, barrier, broadcast_object, init_distributed, resolve_device, wrap_ddp
 from .optim import create_optimizer, create_scheduler
+from .rundir import RunDirInUseError, RunDirLock, lock_run_dir
 from .sums import Sums
 
 _logger = logging.getLogger("compconv.train")
@@ -32,6 +33,12 @@ class Runtime:
     run_dir: Path
     amp_dtype: torch.dtype | None
     memory_format: torch.memory_format
+    lock: RunDirLock | None = None  # rank 0's lock of run_dir
+
+    def close(self) -> None:
+        """Ends the run's hold on its directory (the lock; the process group stays for the caller)."""
+        if self.lock is not None:
+            self.lock.release()
 
     def autocast(self):
         """``torch.autocast`` at the run's AMP dtype, or nothing when AMP is off."""
@@ -48,7 +55,12 @@ def amp_dtype(choice: str, device: torch.device) -> torch.dtype | None:
 
 
 def setup_runtime(cfg) -> Runtime:
-    """Joins the process group (torchrun / SLURM), picks ``cuda:LOCAL_RANK`` or the CPU, seeds each rank."""
+    """Joins the process group (torchrun / SLURM), picks ``cuda:LOCAL_RANK`` or the CPU, seeds each rank,
+    and takes the run directory's lock on rank 0 (:func:`compconv.train.rundir.lock_run_dir`).
+
+    Raises:
+        RunDirInUseError: on every rank, when another live run holds the run directory.
+    """
     try:
         resolve_device(cfg.trainer.device, DistContext())  # a clear error before any process group exists
     except ValueError as error:
@@ -61,8 +73,17 @@ def setup_runtime(cfg) -> Runtime:
     if cfg.trainer.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
     run_dir = Path(broadcast_object(cfg.run_dir, ctx))  # ranks may disagree on ${now}
+    in_use, lock = None, None
+    if ctx.is_main:
+        try:
+            lock = lock_run_dir(run_dir, cfg.command)
+        except RunDirInUseError as error:
+            in_use = str(error)
+    in_use = broadcast_object(in_use, ctx)
+    if in_use is not None:
+        raise RunDirInUseError(in_use)
     memory_format = torch.channels_last if cfg.trainer.channels_last else torch.contiguous_format
-    return Runtime(ctx, device, run_dir, amp_dtype(cfg.trainer.amp, device), memory_format)
+    return Runtime(ctx, device, run_dir, amp_dtype(cfg.trainer.amp, device), memory_format, lock)
 
 
 @dataclass
