@@ -267,9 +267,9 @@ def per_layer_table(name: str, batch: int, img_size: int, device: torch.device, 
 
     x = torch.randn(batch, 3, img_size, img_size, device=device).to(memory_format=torch.channels_last)
     model = timm.create_model(name).eval().to(device, memory_format=torch.channels_last)
-    deployed = create_variant(name + "+deploy", x).to(device)
-    report = deploy(copy.deepcopy(model), x)  # the same (cached) choices, for the form names
-    forms = {choice.name: choice.form for choice in report.layers}
+    deployed = copy.deepcopy(model)
+    report = deploy(deployed, x)  # forms, MACs and norm names come from the report
+    choices = {choice.name: choice for choice in report.layers}
     inputs = {}
     hooks = [m.register_forward_pre_hook(lambda mod, args, n=n: inputs.__setitem__(n, args[0]))
              for n, m in model.named_modules() if isinstance(m, CompConv2d)]
@@ -283,15 +283,14 @@ def per_layer_table(name: str, batch: int, img_size: int, device: torch.device, 
         if not isinstance(layer, CompConv2d):
             continue
         inp = inputs[layer_name]
-        parent_name, _, attr = layer_name.rpartition(".")
-        parent, dparent = model.get_submodule(parent_name), deployed.get_submodule(parent_name)
-        norm_attr = "bn" + attr[4:] if attr.startswith("conv") else str(int(attr) + 1)
-        norm, dnorm = getattr(parent, norm_attr, nn.Identity()), getattr(dparent, norm_attr, nn.Identity())
+        norm_name = report.norm_of.get(layer_name)
+        norm = model.get_submodule(norm_name) if norm_name else nn.Identity()
+        dnorm = deployed.get_submodule(norm_name) if norm_name else nn.Identity()
         plain = nn.Sequential(nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride,
                                         layer.padding, layer.dilation, bias=False), copy.deepcopy(norm))
         candidates = {"plain": plain.eval().to(device, memory_format=torch.channels_last),
                       "compconv": nn.Sequential(layer, norm).eval(),
-                      "deployed": nn.Sequential(getattr(dparent, attr), dnorm).eval()}
+                      "deployed": nn.Sequential(deployed.get_submodule(layer_name), dnorm).eval()}
         times = {k: [] for k in candidates}
         for module in candidates.values():
             module(inp)
@@ -306,9 +305,9 @@ def per_layer_table(name: str, batch: int, img_size: int, device: torch.device, 
         totals = [t + m for t, m in zip(totals, ms)]
         h, w = layer(inp).shape[-2:]
         plan = layer.plan
-        form = forms.get(layer_name, "chain")
-        deployed_macs = {"dense": plan.plain_macs_per_position, "chain": plan.macs_per_position}.get(
-            form, plan.in_channels * plan.c_prim + (plan.c_prim + plan.identity_channels) * plan.out_channels)
+        choice = choices.get(layer_name)
+        form = choice.form if choice else "chain"
+        deployed_macs = choice.macs_per_position if choice else plan.macs_per_position
         macs = " / ".join(f"{m * h * w / 1e6:.1f}" for m in (plan.plain_macs_per_position, plan.macs_per_position,
                                                                deployed_macs))
         rows.append(f"| {layer_name} | {layer.in_channels}->{layer.out_channels}, {layer.kernel_size[0]}, "

@@ -34,7 +34,15 @@ def register_configs(config_name: str, schema: type) -> None:
     fails while composing, and the YAML files hold only what differs from the schema's defaults.
     """
     from hydra.core.config_store import ConfigStore
+    from omegaconf import OmegaConf
 
+    from .models import model_label
+
+    def label(name: str, compconv: Any = None) -> str:
+        options = OmegaConf.to_container(compconv) if OmegaConf.is_config(compconv) else compconv
+        return model_label(name, options)
+
+    OmegaConf.register_new_resolver("model_label", label, replace=True)  # run directories name the options
     store = ConfigStore.instance()
     store.store(name=f"{config_name}_schema", node=schema)
     for name, node in model_options().items():

@@ -1,4 +1,5 @@
-"""ONNX export the way timm users export: deploy, export, run the file in ONNX Runtime, compare outputs.
+"""ONNX export the way timm users export: deploy, export, run the file in ONNX Runtime, compare outputs
+with the model the user gave (not with the deployed copy).
 
 Needs the ``export`` extra (``pip install 'compconv[export]'``: onnx, onnxruntime, onnxscript).
 """
@@ -13,8 +14,9 @@ import torch
 from torch import nn
 
 from .deploy import DeployReport, deploy
+from .onnxrt import ort_session, require
 
-__all__ = ["ExportReport", "export_onnx"]
+__all__ = ["ExportReport", "export_onnx", "ort_session"]
 
 
 @dataclass(frozen=True)
@@ -26,23 +28,6 @@ class ExportReport:
     nodes: int
     max_abs_error: float
     deploy: DeployReport | None
-
-
-def _require(module: str):
-    try:
-        return __import__(module)
-    except ImportError as error:
-        raise ImportError(f"{module} is missing: install the export extra (pip install 'compconv[export]')") from error
-
-
-def ort_session(path: str | Path, threads: int | None = None):
-    """An ONNX Runtime CPU session with every graph optimisation enabled."""
-    ort = _require("onnxruntime")
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    if threads:
-        options.intra_op_num_threads = threads
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
 @torch.no_grad()
@@ -61,17 +46,19 @@ def export_onnx(model: nn.Module, path: str | Path, input_size: tuple[int, ...] 
         example_input: Passed to :func:`compconv.deploy`, which then times each layer's forms on it in ONNX
             Runtime; by default deploy's ONNX Runtime rule decides (faster end to end, see ``rule_choice``).
         opset: ONNX opset.
-        atol: Largest accepted absolute difference to PyTorch, relative to the largest output.
+        atol: Largest accepted difference between ONNX Runtime and ``model`` (the user's, in eval mode), relative
+            to the largest output (at least 1).
 
     Raises:
-        RuntimeError: ONNX Runtime's outputs differ from PyTorch's (the file is removed).
+        DeployError: the deployed copy differs from ``model`` (nothing is written).
+        RuntimeError: ONNX Runtime's outputs differ from ``model``'s (the file is removed).
     """
-    onnx = _require("onnx")
-    _require("onnxscript") if dynamo else None
+    onnx = require("onnx")
+    require("onnxscript") if dynamo else None
     model = copy.deepcopy(model).eval().float().cpu()
-    report = deploy(model, example_input, runtime="ort") if deploy_model else None
     x = torch.randn(batch_size, *input_size)
-    expected = model(x)
+    expected = model(x)  # the user's model, before deploy touches the copy
+    report = deploy(model, example_input, runtime="ort") if deploy_model else None
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
@@ -92,7 +79,7 @@ def export_onnx(model: nn.Module, path: str | Path, input_size: tuple[int, ...] 
         error = float((torch.from_numpy(got) - expected).abs().max())
         scale = float(expected.abs().max()) or 1.0
         if not error <= atol * max(1.0, scale):
-            raise RuntimeError(f"ONNX Runtime's output differs from PyTorch's by {error:.3g} (max |y| {scale:.3g}); "
+            raise RuntimeError(f"ONNX Runtime's output differs from the model's by {error:.3g} (max |y| {scale:.3g}); "
                                f"the {'dynamo' if dynamo else 'TorchScript'} exporter wrote a wrong model")
         tmp.replace(path)
     finally:

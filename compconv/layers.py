@@ -148,7 +148,6 @@ class CompConv2d(nn.Module):
 
     identity_starts: List[int]
     identity_stops: List[int]
-    input_index: Optional[torch.Tensor]
 
     def __init__(
         self,
@@ -220,8 +219,6 @@ class CompConv2d(nn.Module):
             self.kernel_size, self.padding, self.dilation)
         self.identity_padded = any(self.identity_pad)
         self.shuffle_groups = plan.shuffle_groups
-        # Set by deploy when the previous layer's shuffle is folded in: where each input channel now is.
-        self.register_buffer("input_index", None)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -234,11 +231,10 @@ class CompConv2d(nn.Module):
 
     def identity(self, x: torch.Tensor, start: int, stop: int, like: torch.Tensor) -> torch.Tensor:
         """Input channels ``[start, stop)`` sampled at the output grid of ``like`` (a view when no padding is needed)."""
-        index = self.input_index
-        if index is not None:
-            a = x.index_select(1, index[start:stop])
-        else:
-            a = x[:, start:stop]
+        return self.sample_identity(x[:, start:stop], like)
+
+    def sample_identity(self, a: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """``a`` (some input channels) sampled where a centre tap of this layer's geometry reads, at ``like``'s grid."""
         if self.identity_padded:
             a = F.pad(a, self.identity_pad)
         a = a[:, :, self.identity_origin[0]::self.stride[0], self.identity_origin[1]::self.stride[1]]
@@ -284,21 +280,6 @@ class CompConv2d(nn.Module):
             self.tail_norm = nn.Identity()
             folded += 1
         return folded
-
-    @torch.no_grad()
-    def permute_input(self, source: torch.Tensor) -> None:
-        """Declares that the input arrives permuted: original channel ``o`` is now channel ``source[o]``.
-
-        ``deploy`` calls it when it folds the previous layer's shuffle into this one: the first conv's
-        input channels are reordered and the identity slices become gathers of the right channels.
-        """
-        first = self.convs[0]
-        position = torch.argsort(source).to(first.weight.device)
-        first.weight.data = first.weight.data[:, position].contiguous()
-        if self.identity_stops:
-            source = source.to(first.weight.device)
-            self.input_index = source[:max(self.identity_stops)] if self.input_index is None \
-                else source[self.input_index]
 
     def extra_repr(self) -> str:
         text = f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}"

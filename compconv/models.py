@@ -7,6 +7,7 @@ CompConv options other than C_0 are passed as ``compconv={"tail": "dense", ...}`
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Any
 
 import timm
@@ -14,10 +15,13 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import generate_default_cfgs, register_model
 from torch import nn
 
+from .deploy import ReparameterizableStage
+from .layers import CompConv2d
 from .options import CompConvOptions
 from .patch import patch
 
 __all__: list[str] = []  # filled by register_model
+_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {}  # CompConv model name -> (timm base, its CompConv options)
 
 
 def _cfg(**kwargs: Any) -> dict[str, Any]:
@@ -52,16 +56,68 @@ def _create_patched(variant: str, base: str, pretrained: bool, method: str, opti
     for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
         kwargs.pop(key, None)
     model = timm.create_model(base, pretrained=False, **kwargs)
-    cfg = timm.models.get_pretrained_cfg(variant).to_dict()
+    registered = timm.models.get_pretrained_cfg(variant)
+    cfg = registered.to_dict() if registered is not None else _cfg()
     model.pretrained_cfg = model.default_cfg = cfg
     model.compconv_report = patch(model, method=method, **options)
+    if method == "compconv":
+        _reparameterizable_stages(model)
     return model
+
+
+def _reparameterizable_stages(model: nn.Module) -> None:
+    """Makes each top-level ``nn.Sequential`` holding CompConv layers (ResNet ``layerN``, VGG ``features``) a
+    :class:`ReparameterizableStage`, so ``timm.utils.reparameterize_model`` deploys it. Keys, parameters and
+    forward are those of the Sequential."""
+    for name, child in list(model.named_children()):
+        if type(child) is nn.Sequential and any(isinstance(m, CompConv2d) for m in child.modules()):
+            setattr(model, name, ReparameterizableStage(OrderedDict(child.named_children())))
 
 
 def _create_compconv(variant: str, base: str, c0: int, pretrained: bool = False,
                      compconv: dict[str, Any] | None = None, **kwargs: Any) -> nn.Module:
-    options = CompConvOptions.from_mapping({"c0": c0, **(compconv or {})}).as_dict()
+    defaults = variant_options(variant) or CompConvOptions(c0=c0).as_dict()
+    options = CompConvOptions.from_mapping({**defaults, **(compconv or {})}).as_dict()
     return _create_patched(variant, base, pretrained, "compconv", options, **kwargs)
+
+
+def register_compconv_variant(name: str, base: str, **options: Any) -> None:
+    """Registers ``name`` with timm as ``base`` patched with these CompConv options (e.g.
+    ``register_compconv_variant("resnet50_compconv128_dense", "resnet50", c0=128, tail="dense")``);
+    the entry points then offer it as ``model=name`` with its options in full."""
+    _VARIANTS[name] = (base, CompConvOptions.from_mapping(options).as_dict())
+
+    def create(pretrained: bool = False, **kwargs: Any) -> nn.Module:
+        return _create_compconv(name, base, _VARIANTS[name][1]["c0"], pretrained, **kwargs)
+
+    create.__name__ = name
+    create.__module__ = __name__
+    create.__doc__ = f"{base} with CompConv options {_VARIANTS[name][1]}."
+    globals()[name] = create
+    timm.models.register_model(create)
+
+
+def variant_options(name: str) -> dict[str, Any] | None:
+    """The CompConv options a registered CompConv model is built with by default (None for other models)."""
+    entry = _VARIANTS.get(name)
+    return dict(entry[1]) if entry else None
+
+
+def variant_base(name: str) -> str | None:
+    """The timm model a registered CompConv model patches (None for other models)."""
+    entry = _VARIANTS.get(name)
+    return entry[0] if entry else None
+
+
+def model_label(name: str, compconv: dict[str, Any] | None) -> str:
+    """``name``, plus the CompConv options that differ from the variant's own, so that a run of
+    ``model=resnet50_compconv128 model.compconv.c0=256`` is labelled ``resnet50_compconv128-c0_256``."""
+    defaults = variant_options(name)
+    if not compconv or defaults is None:
+        return name
+    options = CompConvOptions.from_mapping({**defaults, **compconv}).as_dict()
+    changed = [f"{key}_{value}" for key, value in options.items() if defaults.get(key) != value]
+    return "-".join([name, *changed])
 
 
 @register_model
@@ -131,9 +187,16 @@ def resnet50_ghost(pretrained: bool = False, ghost: dict[str, Any] | None = None
     return _create_patched("resnet50_ghost", "resnet50", pretrained, "ghost", dict(ghost or {}), **kwargs)
 
 
+_VARIANTS.update({name: (base, CompConvOptions(c0=c0).as_dict()) for name, base, c0 in (
+    *((f"resnet50_compconv{c0}", "resnet50", c0) for c0 in (32, 64, 128, 256, 512)),
+    ("resnet18_compconv128", "resnet18", 128), ("resnet34_compconv128", "resnet34", 128),
+    ("resnet101_compconv128", "resnet101", 128), ("vgg16_compconv128", "vgg16", 128),
+    ("vgg16_bn_compconv128", "vgg16_bn", 128))})
+
+
 def compconv_model_names() -> list[str]:
     """Names of every CompConv model registered by this package."""
-    return sorted(name for name in __all__ if "_compconv" in name)
+    return sorted(name for name in __all__ if name in _VARIANTS)
 
 
 def registered_model_names() -> list[str]:

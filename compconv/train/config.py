@@ -12,7 +12,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from ..models import compconv_model_names, registered_model_names
+from ..models import compconv_model_names, registered_model_names, variant_base, variant_options
 from ..options import CompConvOptions
 
 
@@ -76,13 +76,12 @@ def model_options() -> dict[str, dict[str, Any]]:
 
     options: dict[str, dict[str, Any]] = {}
     for name in registered_model_names():
-        base = name.rsplit("_", 1)[0]
+        base = variant_base(name) or name.rsplit("_", 1)[0]
         if timm.is_model(base):
             options[base] = {"name": base}
         options[name] = {"name": name}
         if name in compconv_model_names():
-            c0 = int(name.rsplit("compconv", 1)[1])
-            options[name]["compconv"] = CompConvOptions(c0=c0).as_dict()
+            options[name]["compconv"] = variant_options(name)
     return dict(sorted(options.items()))
 
 

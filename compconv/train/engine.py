@@ -23,7 +23,7 @@ from .distributed import all_reduce_max, broadcast_object, cleanup
 from .loggers import NullLogger, WandbLogger
 from .memory import peak_memory_mb, reset_peak_memory
 from .signals import StopRequest
-from .state import Runtime, TrainState, save_state
+from .state import Runtime, TrainState, run_label, save_state
 from .sums import Sums
 
 _logger = logging.getLogger("compconv.train")
@@ -216,7 +216,7 @@ def _make_logger(state: TrainState, task: Task, cfg, rt: Runtime):
     if not rt.dist.is_main or cfg.logger.name == "none":
         return NullLogger()
     config = {**cfg.to_dict(), "params": task.summary_fields.get("params"), "macs": task.summary_fields.get("macs")}
-    name = cfg.experiment or f"{cfg.model.name}-s{cfg.seed}"
+    name = cfg.experiment or f"{run_label(cfg)}-s{cfg.seed}"
     logger = WandbLogger(cfg.logger, str(rt.run_dir), config, name, state.logger_id)
     state.logger_id = logger.run_id
     return logger
@@ -227,7 +227,7 @@ def _finish(state: TrainState, task: Task, cfg, rt: Runtime, logger, eval_only: 
     last = state.history[-1] if state.history else {}
     final = eval_only if eval_only is not None else {k[4:]: v for k, v in last.items() if k.startswith("val/")}
     summary = {
-        "model": cfg.model.name, **task.summary_fields, **task.final_metrics(final),
+        "model": run_label(cfg), "model_name": cfg.model.name, **task.summary_fields, **task.final_metrics(final),
         f"best_{task.key_metric}": state.best if state.history else None,
         "seed": cfg.seed, "epochs": state.epoch, "global_batch": cfg.data.batch_size * rt.dist.world_size,
         "world_size": rt.dist.world_size, "images_per_s": last.get("train/images_per_s"),

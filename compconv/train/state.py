@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..models import model_label
 from .checkpoint import load_newest, model_signature, resume_candidates, save_rotating
 from .config import ConfigError
 from .distributed import DistContext, barrier, broadcast_object, init_distributed, resolve_device, wrap_ddp
@@ -45,6 +46,12 @@ class Runtime:
         if self.amp_dtype is None:
             return nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+
+def run_label(cfg) -> str:
+    """What the run's model is: its name, plus the CompConv options that differ from the variant's own
+    (:func:`compconv.models.model_label`); in checkpoints, the summary and the wandb run name."""
+    return model_label(cfg.model.name, getattr(cfg.model, "compconv", None))
 
 
 def amp_dtype(choice: str, device: torch.device) -> torch.dtype | None:
@@ -153,7 +160,7 @@ def _gather(obj: Any, rt: Runtime) -> list[Any]:
 def save_state(state: TrainState, cfg, rt: Runtime, is_best: bool = False) -> None:
     """Writes ``last.pt`` (and ``best.pt``) on rank 0; collective, so every rank calls it."""
     checkpoint = {
-        "model_name": cfg.model.name, "model_signature": model_signature(state.model),
+        "model_name": run_label(cfg), "model_signature": model_signature(state.model),
         "model": state.model.state_dict(), "optimizer": state.optimizer.state_dict(),
         "scaler": state.scaler.state_dict(), "ema": state.ema.state_dict() if state.ema else None,
         "epoch": state.epoch, "step_in_epoch": state.step_in_epoch, "global_step": state.global_step,
@@ -173,13 +180,13 @@ def resume(state: TrainState, cfg, rt: Runtime) -> None:
     if choice == "never":
         return
     if choice == "auto":
-        found = load_newest(resume_candidates(rt.run_dir), cfg.model.name, state.model)
+        found = load_newest(resume_candidates(rt.run_dir), run_label(cfg), state.model)
         if found is None:
             return
     else:
         if not Path(choice).is_file():
             raise FileNotFoundError(f"trainer.resume={choice}: no such checkpoint (auto|never|<path to a .pt>)")
-        found = load_newest([Path(choice)], cfg.model.name, state.model)
+        found = load_newest([Path(choice)], run_label(cfg), state.model)
     checkpoint, path = found
     state.model.load_state_dict(checkpoint["model"])
     if state.ema and checkpoint["ema"]:

@@ -1,0 +1,316 @@
+"""Inference form of a CompConv model: exact folds proven on the traced dataflow, always checked.
+
+``deploy(model, example_input=None)`` works on a copy of ``model`` and swaps the result in only when
+the copy's outputs equal the model's (:func:`check_outputs`); otherwise it raises :class:`DeployError`
+naming the first layer whose output differs, and ``model`` is left as it was. On the copy:
+
+1. ``CompConv2d.reparameterize()`` folds each inner BatchNorm (``inner_norm``) into its conv (timm's
+   per-module convention, so ``timm.utils.reparameterize_model`` does this step too);
+2. the model is traced with ``torch.fx`` (:mod:`compconv.deploy.graph`); a CompConv whose only user is
+   a ``BatchNorm2d`` has its output bias moved into the norm's statistics;
+3. every 1x1 CompConv (with that norm, if the graph proves one) is an affine map of rank at most
+   ``C_prim + identity channels`` and becomes the fastest of ``dense`` (one conv with bias), ``lowrank``
+   (:class:`LowRankConv2d`) or ``chain`` (as trained) — timed on its real input in the runtime it will
+   run in (:mod:`compconv.deploy.timing`), or by :func:`rule_choice`;
+4. the channel shuffle of a remaining CompConv moves into its norm and the input channels of the conv
+   that reads the norm's output through per-channel ops (``conv -> bn -> relu -> conv``, across pooling).
+
+A model FX cannot trace gets only the steps that need no neighbours (1, and 3 without a norm), and
+the report says so. :class:`DeployReport` lists each layer's form and MACs, and each fold left out
+with the reason.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_flatten, tree_map
+
+from ..layers import CompConv2d
+from .forms import FORMS, DeployedCompConv2d, LowRankConv2d, build_form, fold_shuffle, form_macs, permute_input, \
+    pointwise
+from .graph import Site, analyse
+from .timing import RUNTIMES, ChoiceCache, measured_choice, rule_choice
+
+__all__ = ["ChoiceCache", "DeployError", "DeployReport", "DeployedCompConv2d", "LayerChoice", "LowRankConv2d",
+           "ReparameterizableStage", "build_form", "check_outputs", "deploy", "form_macs", "rule_choice",
+           "tolerance_for"]
+
+RTOL_FP32, RTOL_HALF = 1e-4, 2e-2  # largest |deployed - original| accepted, relative to max |original output|
+
+
+class DeployError(RuntimeError):
+    """The deployed copy's outputs differ from the model's; the model was not changed."""
+
+
+@dataclass(frozen=True)
+class LayerChoice:
+    """The form chosen for one 1x1 CompConv layer, the norm it absorbed (if any) and its MACs per output position."""
+
+    name: str
+    form: str
+    macs_per_position: int
+    plain_macs_per_position: int
+    times_ms: dict = field(default_factory=dict)
+    norm: Optional[str] = None  # the BatchNorm after it (absorbed unless the form is chain)
+
+    def row(self) -> str:
+        timed = ", ".join(f"{k} {v:.2f} ms" for k, v in self.times_ms.items())
+        return (f"| {self.name} | {self.form} | {self.macs_per_position} | {self.plain_macs_per_position} | "
+                f"{self.macs_per_position / self.plain_macs_per_position:.3f} | {timed or 'rule'} |")
+
+
+@dataclass
+class DeployReport:
+    """What :func:`deploy` did: folds, each 1x1 layer's form, the folds left out and why, and the check."""
+
+    norms_folded: int = 0
+    biases_folded: int = 0
+    shuffles_folded: int = 0
+    layers: list[LayerChoice] = field(default_factory=list)
+    left: dict[str, str] = field(default_factory=dict)  # layer name -> why a neighbour fold was not applied
+    shuffle_folds: list[tuple[str, ...]] = field(default_factory=list)  # (conv, norm, *per-channel ops, consumer)
+    norm_of: dict[str, Optional[str]] = field(default_factory=dict)  # each CompConv layer -> the BatchNorm after it
+    traced: bool = True
+    trace_error: Optional[str] = None
+    max_error: Optional[float] = None  # of the check, relative to max |output|
+    tolerance: Optional[float] = None
+
+    def forms(self) -> dict[str, int]:
+        return {form: sum(c.form == form for c in self.layers) for form in FORMS}
+
+    def table(self) -> str:
+        """Markdown table: each 1x1 CompConv layer, the form chosen, its MACs per output position."""
+        lines = ["| layer | form | MACs/pos | plain MACs/pos | ratio | measured |", "|---|---|---:|---:|---:|---|"]
+        return "\n".join(lines + [choice.row() for choice in self.layers])
+
+    def left_table(self) -> str:
+        """Markdown table of the layers whose norm or shuffle fold was not proven, with the reason."""
+        return "\n".join(["| layer | left as it is because |", "|---|---|"] +
+                         [f"| {name} | {reason} |" for name, reason in self.left.items()])
+
+    def __str__(self) -> str:
+        traced = "" if self.traced else f", not traceable ({self.trace_error}): per-module forms only"
+        return (f"DeployReport({self.norms_folded} inner norms folded, {self.biases_folded} biases folded, "
+                f"{self.shuffles_folded} shuffles folded, forms {self.forms()}, {len(self.left)} folds left out"
+                f"{traced}, max rel. error {self.max_error:.2g} <= {self.tolerance:.2g})"
+                if self.max_error is not None else f"DeployReport(unchecked, forms {self.forms()})")
+
+
+def tolerance_for(dtype: torch.dtype) -> float:
+    """The accepted relative error of a deployed model computing in ``dtype``."""
+    return RTOL_HALF if dtype in (torch.float16, torch.bfloat16) else RTOL_FP32
+
+
+def _tensors(output: Any) -> list[torch.Tensor]:
+    return [t for t in tree_flatten(output)[0] if isinstance(t, torch.Tensor)]
+
+
+def _relative_error(got: Any, want: Any) -> float:
+    got, want = _tensors(got), _tensors(want)
+    if len(got) != len(want) or any(g.shape != w.shape for g, w in zip(got, want)):
+        return math.inf
+    worst = 0.0
+    for g, w in zip(got, want):
+        scale = float(w.detach().abs().max()) if w.numel() else 0.0
+        error = float((g.detach().double() - w.detach().double()).abs().max()) if w.numel() else 0.0
+        worst = max(worst, error / max(scale, 1e-12) if math.isfinite(error) else math.inf)
+    return worst
+
+
+def default_input(model: nn.Module) -> torch.Tensor:
+    """A random batch of one at the model's default input size (timm's ``pretrained_cfg``), on its device;
+    without one, 64x64 with the channels of the first conv."""
+    parameter = next(model.parameters(), None)
+    device = parameter.device if parameter is not None else torch.device("cpu")
+    dtype = parameter.dtype if parameter is not None and parameter.is_floating_point() else torch.float32
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
+    size = tuple(cfg.get("input_size", ())) if isinstance(cfg, dict) else ()
+    if len(size) != 3:
+        first = next((m for m in model.modules() if isinstance(m, (nn.Conv2d, CompConv2d))), None)
+        if first is None:
+            raise DeployError("the model has no convolution to infer an input size from: pass example_input")
+        size = (first.in_channels, 64, 64)
+    generator = torch.Generator().manual_seed(0)
+    return torch.randn(1, *size, generator=generator).to(device, dtype)
+
+
+@torch.no_grad()
+def check_outputs(original: nn.Module, deployed: nn.Module, x: torch.Tensor, tolerance: float,
+                  report: Optional[DeployReport] = None) -> float:
+    """The relative error of ``deployed`` against ``original`` on ``x``; raises :class:`DeployError` above
+    ``tolerance``, naming the first layer (in ``original``'s execution order) whose output differs."""
+    try:
+        want = original(x)
+    except Exception as error:
+        raise DeployError(f"cannot check the deployed model: the model does not run on an input of shape "
+                          f"{tuple(x.shape)} ({type(error).__name__}: {error}); pass example_input") from error
+    error = _relative_error(deployed(x), want)
+    if error <= tolerance:
+        return error
+    where = _first_difference(original, deployed, x, tolerance, report)
+    raise DeployError(f"the deployed model's output differs from the model's by {error:.3g} (relative; tolerance "
+                      f"{tolerance:.2g}){where}. The model was not changed; please report this model")
+
+
+def _first_difference(original: nn.Module, deployed: nn.Module, x: torch.Tensor, tolerance: float,
+                      report: Optional[DeployReport]) -> str:
+    """``, first at layer NAME (error E)`` for the first module whose output should be equal and is not."""
+    permuted = set()  # modules whose outputs deploy permutes or replaces by design
+    if report is not None:
+        permuted = {c.name for c in report.layers if c.form != "chain"} | {c.norm for c in report.layers
+                                                                            if c.norm and c.form != "chain"}
+        permuted |= {name for fold in report.shuffle_folds for name in fold[:-1]}
+    permuted_outputs: set[int] = set()
+    alive = []  # tracked outputs stay referenced, so their ids are not reused by later tensors
+
+    def record(model: nn.Module, outputs: dict, order: list, track: bool):
+        def hook(module, args, output, name):
+            if track and (name in permuted or id(output) in permuted_outputs):
+                permuted.add(name)
+                permuted_outputs.add(id(output))
+                alive.append(output)
+            if name not in outputs:  # cloned: a later in-place op (ReLU(inplace=True), +=) must not change it
+                outputs[name] = tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, output)
+                order.append(name)
+        return [m.register_forward_hook(lambda mod, a, o, n=n: hook(mod, a, o, n)) for n, m in model.named_modules()
+                if n]
+
+    got, want, order = {}, {}, []
+    hooks = record(original, want, order, False) + record(deployed, got, [], True)
+    try:
+        original(x)
+        deployed(x)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    for name in order:
+        if name in permuted or name not in got:  # permuted by design, or replaced (its internals are gone)
+            continue
+        error = _relative_error(got[name], want[name])
+        if error > tolerance and math.isfinite(error):
+            return f", first at layer {name} (error {error:.3g})"
+        if error == math.inf:
+            continue  # shapes differ (a replaced or permuted module); its consumers are compared
+    return ""
+
+
+def _modes(model: nn.Module) -> dict[nn.Module, bool]:
+    return {m: m.training for m in model.modules()}
+
+
+def deploy(model: nn.Module, example_input: Optional[torch.Tensor] = None, runtime: str = "torch", *,
+           cache: Optional[ChoiceCache] = None, tolerance: Optional[float] = None) -> DeployReport:
+    """Turns every CompConv of ``model`` into its fastest exact inference form, checked, in place.
+
+    Args:
+        model: Any model with :class:`CompConv2d` layers (timm/torchvision models, your own).
+        example_input: A batch as the model will see it (device, dtype, memory format). Each 1x1 layer's
+            forms are timed on its real input and the fastest is kept, and the check runs on it. None:
+            :func:`rule_choice` decides, and the check runs on :func:`default_input`.
+        runtime: Where the deployed model will run: ``"torch"`` (PyTorch; forms timed on ``example_input``'s
+            device) or ``"ort"`` (ONNX Runtime on the CPU; forms timed there, each layer exported alone).
+        cache: A :class:`ChoiceCache` to reuse timings across calls (default: a fresh one).
+        tolerance: Largest accepted relative error (max |deployed - original| / max |original|); default
+            :func:`tolerance_for` the input's dtype (1e-4 in fp32, 2e-2 in fp16/bf16).
+
+    Returns:
+        A :class:`DeployReport`; ``report.table()`` lists the form and MACs of each 1x1 layer,
+        ``report.left_table()`` the folds not proven by the dataflow.
+
+    Raises:
+        DeployError: the deployed copy's outputs differ from ``model``'s; ``model`` is unchanged.
+    """
+    if runtime not in RUNTIMES:
+        raise ValueError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")
+    modes = _modes(model)
+    model.eval()
+    try:
+        x = example_input if example_input is not None else default_input(model)
+        candidate = copy.deepcopy(model)
+        report = _deploy_copy(candidate, example_input, runtime, cache or ChoiceCache())
+        report.tolerance = tolerance if tolerance is not None else tolerance_for(x.dtype)
+        report.max_error = check_outputs(model, candidate, x, report.tolerance, report)
+    except BaseException:
+        for module, training in modes.items():
+            module.train(training)
+        raise
+    model.__dict__.update(candidate.__dict__)  # swap the checked copy in (modules, parameters, attributes)
+    return report
+
+
+@torch.no_grad()
+def _deploy_copy(model: nn.Module, example_input: Optional[torch.Tensor], runtime: str,
+                 cache: ChoiceCache) -> DeployReport:
+    report = DeployReport()
+    for module in model.modules():
+        if isinstance(module, CompConv2d):
+            report.norms_folded += module.reparameterize()
+    try:
+        sites = analyse(model)
+    except Exception as error:  # untraceable: per-module forms only
+        report.traced, report.trace_error = False, f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
+        sites = {n: Site(n, norm_reason="not traced", consumer_reason="not traced")
+                 for n, m in model.named_modules() if isinstance(m, CompConv2d)}
+
+    inputs: dict[str, torch.Tensor] = {}
+    if example_input is not None:
+        hooks = [model.get_submodule(n).register_forward_pre_hook(
+            lambda mod, args, n=n: inputs.setdefault(n, args[0])) for n in sites]
+        try:
+            model(example_input)
+        finally:
+            for hook in hooks:
+                hook.remove()
+
+    for name, site in sites.items():
+        conv = model.get_submodule(name)
+        norm = model.get_submodule(site.norm) if site.norm else None
+        report.norm_of[name] = site.norm
+        if site.norm_reason:
+            report.left[name] = site.norm_reason
+        if conv.bias is not None and norm is not None:
+            norm.running_mean.sub_(conv.bias)
+            conv.bias = None
+            report.biases_folded += 1
+        if not pointwise(conv):
+            continue
+        times = {}
+        if name in inputs:
+            form, times = measured_choice(conv, norm, inputs[name], runtime, cache)
+        else:
+            form = rule_choice(conv, runtime)
+        report.layers.append(LayerChoice(name, form, form_macs(conv, form), conv.plan.plain_macs_per_position, times,
+                                         site.norm))
+        if form != "chain":
+            model.set_submodule(name, build_form(conv, norm, form).eval())
+            if site.norm:
+                model.set_submodule(site.norm, nn.Identity())
+
+    for name, site in sites.items():
+        conv = model.get_submodule(name)
+        if not isinstance(conv, CompConv2d) or conv.shuffle_groups == 1 or site.norm is None:
+            continue
+        if site.consumer is None:
+            report.left.setdefault(name, f"shuffle kept: {site.consumer_reason}")
+            continue
+        source = fold_shuffle(conv, model.get_submodule(site.norm))
+        model.set_submodule(site.consumer, permute_input(model.get_submodule(site.consumer), source).eval())
+        report.shuffles_folded += 1
+        report.shuffle_folds.append((name, site.norm, *site.between, site.consumer))
+    return report
+
+
+class ReparameterizableStage(nn.Sequential):
+    """An ``nn.Sequential`` stage of a registered CompConv model (ResNet ``layerN``, VGG ``features``) whose
+    ``reparameterize()`` runs :func:`deploy` on it, so ``timm.utils.reparameterize_model`` (timm's
+    ``benchmark.py --reparam``, ``onnx_export.py --reparam``) reaches the deployed form. The stage is
+    checked on a random 64x64 input with its first conv's channels."""
+
+    def reparameterize(self) -> DeployReport:
+        return deploy(self)

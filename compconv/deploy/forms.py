@@ -1,0 +1,229 @@
+"""Exact inference forms of CompConv layers: the 1x1 algebra as pure functions, and the modules they build.
+
+A 1x1 CompConv (no inner norms left) followed by a BatchNorm is an affine map of its input of rank at
+most ``C_prim + identity channels``. :func:`build_form` writes it as ``dense`` (one plain conv with
+bias) or ``lowrank`` (:class:`LowRankConv2d`: the first conv, the identity slices, one conv with bias),
+with the BatchNorm and the channel shuffle absorbed. :class:`DeployedCompConv2d` is a CompConv whose
+input arrives with its channels permuted (an upstream shuffle folded into it).
+"""
+
+
+from typing import List, Optional
+
+import torch
+from torch import nn
+
+from ..layers import CompConv2d, shuffle_source
+
+__all__ = ["DeployedCompConv2d", "LowRankConv2d", "build_form", "form_macs", "fold_shuffle", "permute_input",
+           "pointwise"]
+
+FORMS = ("chain", "lowrank", "dense")
+
+
+class LowRankConv2d(nn.Module):
+    """``y = V · [U x ; x[identity channels]] + bias``: a 1x1 CompConv (+ BatchNorm) in two convs.
+
+    Args:
+        first: The CompConv's first conv ``U`` (C_in -> C_prim, carrying the stride).
+        identity_index: Input channels copied beside ``U x`` (the identity slices), or None.
+        second: ``V`` (C_prim + identity channels -> C_out) with the bias.
+    """
+
+    identity_index: Optional[torch.Tensor]
+
+    def __init__(self, first: nn.Conv2d, identity_index: Optional[torch.Tensor], second: nn.Conv2d) -> None:
+        super().__init__()
+        self.first, self.second = first, second
+        self.stride = first.stride
+        self.register_buffer("identity_index", identity_index)
+        self.in_channels, self.out_channels = first.in_channels, second.out_channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b = self.first(x)
+        index = self.identity_index
+        if index is not None:
+            a = x.index_select(1, index)[:, :, ::self.stride[0], ::self.stride[1]]
+            b = torch.cat([b, a], dim=1)
+        return self.second(b)
+
+
+class DeployedCompConv2d(CompConv2d):
+    """A :class:`CompConv2d` whose input channels arrive permuted: original channel ``o`` is channel
+    ``input_index``-mapped. Its first conv's weight is reordered to match and its identity slices are
+    gathers of the right channels. Built only by :func:`permute_input`; outputs are those of the
+    CompConv it came from, given the permuted input."""
+
+    identity_starts: List[int]  # TorchScript reads a class's own annotations only
+    identity_stops: List[int]
+    input_index: Optional[torch.Tensor]
+
+    @classmethod
+    def from_compconv(cls, conv: CompConv2d) -> "DeployedCompConv2d":
+        """The same layer (sharing its submodules and parameters) as a deployed module."""
+        deployed = cls.__new__(cls)
+        nn.Module.__init__(deployed)
+        for key, value in vars(conv).items():
+            if key in ("_parameters", "_buffers", "_modules"):
+                getattr(deployed, key).update(value)
+            elif not key.startswith("_") or key == "_non_persistent_buffers_set":
+                deployed.__dict__[key] = value
+        deployed.training = conv.training
+        deployed.register_buffer("input_index", None)
+        return deployed
+
+    def identity(self, x: torch.Tensor, start: int, stop: int, like: torch.Tensor) -> torch.Tensor:
+        index = self.input_index
+        if index is None:
+            return self.sample_identity(x[:, start:stop], like)
+        return self.sample_identity(x.index_select(1, index[start:stop]), like)
+
+
+# ---------------------------------------------------------------------------------------------- 1x1 algebra
+def _matrix(conv: nn.Conv2d) -> tuple[torch.Tensor, torch.Tensor]:
+    weight = conv.weight.detach().double()
+    bias = conv.bias.detach().double() if conv.bias is not None else weight.new_zeros(weight.shape[0])
+    if conv.groups == 1:
+        return weight[:, :, 0, 0], bias
+    return torch.diag(weight[:, 0, 0, 0]), bias  # depthwise 1x1: a per-channel scale
+
+
+def pointwise(module: CompConv2d) -> bool:
+    """True when the whole CompConv is a per-pixel affine map (1x1 kernels, no padding, no inner norms left)."""
+    tail = module.plan.tail
+    return (module.kernel_size == (1, 1) and module.padding == (0, 0)
+            and (tail is None or tail.kernel_size == (1, 1))
+            and not any(isinstance(n, nn.BatchNorm2d) for n in module.modules() if n is not module))
+
+
+def low_rank_map(module: CompConv2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(M, f)``: the concatenated parts (pre-shuffle) as ``M z + f`` of ``z = [B(d-1); identity slices]``."""
+    c = module.plan.c_prim
+    widths = [p.channels for p in module.plan.identities]
+    rank = c + sum(widths)
+    eye = torch.eye(rank, dtype=torch.float64)
+    b_mat, b_bias = eye[:c], torch.zeros(c, dtype=torch.float64)
+    b_bias = b_bias + _matrix(module.convs[0])[1]  # the first conv's bias rides on B(d-1), not on U x
+    rows, biases, offset = [b_mat], [b_bias], c
+    for conv, width in zip(list(module.convs)[1:], widths):
+        a_mat = eye[offset:offset + width]
+        offset += width
+        rows.append(a_mat)
+        biases.append(torch.zeros(width, dtype=torch.float64))
+        weight, bias = _matrix(conv)
+        b_mat = weight @ torch.cat([b_mat, a_mat])
+        b_bias = weight @ torch.cat([b_bias, torch.zeros(width, dtype=torch.float64)]) + bias
+        rows.append(b_mat)
+        biases.append(b_bias)
+    if module.tail is not None:
+        weight, bias = _matrix(module.tail)
+        rows.append(weight @ b_mat[:module.tail_in])
+        biases.append(weight @ b_bias[:module.tail_in] + bias)
+    return torch.cat(rows), torch.cat(biases)
+
+
+def norm_affine(norm: Optional[nn.BatchNorm2d], channels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """An eval BatchNorm as ``scale * y + shift`` (the identity without one)."""
+    if norm is None:
+        return torch.ones(channels, dtype=torch.float64), torch.zeros(channels, dtype=torch.float64)
+    scale = norm.weight.double() / torch.sqrt(norm.running_var.double() + norm.eps)
+    return scale, norm.bias.double() - norm.running_mean.double() * scale
+
+
+def identity_index(module: CompConv2d) -> Optional[torch.Tensor]:
+    """The input channels the identity slices copy, in concatenation order (permuted input included)."""
+    if not module.identity_starts:
+        return None
+    index = torch.cat([torch.arange(a, b) for a, b in zip(module.identity_starts, module.identity_stops)])
+    permuted = getattr(module, "input_index", None)
+    return permuted.cpu()[index] if permuted is not None else index
+
+
+def _conv(weight: torch.Tensor, bias: torch.Tensor, stride, like: nn.Conv2d) -> nn.Conv2d:
+    conv = nn.Conv2d(weight.shape[1], weight.shape[0], 1, stride=stride, bias=True,
+                     device=like.weight.device, dtype=like.weight.dtype)
+    conv.weight.data.copy_(weight[:, :, None, None])
+    conv.bias.data.copy_(bias)
+    return conv
+
+
+@torch.no_grad()
+def build_form(module: CompConv2d, norm: Optional[nn.BatchNorm2d], form: str) -> nn.Module:
+    """The ``lowrank`` or ``dense`` equivalent of a pointwise CompConv followed by ``norm`` (None: no norm)."""
+    matrix, offset = low_rank_map(module)
+    source = shuffle_source(module.out_channels, module.shuffle_groups)
+    scale, shift = norm_affine(norm, module.out_channels)
+    bias = module.bias.detach().double() if module.bias is not None else 0.0
+    matrix = scale[:, None] * matrix[source]
+    offset = scale * (offset[source] + bias) + shift
+    first = module.convs[0]
+    index = identity_index(module)
+    if form == "lowrank":
+        u = nn.Conv2d(first.in_channels, first.out_channels, 1, stride=first.stride, bias=False,
+                      device=first.weight.device, dtype=first.weight.dtype)
+        u.weight.data.copy_(first.weight.data)
+        return LowRankConv2d(u, index.to(first.weight.device) if index is not None else None,
+                             _conv(matrix, offset, 1, first))
+    if form != "dense":
+        raise ValueError(f"form must be 'lowrank' or 'dense', got {form!r}")
+    # dense: z = [U x ; S x] is itself a linear map of x
+    u_mat = _matrix(first)[0]
+    selection = torch.zeros(matrix.shape[1] - u_mat.shape[0], module.in_channels, dtype=torch.float64)
+    if index is not None:
+        selection[torch.arange(len(index)), index] = 1.0
+    return _conv(matrix @ torch.cat([u_mat, selection]), offset, first.stride, first)
+
+
+def form_macs(module: CompConv2d, form: str) -> int:
+    """MACs per output position of ``module`` in ``form`` (a dense form costs the plain conv's)."""
+    plan = module.plan
+    if form == "dense":
+        return plan.plain_macs_per_position
+    if form == "lowrank":
+        rank = plan.c_prim + plan.identity_channels
+        return plan.in_channels * plan.c_prim + rank * plan.out_channels
+    return plan.macs_per_position
+
+
+# ---------------------------------------------------------------------------------------------- permutations
+@torch.no_grad()
+def permute_input(consumer: nn.Module, source: torch.Tensor) -> nn.Module:
+    """``consumer`` rewritten for an input whose original channel ``o`` now arrives as channel ``source[o]``.
+
+    Returns the module to put in its place: a plain conv or :class:`LowRankConv2d` is changed in place;
+    a :class:`CompConv2d` becomes a :class:`DeployedCompConv2d`.
+    """
+    if isinstance(consumer, LowRankConv2d):
+        weight_holder = consumer.first
+    elif isinstance(consumer, CompConv2d):
+        if not isinstance(consumer, DeployedCompConv2d):
+            consumer = DeployedCompConv2d.from_compconv(consumer)
+        weight_holder = consumer.convs[0]
+    elif isinstance(consumer, nn.Conv2d) and consumer.groups == 1:
+        weight_holder = consumer
+    else:
+        raise TypeError(f"cannot permute the input channels of {type(consumer).__name__}")
+    device = weight_holder.weight.device
+    position = torch.argsort(source).to(device)
+    weight_holder.weight.data = weight_holder.weight.data[:, position].contiguous()
+    if isinstance(consumer, LowRankConv2d) and consumer.identity_index is not None:
+        consumer.identity_index = source.to(device)[consumer.identity_index]
+    elif isinstance(consumer, DeployedCompConv2d) and consumer.identity_stops:
+        previous = consumer.input_index
+        consumer.input_index = source.to(device)[:max(consumer.identity_stops)] if previous is None \
+            else source.to(device)[previous]
+    return consumer
+
+
+@torch.no_grad()
+def fold_shuffle(conv: CompConv2d, norm: nn.BatchNorm2d) -> torch.Tensor:
+    """Drops ``conv``'s output shuffle and reorders ``norm`` to match; returns ``source`` for the consumer
+    (:func:`permute_input`): the norm's output channel ``o`` is now at ``source[o]``."""
+    source = shuffle_source(conv.out_channels, conv.shuffle_groups)
+    position = torch.argsort(source)
+    conv.shuffle_groups = 1
+    for name in ("weight", "bias", "running_mean", "running_var"):
+        tensor = getattr(norm, name)
+        if tensor is not None:
+            tensor.data = tensor.data[position.to(tensor.device)]
+    return source

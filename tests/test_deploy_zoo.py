@@ -1,0 +1,159 @@
+"""deploy() and export_onnx() over architectures nobody here wrote folds for: each model is either equal
+to the user's model or refused with DeployError, leaving it untouched. Never a silent wrong model."""
+
+from __future__ import annotations
+
+import copy
+import importlib
+
+import pytest
+import timm
+import torch
+from torch import nn
+
+import compconv
+from compconv import deploy
+from compconv.deploy import DeployError, DeployedCompConv2d, forms, tolerance_for
+from zoo import ZOO, prepared
+
+FAST = ["preact_cifar", "two_consumers", "shared_conv", "tv_resnet18"]
+
+
+def _relative(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got - want).abs().max() / want.abs().max())
+
+
+def _snapshot(model: nn.Module) -> tuple[list, dict]:
+    return ([(n, type(m)) for n, m in model.named_modules()],
+            {k: v.clone() for k, v in model.state_dict().items()})
+
+
+def _same(model: nn.Module, snapshot) -> bool:
+    structure, state = snapshot
+    now = model.state_dict()
+    return ([(n, type(m)) for n, m in model.named_modules()] == structure and now.keys() == state.keys()
+            and all(torch.equal(now[k], state[k]) for k in state))
+
+
+@pytest.mark.parametrize("runtime", ["torch", "ort"])
+@pytest.mark.parametrize("name", [pytest.param(n, marks=() if n in FAST else pytest.mark.slow) for n in ZOO])
+@torch.no_grad()
+def test_deploy_is_equal_or_refused(name, runtime):
+    model = prepared(name)
+    x = torch.randn(2, 3, 64, 64)
+    reference = model(x)
+    snapshot = _snapshot(model)
+    try:
+        report = deploy(model, runtime=runtime)
+    except DeployError:
+        assert _same(model, snapshot)  # refused: the user's model is untouched
+        return
+    assert _relative(model(x), reference) <= tolerance_for(torch.float32)  # on an input deploy did not see
+    assert report.max_error <= report.tolerance == 1e-4
+    assert not model.training
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=() if n in FAST else pytest.mark.slow) for n in ZOO])
+def test_export_onnx_is_equal_to_the_users_model_or_refused(name, tmp_path):
+    pytest.importorskip("onnxruntime")
+    size = 224 if name == "tv_vgg11_bn" else 64  # the TorchScript exporter cannot pool 2x2 to VGG's 7x7
+    model = prepared(name)
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        reference = model(x)
+    snapshot = _snapshot(model)
+    try:
+        report = compconv.export_onnx(model, tmp_path / "m.onnx", (3, size, size), batch_size=2, dynamo=False)
+    except DeployError:
+        assert not (tmp_path / "m.onnx").exists()
+        return
+    assert _same(model, snapshot)  # export works on a copy
+    from compconv.onnxrt import ort_session
+
+    session = ort_session(report.path)
+    got = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
+    assert _relative(got, reference) <= 1e-4
+
+
+@torch.no_grad()
+def test_a_wrong_fold_is_refused_naming_the_layer_and_the_model_is_untouched(monkeypatch):
+    def forgets_the_norm(conv, norm):  # drops the shuffle but leaves the norm's channels in place: wrong
+        source = compconv.layers.shuffle_source(conv.out_channels, conv.shuffle_groups)
+        conv.shuffle_groups = 1
+        return source
+
+    monkeypatch.setattr(importlib.import_module("compconv.deploy"), "fold_shuffle", forgets_the_norm)
+    model = prepared("tv_resnet18")
+    model.train()
+    snapshot = _snapshot(model)
+    with pytest.raises(DeployError, match=r"differs from the model's by .* first at layer layer\d\.\d\.conv2") as error:
+        deploy(model)
+    assert "The model was not changed" in str(error.value)
+    assert _same(model, snapshot) and model.training  # modes restored too
+
+
+class _DataDependent(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 64, 3, padding=1)
+        self.conv = compconv.CompConv2d(64, 128, 1, bias=False, depth=2)
+        self.bn = nn.BatchNorm2d(128)
+
+    def forward(self, x):
+        y = self.bn(self.conv(self.stem(x)))
+        if y.mean() > 0:  # FX cannot trace a branch on a tensor's value
+            y = y * 2
+        return y
+
+
+@torch.no_grad()
+def test_untraceable_model_gets_per_module_forms_only():
+    model = _DataDependent().eval()
+    model.bn.running_mean.uniform_(-1, 1)
+    x = torch.randn(2, 3, 16, 16)
+    reference = model(x)
+    report = deploy(model)
+    assert not report.traced and "TraceError" in report.trace_error
+    assert report.left == {"conv": "not traced"} and report.biases_folded == 0
+    assert isinstance(model.bn, nn.BatchNorm2d)  # no neighbour fold without the graph
+    assert report.forms()["chain"] + report.forms()["dense"] == 1
+    assert _relative(model(x), reference) <= 1e-5
+    assert "per-module forms only" in str(report)
+
+
+@torch.no_grad()
+def test_report_says_why_folds_were_left_out():
+    model = prepared("two_consumers")
+    report = deploy(model)
+    assert report.left["conv"] == "shuffle kept: relu: its output has 2 users"
+    assert "| conv |" in report.left_table()
+    effnet = deploy(prepared("timm_efficientnet_b0"))
+    assert any("BatchNormAct2d" in reason and "not by a BatchNorm2d" in reason for reason in effnet.left.values())
+
+
+@torch.no_grad()
+def test_timm_reparameterize_model_gives_the_deployed_form():
+    model = timm.create_model("resnet50_compconv128", num_classes=10).eval()
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.2, 0.2)
+            module.weight.uniform_(0.8, 1.2)
+    x = torch.randn(2, 3, 64, 64)
+    reference = model(x)
+    fused = timm.utils.reparameterize_model(model)
+    deployed = copy.deepcopy(model)
+    report = deploy(deployed)
+    assert _relative(fused(x), reference) <= 1e-4
+    assert [(n, type(m)) for n, m in fused.named_modules()] == [(n, type(m)) for n, m in deployed.named_modules()]
+    assert report.forms()["dense"] == 15 and report.shuffles_folded > 0
+    assert any(isinstance(m, DeployedCompConv2d) for m in fused.modules())
+    assert type(model.layer1[0].conv1) is compconv.CompConv2d  # reparameterize_model works on a copy
+
+
+def test_deploy_forms_are_pure_functions_of_the_layer():
+    conv = compconv.CompConv2d(256, 64, 1, depth=2, bias=False).double().eval()
+    weight = conv.convs[0].weight.clone()
+    dense = forms.build_form(conv, None, "dense")
+    assert torch.equal(conv.convs[0].weight, weight) and isinstance(dense, nn.Conv2d)
+    with pytest.raises(ValueError, match="form must be"):
+        forms.build_form(conv, None, "chain")

@@ -1,0 +1,113 @@
+"""Patched architectures nobody here wrote the deploy folds for, prepared as a user would: patched with
+c0=128, a few training-mode forwards (BatchNorm statistics move), BatchNorm affine set to non-trivial
+values, then eval()."""
+
+from __future__ import annotations
+
+import timm
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+import compconv
+
+
+class PreActBlock(nn.Module):
+    """Pre-activation block as pytorch-cifar writes it: ``bn1`` runs before ``conv1``."""
+
+    def __init__(self, in_planes: int, planes: int, stride: int = 1) -> None:
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(in_planes)
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        if stride != 1 or in_planes != planes:
+            self.shortcut = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride, bias=False))
+
+    def forward(self, x):
+        out = F.relu(self.bn1(x))
+        shortcut = self.shortcut(out) if hasattr(self, "shortcut") else x
+        out = self.conv1(out)
+        out = self.conv2(F.relu(self.bn2(out)))
+        return out + shortcut
+
+
+class PreActNet(nn.Module):
+    def __init__(self, classes: int = 10) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+        self.layers = nn.Sequential(PreActBlock(64, 64), PreActBlock(64, 128, 2), PreActBlock(128, 256, 2))
+        self.bn = nn.BatchNorm2d(256)
+        self.linear = nn.Linear(256, classes)
+
+    def forward(self, x):
+        out = self.layers(self.conv1(x))
+        out = F.adaptive_avg_pool2d(F.relu(self.bn(out)), 1).flatten(1)
+        return self.linear(out)
+
+
+class TwoConsumers(nn.Module):
+    """A conv whose BN + ReLU output feeds two convs (a split into two branches)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 64, 3, padding=1)
+        self.conv = nn.Conv2d(64, 128, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(128)
+        self.left = nn.Conv2d(128, 64, 1)
+        self.right = nn.Conv2d(128, 64, 3, padding=1)
+        self.head = nn.Linear(64, 10)
+
+    def forward(self, x):
+        y = torch.relu(self.bn(self.conv(self.stem(x))))
+        return self.head((self.left(y) + self.right(y)).mean((2, 3)))
+
+
+class SharedConv(nn.Module):
+    """One conv module called twice (weight sharing) followed by one norm each time."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 64, 3, padding=1)
+        self.conv = nn.Conv2d(64, 64, 1, bias=False)
+        self.bn1, self.bn2 = nn.BatchNorm2d(64), nn.BatchNorm2d(64)
+        self.out = nn.Conv2d(64, 32, 1)
+
+    def forward(self, x):
+        x = self.stem(x)
+        y = self.bn1(self.conv(x)).relu()
+        return self.out(self.bn2(self.conv(y)).relu())
+
+
+ZOO = {
+    "preact_cifar": PreActNet,
+    "two_consumers": TwoConsumers,
+    "shared_conv": SharedConv,
+    "timm_resnet50": lambda: timm.create_model("resnet50", num_classes=10),
+    "timm_resnetv2_50": lambda: timm.create_model("resnetv2_50", num_classes=10),
+    "timm_regnety_008": lambda: timm.create_model("regnety_008", num_classes=10),
+    "timm_efficientnet_b0": lambda: timm.create_model("efficientnet_b0", num_classes=10),
+    "timm_densenet121": lambda: timm.create_model("densenet121", num_classes=10),
+    "timm_seresnext26d_32x4d": lambda: timm.create_model("seresnext26d_32x4d", num_classes=10),
+    "tv_resnet18": lambda: torchvision.models.resnet18(num_classes=10),
+    "tv_vgg11_bn": lambda: torchvision.models.vgg11_bn(num_classes=10),
+    "tv_regnet_x_400mf": lambda: torchvision.models.regnet_x_400mf(num_classes=10),
+    "tv_efficientnet_b0": lambda: torchvision.models.efficientnet_b0(num_classes=10),
+}
+
+
+@torch.no_grad()
+def prepared(name: str, seed: int = 0, size: int = 64) -> nn.Module:
+    """``ZOO[name]`` patched with CompConv128 and given moved statistics and non-trivial norm affines, in eval."""
+    torch.manual_seed(seed)
+    model = ZOO[name]()
+    compconv.patch(model, c0=128)
+    model.train()
+    for _ in range(3):
+        model(torch.randn(4, 3, size, size))
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d) and module.affine:
+            module.weight.uniform_(0.5, 1.5)
+            module.bias.uniform_(-0.5, 0.5)
+    return model.eval()
