@@ -22,7 +22,6 @@ import io
 import multiprocessing
 import os
 import platform
-import resource
 import statistics
 import sys
 import time
@@ -82,21 +81,23 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-VARIANTS = ("deploy", "deploy_rule")
+VARIANTS = ("deploy", "deploy_rule", "chain")
 
 
 def create_variant(name: str, example_input: torch.Tensor | None = None, runtime: str = "torch") -> nn.Module:
     """A timm model, optionally in inference form: ``NAME+deploy`` (:func:`compconv.deploy` timing each
-    layer's forms on ``example_input`` in ``runtime``) or ``NAME+deploy_rule`` (deploy's rule, no timing).
-    Training workloads always run the model as trained."""
+    layer's forms on ``example_input`` in ``runtime``) or ``NAME+deploy_rule`` (deploy's rule, no timing);
+    ``NAME+chain`` runs every layer as Figure 2 is written (``pointwise_form="chain"``, no dense training
+    form). Training workloads run the model as trained (``+chain`` kept)."""
     from .deploy import deploy
 
     base, *variants = name.split("+")
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         raise ValueError(f"unknown variant(s) {unknown} in {name!r}; known: {list(VARIANTS)}")
-    model = timm.create_model(base, num_classes=1000)
-    if variants:
+    kwargs = {"compconv": {"pointwise_form": "chain"}} if "chain" in variants else {}
+    model = timm.create_model(base, num_classes=1000, **kwargs)
+    if variants and variants != ["chain"]:
         model.eval()
         if example_input is not None:
             model = model.to(example_input.device, memory_format=_format_of(example_input))
@@ -123,8 +124,8 @@ def _ort_step(model: nn.Module, x: torch.Tensor) -> Callable[[], None]:
 def build_step(name: str, workload: Workload, setting: Setting, device: torch.device, img_size: int,
                precision: str) -> tuple[Callable[[], None], nn.Module]:
     """A closure running one inference or training step (forward + backward + SGD) of model ``name``."""
-    if workload.mode == "train":
-        name = name.split("+")[0]  # deploy is an inference form: training runs the model as trained
+    if workload.mode == "train":  # deploy is an inference form: training runs the model as trained
+        name = "+".join(part for part in name.split("+") if part not in ("deploy", "deploy_rule"))
     if setting.ort and (workload.mode == "train" or device.type != "cpu" or precision != "fp32"):
         raise ValueError("the ort setting is inference on the CPU in fp32")
     memory_format = torch.channels_last if setting.channels_last else torch.contiguous_format
@@ -160,9 +161,12 @@ def build_step(name: str, workload: Workload, setting: Setting, device: torch.de
     return step, model
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as handle:
-        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+def _status_bytes(field: str) -> int:
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"/proc/self/status has no {field}")
 
 
 def _peak_cpu_child(args, queue) -> None:
@@ -170,15 +174,19 @@ def _peak_cpu_child(args, queue) -> None:
 
     torch.set_num_threads(args[-1])
     step, _ = build_step(*args[:-1])
-    before = _rss_bytes()
+    step()  # allocator pools, optimizer state and lazy inits exist from here on, as in a long run
+    before = _status_bytes("VmRSS")
+    with open("/proc/self/clear_refs", "w") as handle:
+        handle.write("5")  # resets VmHWM (the peak RSS) to the current RSS; ru_maxrss keeps the parent's
     step()
     step()
-    queue.put(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before)
+    queue.put(_status_bytes("VmHWM") - before)
 
 
 def peak_memory_mb(name, workload, setting, device, img_size, precision) -> float:
-    """Peak memory of two steps: CUDA max allocated, or on CPU the growth of max RSS over the
-    resident size after building the model (measured in a fresh process, one model at a time)."""
+    """Peak memory of two steps: CUDA max allocated, or on CPU the growth of the peak RSS over the resident
+    size after one warm-up step (a spawned process per model: VmHWM after resetting it through
+    ``/proc/self/clear_refs``; ``ru_maxrss`` would report the parent's high-water mark)."""
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
@@ -318,6 +326,79 @@ def per_layer_table(name: str, batch: int, img_size: int, device: torch.device, 
     return "\n".join(rows)
 
 
+def per_layer_train_table(name: str, batch: int, img_size: int, device: torch.device, repeats: int = 5) -> str:
+    """Each replaced layer of ``name`` in training: forward + backward (input and parameter gradients) of a plain
+    conv of the same geometry, of the CompConv as Figure 2 is written (chain), of its dense training form (1x1
+    layers) and of the form the model trains in (``pointwise_form="auto"``). Eager channels_last, on the layer's
+    real input (captured in a training-mode forward); ms are medians of ``repeats``, forms timed interleaved."""
+    from .fastpath import dense_pays
+    from .layers import CompConv2d
+
+    x = torch.randn(batch, 3, img_size, img_size, device=device).to(memory_format=torch.channels_last)
+    model = timm.create_model(name).train().to(device, memory_format=torch.channels_last)
+    inputs = {}
+    hooks = [m.register_forward_pre_hook(lambda mod, args, n=n: inputs.setdefault(n, args[0].detach()))
+             for n, m in model.named_modules() if isinstance(m, CompConv2d)]
+    with torch.no_grad():
+        model(x)
+    for hook in hooks:
+        hook.remove()
+
+    def fwd_bwd(module: nn.Module, inp: torch.Tensor, form: str | None) -> Callable[[], None]:
+        leaf = inp.clone().requires_grad_(True)
+
+        def run() -> None:
+            saved = getattr(module, "pointwise_form", None)
+            if form is not None:
+                module.pointwise_form = form
+            try:
+                module(leaf).sum().backward()
+            finally:
+                if form is not None:
+                    module.pointwise_form = saved
+        return run
+
+    rows = ["| layer | C_in->C_out, k, s | d | HxW out | MACs plain / CompConv (M) | plain (ms) | chain (ms) | dense (ms) "
+            "| trained as | as trained (ms) | as trained / plain |",
+            "|---|---|---:|---|---|---:|---:|---:|---|---:|---:|"]
+    totals = {"plain": 0.0, "chain": 0.0, "trained": 0.0}
+    for layer_name, layer in model.named_modules():
+        if not isinstance(layer, CompConv2d):
+            continue
+        inp = inputs[layer_name]
+        plain = nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
+                          layer.dilation, bias=layer.bias is not None).to(device, memory_format=torch.channels_last)
+        candidates = {"plain": fwd_bwd(plain, inp, None), "chain": fwd_bwd(layer, inp, "chain")}
+        pointwise = layer.pointwise_form != "chain"
+        if pointwise:
+            candidates["dense"] = fwd_bwd(layer, inp, "dense")
+        dense_now = pointwise and (layer.pointwise_form == "dense" or dense_pays(layer, inp))
+        times = {k: [] for k in candidates}
+        for run in candidates.values():
+            run()
+        for _ in range(repeats):
+            for key, run in candidates.items():
+                _sync(device)
+                start = time.perf_counter()
+                run()
+                _sync(device)
+                times[key].append(1e3 * (time.perf_counter() - start))
+        ms = {k: statistics.median(v) for k, v in times.items()}
+        trained = ms["dense"] if dense_now else ms["chain"]
+        for key, value in (("plain", ms["plain"]), ("chain", ms["chain"]), ("trained", trained)):
+            totals[key] += value
+        h, w = layer(inp[:1]).shape[-2:]
+        plan = layer.plan
+        macs = " / ".join(f"{m * h * w * batch / 1e6:.0f}" for m in (plan.plain_macs_per_position, plan.macs_per_position))
+        dense = f"{ms['dense']:.2f}" if "dense" in ms else "-"
+        rows.append(f"| {layer_name} | {layer.in_channels}->{layer.out_channels}, {layer.kernel_size[0]}, "
+                    f"{layer.stride[0]} | {plan.depth} | {h}x{w} | {macs} | {ms['plain']:.2f} | {ms['chain']:.2f} | "
+                    f"{dense} | {'dense' if dense_now else 'chain'} | {trained:.2f} | {trained / ms['plain']:.2f} |")
+    rows.append(f"| **all replaced layers** | | | | | {totals['plain']:.1f} | {totals['chain']:.1f} | | | "
+                f"{totals['trained']:.1f} | {totals['trained'] / totals['plain']:.2f} |")
+    return "\n".join(rows)
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -349,7 +430,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--per-layer", default="", metavar="MODEL:BATCH",
                         help="per-layer table (plain conv, CompConv, deployed form; eager channels_last inference), "
                         "e.g. resnet50_compconv128:32")
-    parser.add_argument("--profile", default="", help="model to profile (top ops) in the first workload/setting")
+    parser.add_argument("--per-layer-train", default="", metavar="MODEL:BATCH",
+                        help="per-layer training table (forward + backward: plain conv, chain, dense form, as trained)")
+    parser.add_argument("--profile", default="", help="comma-separated models to profile (top ops by self time) in "
+                                                      "the first workload/setting")
     parser.add_argument("--out", default="", help="markdown file to write (a .csv is written beside it)")
     args = parser.parse_args(argv)
 
@@ -380,8 +464,10 @@ def main(argv: list[str] | None = None) -> int:
         "img/s: median of the repeats (each >= the target duration), models interleaved within a cell; spread = "
         "(max - min) / median. speed ratio = img/s / first model's img/s; ideal = first model's MACs / this "
         "model's MACs; efficiency = speed ratio / ideal. Variants (+deploy) apply to inference; training runs the "
-        "model as trained. Peak memory: CUDA max allocated, or on CPU the growth of "
-        "max RSS over the built model's resident size during two steps. MACs per image (FlopCounterMode / 2).",
+        "model as trained (+chain: every layer as Figure 2 is written, no dense training form). Peak memory: CUDA "
+        "max allocated during two steps, or on CPU the growth of the peak RSS (VmHWM, reset through "
+        "/proc/self/clear_refs) over the resident size after one warm-up step, in a spawned process per model. "
+        "MACs per image (FlopCounterMode / 2).",
     ]
     rows, sections = [], []
 
@@ -415,7 +501,9 @@ def main(argv: list[str] | None = None) -> int:
                 measure = args.memory_settings == "all" or str(setting) in args.memory_settings.split(",")
                 memory = None if not measure else peak_memory_mb(
                     name, workload, setting, device, args.img_size, args.precision)
-                shown = name.split("+")[0] if workload.mode == "train" else name  # training runs the model as trained
+                shown = name  # training runs the model as trained: the deploy variants are not shown there
+                if workload.mode == "train":
+                    shown = "+".join(p for p in name.split("+") if p not in ("deploy", "deploy_rule"))
                 row = {"workload": str(workload), "setting": str(setting), "model": shown,
                        "macs_G": costs[name].macs / 1e9, "params_M": costs[name].params / 1e6,
                        "img_per_s": median, "spread": spread, "speed_ratio": median / base, "ideal_ratio": ideal,
@@ -439,9 +527,20 @@ def main(argv: list[str] | None = None) -> int:
         sections.extend(section)
         print("\n".join(section), flush=True)
         write()
-    if args.profile:
-        section = [f"\n## Profile: {args.profile}, {workloads[0]}, {settings[0]} (top ops by self time)\n",
-                   profile_ops(args.profile, workloads[0], settings[0], device, args.img_size, args.precision)]
+    if args.per_layer_train:
+        model_name, _, batch = args.per_layer_train.partition(":")
+        section = [f"\n## Per layer, training: {model_name}, batch {batch or 16}, eager-cl\n",
+                   "Forward + backward (input and parameter gradients) of each replaced conv alone, on its real "
+                   "input: a plain conv of the same geometry, the CompConv as Figure 2 is written (chain), its "
+                   "dense training form (1x1 layers: one conv with the composed weight), and the form the model "
+                   "trains in by default (`pointwise_form=auto`). MACs of the batch.\n",
+                   per_layer_train_table(model_name, int(batch or 16), args.img_size, device)]
+        sections.extend(section)
+        print("\n".join(section), flush=True)
+        write()
+    for profiled in [n.strip() for n in args.profile.split(",") if n.strip()]:
+        section = [f"\n## Profile: {profiled}, {workloads[0]}, {settings[0]} (top ops by self time)\n",
+                   profile_ops(profiled, workloads[0], settings[0], device, args.img_size, args.precision)]
         sections.extend(section)
         print("\n".join(section))
         write()

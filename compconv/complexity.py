@@ -13,6 +13,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from .fastpath import figure2_forms
+
 from .ghost import GhostConv2d
 from .layers import CompConv2d
 
@@ -55,7 +57,7 @@ class ComplexityReport:
 
 def count_macs(model: nn.Module, inputs: torch.Tensor) -> tuple[int, dict[str, int]]:
     """MACs of ``model(inputs)`` in total and per module name (FlopCounterMode FLOPs / 2)."""
-    with FlopCounterMode(display=False) as counter:
+    with FlopCounterMode(display=False) as counter, figure2_forms(model):
         model(inputs)
     per_module: dict[str, int] = {}
     root = type(model).__name__

@@ -16,6 +16,7 @@ from timm.layers import to_2tuple
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
+from .fastpath import ConcatShuffle, assemble, composed_weight, dense_pays
 from .options import CompConvOptions
 from .sizing import CompConvPlan
 from .sizing import plan as plan_layer
@@ -42,34 +43,17 @@ def concat_shuffle(parts: List[torch.Tensor], groups: int) -> torch.Tensor:
     Graph capture (TorchScript, FX, dynamo, export, ONNX) records the plain concatenation and
     reshape/transpose, which compilers fuse. Eager PyTorch would copy twice (cat, then the shuffle)
     and lose channels_last (a reshape returns NCHW); there each part is copied once, straight to its
-    shuffled channels of an output in the memory format of ``parts[0]``.
+    shuffled channels of an output in the memory format of ``parts[0]``, and under autograd the
+    backward hands each part a view of the output gradient (:class:`compconv.fastpath.ConcatShuffle`).
     """
     if not torch.jit.is_scripting():
         if not _in_graph_capture():
-            return _concat_shuffle_eager(parts, groups)
+            if groups == 1:
+                return torch.cat(parts, dim=1)
+            if torch.is_grad_enabled() and any(part.requires_grad for part in parts):
+                return ConcatShuffle.apply(groups, *parts)
+            return assemble(parts, groups)
     return channel_shuffle(torch.cat(parts, dim=1), groups)
-
-
-def _concat_shuffle_eager(parts: List[torch.Tensor], groups: int) -> torch.Tensor:
-    first = parts[0]
-    n, _, h, w = first.shape
-    channels = sum(part.shape[1] for part in parts)
-    channels_last = first.is_contiguous(memory_format=torch.channels_last) and not first.is_contiguous()
-    out = torch.empty((n, channels, h, w), dtype=first.dtype, device=first.device,
-                      memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-    size = channels // groups
-    # out channel i * groups + j  <-  concatenated channel j * size + i
-    view = out.view(n, size, groups, h, w)
-    offset = 0
-    for part in parts:
-        start, stop = offset, offset + part.shape[1]
-        while start < stop:
-            group = start // size
-            end = min(stop, (group + 1) * size)
-            view[:, start - group * size:end - group * size, group].copy_(part[:, start - offset:end - offset])
-            start = end
-        offset = stop
-    return out
 
 
 def shuffle_source(channels: int, groups: int) -> torch.Tensor:
@@ -219,7 +203,14 @@ class CompConv2d(nn.Module):
             self.kernel_size, self.padding, self.dilation)
         self.identity_padded = any(self.identity_pad)
         self.shuffle_groups = plan.shuffle_groups
+        # 1x1 layers without inner norms may run as one conv with the composed weight (same function and gradients)
+        self.pointwise_form = plan.options.pointwise_form if self._is_pointwise() else "chain"
         self.reset_parameters()
+
+    def _is_pointwise(self) -> bool:
+        tail = self.plan.tail
+        return (self.kernel_size == (1, 1) and self.padding == (0, 0) and not self.plan.options.inner_norm
+                and (tail is None or tail.kernel_size == (1, 1)))
 
     def reset_parameters(self) -> None:
         # As timm and torchvision initialise the convs of ResNet/VGG, so patched models train like baselines.
@@ -259,6 +250,10 @@ class CompConv2d(nn.Module):
         return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_scripting():
+            if self.pointwise_form != "chain" and not torch.fx._symbolic_trace.is_fx_symbolic_tracing() and (
+                    self.pointwise_form == "dense" or dense_pays(self, x)):
+                return F.conv2d(x, composed_weight(self)[:, :, None, None], self.bias, self.stride)
         y = concat_shuffle(self.parts(x), self.shuffle_groups)
         if self.bias is not None:
             y = y + self.bias.view(1, -1, 1, 1)

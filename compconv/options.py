@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any, Mapping
 
 TAILS = ("depthwise", "dense")
+POINTWISE_FORMS = ("auto", "chain", "dense")
 MAX_DEPTH = 3
 
 
@@ -25,6 +26,10 @@ class CompConvOptions:
         tail_kernel: Kernel size of the tail op; ``None`` uses the replaced layer's kernel.
         shuffle: Apply the channel shuffle block to the concatenated output.
         inner_norm: Insert BatchNorm after every internal convolution (off in the paper's figure).
+        pointwise_form: How a 1x1 layer computes in eager PyTorch (the function and the gradients are
+            Figure 2's either way): ``"chain"`` runs Figure 2 as written; ``"dense"`` runs one 1x1 conv
+            with the composed weight (:func:`compconv.fastpath.composed_weight`); ``"auto"`` (default)
+            uses dense where :func:`compconv.fastpath.dense_pays` measured it faster.
     """
 
     c0: int = 128
@@ -33,6 +38,7 @@ class CompConvOptions:
     tail_kernel: int | None = None
     shuffle: bool = True
     inner_norm: bool = False
+    pointwise_form: str = "auto"
 
     def __post_init__(self) -> None:
         if isinstance(self.c0, bool) or not isinstance(self.c0, int) or self.c0 < 1:
@@ -51,6 +57,8 @@ class CompConvOptions:
             raise ValueError(f"shuffle must be true or false, got {self.shuffle!r}")
         if not isinstance(self.inner_norm, bool):
             raise ValueError(f"inner_norm must be true or false, got {self.inner_norm!r}")
+        if self.pointwise_form not in POINTWISE_FORMS:
+            raise ValueError(f"pointwise_form must be one of {POINTWISE_FORMS}, got {self.pointwise_form!r}")
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any] | None = None, **overrides: Any) -> "CompConvOptions":

@@ -59,3 +59,25 @@ def test_deploy_variants_ort_and_per_layer_table(tmp_path):
     with pytest.raises(ValueError, match="ort setting is inference"):
         bench.build_step("resnet18", bench.Workload("train", 2), bench.Setting.parse("ort"), torch.device("cpu"), 32,
                          "fp32")
+
+
+def test_per_layer_training_table_and_chain_variant(tmp_path):
+    import torch
+
+    table = bench.per_layer_train_table("resnet18_compconv128", 2, 32, torch.device("cpu"), repeats=1)
+    lines = table.splitlines()
+    assert lines[0].startswith("| layer | C_in->C_out") and lines[-1].startswith("| **all replaced layers**")
+    assert any("| dense |" in line for line in lines) and any("| chain |" in line for line in lines)
+    chain = bench.create_variant("resnet18_compconv128+chain")
+    assert {m.pointwise_form for m in chain.modules() if hasattr(m, "pointwise_form")} == {"chain"}
+
+
+@pytest.mark.slow  # two spawned processes
+def test_peak_memory_is_the_models_own():
+    import torch
+
+    small = bench.peak_memory_mb("resnet18_compconv128", bench.Workload("train", 2), bench.Setting.parse("eager-cl"),
+                                 torch.device("cpu"), 32, "fp32")
+    large = bench.peak_memory_mb("resnet18_compconv128", bench.Workload("train", 32), bench.Setting.parse("eager-cl"),
+                                 torch.device("cpu"), 32, "fp32")
+    assert 0 < small < large < 2000  # grows with the batch; no parent's high-water mark

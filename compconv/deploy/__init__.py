@@ -251,6 +251,7 @@ def _deploy_copy(model: nn.Module, example_input: Optional[torch.Tensor], runtim
     for module in model.modules():
         if isinstance(module, CompConv2d):
             report.norms_folded += module.reparameterize()
+            module.pointwise_form = "chain"  # deploy chooses (and times) each layer's form itself
     try:
         sites = analyse(model)
     except Exception as error:  # untraceable: per-module forms only

@@ -1,0 +1,155 @@
+"""The training path (ConcatShuffle's view backward, the dense form of 1x1 layers) computes Figure 2's
+function and gradients: outputs, parameter and input gradients equal the literal
+``channel_shuffle(torch.cat(parts))`` over the geometry sweep and every option, in eager (NCHW and
+channels_last), under ``torch.compile(fullgraph=True)`` and under DDP (gloo)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from compconv import CompConv2d, channel_shuffle
+from compconv.fastpath import composed_weight, dense_pays, figure2_forms, unshuffle_views
+
+
+def literal(module, x):
+    """Figure 2 read literally, recorded by autograd op by op."""
+    y = channel_shuffle(torch.cat(module.parts(x), dim=1), module.shuffle_groups)
+    return y if module.bias is None else y + module.bias.view(1, -1, 1, 1)
+
+
+@st.composite
+def layers(draw):
+    k = draw(st.sampled_from([1, 1, 2, 3]))
+    dilation = draw(st.integers(1, 2))
+    stride = draw(st.integers(1, 3))
+    padding = draw(st.integers(0, 2)) if k > 1 else 0
+    reach = dilation * (k - 1) + 1
+    size = draw(st.integers(max(1, reach - 2 * padding), 10))
+    return dict(
+        c_in=draw(st.integers(4, 64)), c_out=draw(st.integers(4, 64)), k=k, stride=stride, padding=padding,
+        dilation=dilation, size=size, depth=draw(st.integers(1, 3)), bias=draw(st.booleans()),
+        tail=draw(st.sampled_from(["depthwise", "dense"])), tail_kernel=draw(st.sampled_from([None, 1, 3])),
+        inner_norm=draw(st.booleans()), shuffle=draw(st.booleans()),
+        pointwise_form=draw(st.sampled_from(["auto", "dense", "chain"])),
+        channels_last=draw(st.booleans()))
+
+
+def _build(g):
+    return CompConv2d(g["c_in"], g["c_out"], g["k"], g["stride"], g["padding"], g["dilation"], bias=g["bias"],
+                      depth=g["depth"], tail=g["tail"], tail_kernel=g["tail_kernel"], inner_norm=g["inner_norm"],
+                      shuffle=g["shuffle"], pointwise_form=g["pointwise_form"]).double()
+
+
+def _grads(module, x, out, grad):
+    return torch.autograd.grad(out, [x, *module.parameters()], grad)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(layers())
+def test_training_path_equals_the_literal_form(g):
+    module = _build(g).train()
+    fmt = torch.channels_last if g["channels_last"] else torch.contiguous_format
+    x = torch.randn(2, g["c_in"], g["size"], g["size"] + 1, dtype=torch.double).to(memory_format=fmt)
+    x.requires_grad_(True)
+    want = literal(module, x)
+    grad = torch.randn_like(want)
+    want_grads = _grads(module, x, want, grad)
+    got = module(x)
+    torch.testing.assert_close(got, want)
+    for a, b in zip(_grads(module, x, got, grad), want_grads):
+        torch.testing.assert_close(a, b)
+
+
+def test_dense_form_is_taken_where_it_pays_and_only_for_pointwise_layers():
+    deep = CompConv2d(256, 64, 1, bias=False, depth=2)
+    assert deep.pointwise_form == "auto"
+    assert dense_pays(deep, torch.empty(1, 256, 56, 56)) and not dense_pays(deep, torch.empty(1, 256, 14, 14))
+    shallow = CompConv2d(64, 256, 1, bias=False)  # d = 1: saves at most half the MACs
+    assert dense_pays(shallow, torch.empty(1, 64, 7, 7))
+    assert CompConv2d(64, 64, 3, padding=1).pointwise_form == "chain"
+    assert CompConv2d(256, 64, 1, inner_norm=True).pointwise_form == "chain"
+    with figure2_forms(nn.Sequential(deep)):
+        assert deep.pointwise_form == "chain"
+    assert deep.pointwise_form == "auto"
+
+
+def test_unshuffle_views_are_views_of_the_output_gradient():
+    grad = torch.randn(2, 24, 3, 3).to(memory_format=torch.channels_last)
+    widths, groups = [3, 3, 6, 12], 4  # the parts of a d = 3 layer with C_prim = 3... each within one group
+    views = unshuffle_views(grad, widths, groups)
+    assert all(v.data_ptr() >= grad.data_ptr() and v._base is grad for v in views[:2])
+    concatenated = torch.cat(views, dim=1)
+    torch.testing.assert_close(channel_shuffle(concatenated, groups), grad)
+
+
+def test_composed_weight_gives_the_plain_convs_mapping():
+    conv = CompConv2d(96, 48, 1, 2, bias=True, depth=3, tail="dense").double()
+    x = torch.randn(1, 96, 7, 7, dtype=torch.double)
+    with figure2_forms(conv):
+        want = conv(x)
+    got = nn.functional.conv2d(x, composed_weight(conv)[:, :, None, None], conv.bias, conv.stride)
+    torch.testing.assert_close(got, want)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kernel, form", [(1, "dense"), (1, "chain"), (3, "auto")])
+def test_compiled_fullgraph_training_step_equals_eager(kernel, form):
+    torch.manual_seed(0)
+    module = CompConv2d(64, 96, kernel, padding=kernel // 2, bias=True, depth=2, pointwise_form=form)
+    x = torch.randn(2, 64, 8, 8).to(memory_format=torch.channels_last).requires_grad_(True)
+    want = module(x)
+    want_grads = torch.autograd.grad(want.square().sum(), [x, *module.parameters()])
+    compiled = torch.compile(module, fullgraph=True, backend="aot_eager")
+    got = compiled(x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for a, b in zip(torch.autograd.grad(got.square().sum(), [x, *module.parameters()]), want_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+DDP_SCRIPT = """
+import os, sys, torch, torch.distributed as dist
+from torch import nn
+from compconv import CompConv2d
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+torch.manual_seed(0)
+model = nn.Sequential(CompConv2d(64, 48, 1, bias=True, depth=2), nn.ReLU(),
+                      CompConv2d(48, 32, 3, padding=1, bias=False))
+net = nn.parallel.DistributedDataParallel(model)
+torch.manual_seed(1 + rank)
+net(torch.randn(2, 64, 30, 30)).square().mean().backward()  # 900 positions: the 1x1 layer trains dense
+torch.save([p.grad for p in model.parameters()], os.path.join(sys.argv[1], f"grads{rank}.pt"))
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.slow
+def test_ddp_gradients_equal_the_literal_form_on_the_global_batch(tmp_path):
+    from helpers import ROOT, env
+
+    script = tmp_path / "ddp.py"
+    script.write_text(DDP_SCRIPT)
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29541",
+               str(script), str(tmp_path)]
+    proc = subprocess.run(command, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    torch.manual_seed(0)
+    model = nn.Sequential(CompConv2d(64, 48, 1, bias=True, depth=2, pointwise_form="chain"), nn.ReLU(),
+                          CompConv2d(48, 32, 3, padding=1, bias=False))
+    losses = []
+    for rank in range(2):
+        torch.manual_seed(1 + rank)
+        losses.append(model(torch.randn(2, 64, 30, 30)).square().mean())
+    (sum(losses) / 2).backward()  # DDP averages the ranks' gradients
+    for rank in range(2):
+        grads = torch.load(tmp_path / f"grads{rank}.pt")
+        assert len(grads) == len(list(model.parameters()))
+        for got, p in zip(grads, model.parameters()):
+            torch.testing.assert_close(got, p.grad, rtol=1e-4, atol=1e-6)
