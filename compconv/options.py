@@ -30,6 +30,9 @@ class CompConvOptions:
             Figure 2's either way): ``"chain"`` runs Figure 2 as written; ``"dense"`` runs one 1x1 conv
             with the composed weight (:func:`compconv.fastpath.composed_weight`); ``"auto"`` (default)
             uses dense where :func:`compconv.fastpath.dense_pays` measured it faster.
+        c_prim_divisor: Round C_prim up to a multiple of this (as timm/MobileNet/GhostNet round widths with
+            ``make_divisible``); the parts beyond C_out are dropped from A0 as Eq. 5's truncation does. 1
+            (default) keeps the paper's widths.
     """
 
     c0: int = 128
@@ -39,6 +42,7 @@ class CompConvOptions:
     shuffle: bool = True
     inner_norm: bool = False
     pointwise_form: str = "auto"
+    c_prim_divisor: int = 1
 
     def __post_init__(self) -> None:
         if isinstance(self.c0, bool) or not isinstance(self.c0, int) or self.c0 < 1:
@@ -57,6 +61,9 @@ class CompConvOptions:
             raise ValueError(f"shuffle must be true or false, got {self.shuffle!r}")
         if not isinstance(self.inner_norm, bool):
             raise ValueError(f"inner_norm must be true or false, got {self.inner_norm!r}")
+        if isinstance(self.c_prim_divisor, bool) or not isinstance(self.c_prim_divisor, int) or self.c_prim_divisor < 1:
+            raise ValueError(f"c_prim_divisor must be a positive integer (1 keeps the paper's widths), got "
+                             f"{self.c_prim_divisor!r}")
         if self.pointwise_form not in POINTWISE_FORMS:
             raise ValueError(f"pointwise_form must be one of {POINTWISE_FORMS}, got {self.pointwise_form!r}")
 

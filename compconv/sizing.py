@@ -34,10 +34,11 @@ def adaptive_depth(in_channels: int, c0: int) -> int:
     return depth
 
 
-def c_prim_for(out_channels: int, depth: int) -> int:
-    """C_prim = ceil(C_out / (2^(d+1) - 2)) (paper, Eq. 4-5)."""
+def c_prim_for(out_channels: int, depth: int, divisor: int = 1) -> int:
+    """C_prim = ceil(C_out / (2^(d+1) - 2)) (paper, Eq. 4-5), rounded up to a multiple of ``divisor``."""
     units = (1 << (depth + 1)) - 2
-    return -(-out_channels // units)
+    c = -(-out_channels // units)
+    return -(-c // divisor) * divisor
 
 
 @dataclass(frozen=True)
@@ -154,9 +155,9 @@ class CompConvPlan(ReplacedConvCost):
         return text
 
 
-def _fits(in_channels: int, out_channels: int, depth: int) -> str:
+def _fits(in_channels: int, out_channels: int, depth: int, divisor: int = 1) -> str:
     """Returns why ``depth`` does not fit these channels, or an empty string if it does."""
-    c = c_prim_for(out_channels, depth)
+    c = c_prim_for(out_channels, depth, divisor)
     identity_needed = ((1 << (depth - 1)) - 1) * c
     if identity_needed > in_channels:
         return f"identity slices need {identity_needed} input channels, the layer has {in_channels}"
@@ -202,7 +203,7 @@ def plan(
 
     depth, note = requested, ""
     while depth > 1:
-        why = _fits(in_channels, out_channels, depth)
+        why = _fits(in_channels, out_channels, depth, options.c_prim_divisor)
         if not why:
             break
         note = note or f"depth lowered from {requested}: {why}"
@@ -218,7 +219,7 @@ def plan(
         conv = Part("conv", "conv", out_channels, in_channels, 1, kernel)
         return CompConvPlan(in_channels, out_channels, kernel, 0, requested, 0, (conv,), 0, options, bias, 1, note)
 
-    c = c_prim_for(out_channels, depth)
+    c = c_prim_for(out_channels, depth, options.c_prim_divisor)
     dropped = ((1 << (depth + 1)) - 2) * c - out_channels
     parts: list[Part] = [Part(f"B{depth - 1}", "conv", c, in_channels, 1, kernel)]
     offset = 0

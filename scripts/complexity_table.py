@@ -31,6 +31,8 @@ ABLATIONS = {
     "tail_kernel: 3": {"tail_kernel": 3},
     "inner_norm: true": {"inner_norm": True},
     "shuffle: false": {"shuffle": False},
+    "c_prim_divisor: 8": {"c_prim_divisor": 8},
+    "c_prim_divisor: 16": {"c_prim_divisor": 16},
 }
 
 

@@ -1,6 +1,7 @@
 """The sizing rule: depth, C_prim, truncation and the paper's reference figures."""
 
 import pytest
+import torch
 
 from compconv import CompConvOptions, adaptive_depth, c_prim_for, plan
 
@@ -82,3 +83,25 @@ def test_dense_tail_costs_more():
 def test_invalid_options_name_the_problem(bad, message):
     with pytest.raises(ValueError, match=message):
         CompConvOptions.from_mapping(bad)
+
+
+@pytest.mark.parametrize("divisor", [8, 16])
+@pytest.mark.parametrize("c_in, c_out, k", [(256, 64, 1), (1024, 256, 1), (512, 512, 3), (2048, 512, 1)])
+def test_c_prim_divisor_rounds_up_and_keeps_the_closed_forms(divisor, c_in, c_out, k):
+    from compconv import CompConv2d
+    from compconv.complexity import count_macs
+
+    p = plan(c_in, c_out, k, c0=128, c_prim_divisor=divisor)
+    assert p.c_prim % divisor == 0 and p.c_prim >= plan(c_in, c_out, k, c0=128, depth=p.depth).c_prim
+    assert sum(part.channels for part in p.parts) == c_out  # the excess is dropped from A0
+    module = CompConv2d(c_in, c_out, k, padding=k // 2, bias=False, plan=p)
+    x = torch.randn(1, c_in, 5, 5)
+    assert module(x).shape == (1, c_out, 5, 5)
+    assert count_macs(module, x)[0] == p.macs_per_position * 25
+    assert sum(t.numel() for t in module.parameters()) == p.params
+
+
+def test_c_prim_divisor_default_keeps_the_papers_widths_and_is_validated():
+    assert plan(128, 128, 3, depth=3).c_prim == plan(128, 128, 3, depth=3, c_prim_divisor=1).c_prim == 10
+    with pytest.raises(ValueError, match="c_prim_divisor must be a positive integer"):
+        plan(128, 128, 3, c_prim_divisor=0)
