@@ -129,13 +129,13 @@ def exit_on_config_error(main: Callable[[], Any]) -> None:
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra re-raises composition errors instead of printing them
     try:
         main()
+    except (HydraException, OmegaConfBaseException) as error:  # before OSError: MissingConfigException is one
+        fail(describe_config_error(error), log=False)
     except OSError as error:  # Hydra writing .hydra/ or the log before the task starts
         if storage_errno(error) is None:
             raise
         fail(str(StorageError(error.filename or "the run directory", storage_errno(error), str(error))),
              EXIT_STORAGE, log=False)
-    except (HydraException, OmegaConfBaseException) as error:
-        fail(describe_config_error(error), log=False)
     except AssertionError as error:  # OmegaConf's reply to setting a key below a null value
         if _task_started:
             raise
