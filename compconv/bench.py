@@ -331,7 +331,7 @@ def per_layer_train_table(name: str, batch: int, img_size: int, device: torch.de
     conv of the same geometry, of the CompConv as Figure 2 is written (chain), of its dense training form (1x1
     layers) and of the form the model trains in (``pointwise_form="auto"``). Eager channels_last, on the layer's
     real input (captured in a training-mode forward); ms are medians of ``repeats``, forms timed interleaved."""
-    from .fastpath import dense_pays
+    from .fastpath import training_form
     from .layers import CompConv2d
 
     x = torch.randn(batch, 3, img_size, img_size, device=device).to(memory_format=torch.channels_last)
@@ -358,9 +358,9 @@ def per_layer_train_table(name: str, batch: int, img_size: int, device: torch.de
                     module.pointwise_form = saved
         return run
 
-    rows = ["| layer | C_in->C_out, k, s | d | HxW out | MACs plain / CompConv (M) | plain (ms) | chain (ms) | dense (ms) "
-            "| trained as | as trained (ms) | as trained / plain |",
-            "|---|---|---:|---|---|---:|---:|---:|---|---:|---:|"]
+    rows = ["| layer | C_in->C_out, k, s | d | HxW out | MACs plain / CompConv (M) | plain (ms) | chain (ms) "
+            "| lowrank (ms) | dense (ms) | trained as | as trained (ms) | as trained / plain |",
+            "|---|---|---:|---|---|---:|---:|---:|---:|---|---:|---:|"]
     totals = {"plain": 0.0, "chain": 0.0, "trained": 0.0}
     for layer_name, layer in model.named_modules():
         if not isinstance(layer, CompConv2d):
@@ -371,8 +371,10 @@ def per_layer_train_table(name: str, batch: int, img_size: int, device: torch.de
         candidates = {"plain": fwd_bwd(plain, inp, None), "chain": fwd_bwd(layer, inp, "chain")}
         pointwise = layer.pointwise_form != "chain"
         if pointwise:
+            candidates["lowrank"] = fwd_bwd(layer, inp, "lowrank")
             candidates["dense"] = fwd_bwd(layer, inp, "dense")
-        dense_now = pointwise and (layer.pointwise_form == "dense" or dense_pays(layer, inp))
+        trained_as = (training_form(layer, inp) if layer.pointwise_form == "auto" else layer.pointwise_form) \
+            if pointwise else "chain"
         times = {k: [] for k in candidates}
         for run in candidates.values():
             run()
@@ -384,17 +386,17 @@ def per_layer_train_table(name: str, batch: int, img_size: int, device: torch.de
                 _sync(device)
                 times[key].append(1e3 * (time.perf_counter() - start))
         ms = {k: statistics.median(v) for k, v in times.items()}
-        trained = ms["dense"] if dense_now else ms["chain"]
+        trained = ms[trained_as]
         for key, value in (("plain", ms["plain"]), ("chain", ms["chain"]), ("trained", trained)):
             totals[key] += value
         h, w = layer(inp[:1]).shape[-2:]
         plan = layer.plan
         macs = " / ".join(f"{m * h * w * batch / 1e6:.0f}" for m in (plan.plain_macs_per_position, plan.macs_per_position))
-        dense = f"{ms['dense']:.2f}" if "dense" in ms else "-"
+        other = " | ".join(f"{ms[k]:.2f}" if k in ms else "-" for k in ("lowrank", "dense"))
         rows.append(f"| {layer_name} | {layer.in_channels}->{layer.out_channels}, {layer.kernel_size[0]}, "
                     f"{layer.stride[0]} | {plan.depth} | {h}x{w} | {macs} | {ms['plain']:.2f} | {ms['chain']:.2f} | "
-                    f"{dense} | {'dense' if dense_now else 'chain'} | {trained:.2f} | {trained / ms['plain']:.2f} |")
-    rows.append(f"| **all replaced layers** | | | | | {totals['plain']:.1f} | {totals['chain']:.1f} | | | "
+                    f"{other} | {trained_as} | {trained:.2f} | {trained / ms['plain']:.2f} |")
+    rows.append(f"| **all replaced layers** | | | | | {totals['plain']:.1f} | {totals['chain']:.1f} | | | | "
                 f"{totals['trained']:.1f} | {totals['trained'] / totals['plain']:.2f} |")
     return "\n".join(rows)
 
@@ -532,8 +534,9 @@ def main(argv: list[str] | None = None) -> int:
         section = [f"\n## Per layer, training: {model_name}, batch {batch or 16}, eager-cl\n",
                    "Forward + backward (input and parameter gradients) of each replaced conv alone, on its real "
                    "input: a plain conv of the same geometry, the CompConv as Figure 2 is written (chain), its "
-                   "dense training form (1x1 layers: one conv with the composed weight), and the form the model "
-                   "trains in by default (`pointwise_form=auto`). MACs of the batch.\n",
+                   "low-rank and dense training forms (1x1 layers: two convs `[U; S]` then `V`, or one conv with "
+                   "`V [U; S]`), and the form the model trains in by default (`pointwise_form=auto`). MACs of the "
+                   "batch.\n",
                    per_layer_train_table(model_name, int(batch or 16), args.img_size, device)]
         sections.extend(section)
         print("\n".join(section), flush=True)

@@ -6,10 +6,12 @@
   autograd's in-place assembly would clone the whole output gradient once per part (``CopySlices``).
   Graph capture (dynamo, FX, export, ONNX, TorchScript) never sees it: it records the plain ops, which
   compilers fuse.
-- :func:`composed_weight`: a 1x1 CompConv (no inner norms) is the linear map ``x -> M x`` with ``M`` a
-  small product of its factors. One dense 1x1 conv with ``M`` computes the same output, and autograd
-  through the product gives the same parameter gradients, in one GEMM forward and backward instead of
-  a chain of memory-bound passes. :func:`dense_pays` decides where that is faster.
+- :func:`factorised_weights`: a 1x1 CompConv (no inner norms) is the linear map ``x -> V [U; S] x`` with
+  ``[U; S]`` its first conv and the identity selection and ``V`` a small product of its factors. Two
+  1x1 convs (``lowrank``; for depth 1 with a depthwise tail, one conv and a per-channel scale written
+  straight into the shuffled order) or one with ``V [U; S]`` (``dense``) compute the same output, and
+  autograd through the products gives the same parameter gradients, in one or two GEMMs forward and
+  backward instead of a chain of memory-bound passes. :func:`training_form` decides per layer and input.
 """
 
 from __future__ import annotations
@@ -20,11 +22,13 @@ from typing import Iterator, List
 import torch
 import torch.nn.functional as F
 
-__all__ = ["ConcatShuffle", "composed_weight", "dense_pays", "figure2_forms", "unshuffle_views"]
+__all__ = ["ConcatShuffle", "composed_weight", "dense_pays", "factorised_weights", "figure2_forms", "pointwise_forward",
+           "training_form", "unshuffle_views"]
 
 # dense_pays: train a pointwise layer through its composed weight when its output has at least this many
-# positions per image (measured, results/benchmark_cpu_train_layers.md) or when it saves at most half the MACs
+# positions per image (measured: the per-layer table of results/benchmark_cpu_train.md)
 DENSE_MIN_POSITIONS = 28 * 28
+LOWRANK_MAX_RATIO = 0.6  # training_form: the low-rank pair where it costs at most this share of the plain conv's MACs
 
 
 def assemble(parts: List[torch.Tensor], groups: int) -> torch.Tensor:
@@ -81,36 +85,104 @@ class ConcatShuffle(torch.autograd.Function):
         return (None, *unshuffle_views(grad, ctx.widths, ctx.groups))
 
 
-def composed_weight(module) -> torch.Tensor:
-    """``M`` (C_out x C_in) with ``module(x) == conv1x1(x, M) + bias`` for a pointwise CompConv, differentiable
-    in the module's parameters (the dense training form)."""
-    first = module.convs[0].weight
-    in_channels = first.shape[1]
-    b = first[:, :, 0, 0]  # B(d-1) = U x
+def factorised_weights(module) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(W1, V)`` with ``module(x) == conv1x1(conv1x1(x, W1), V) + bias`` for a pointwise CompConv.
+
+    ``W1 = [U; S]`` (rank x C_in) stacks the first conv's weight and one-hot rows selecting the identity
+    channels, so ``z = W1 x = [B(d-1); A(d-1); ...; A1]``; ``V`` (C_out x rank) writes every part (and the
+    shuffle) in terms of ``z``. Both are differentiable in the module's parameters (the low-rank training
+    form); ``V @ W1`` is the dense weight.
+    """
+    first = module.convs[0].weight[:, :, 0, 0]
+    c, in_channels = first.shape
+    widths = [stop - start for start, stop in zip(module.identity_starts, module.identity_stops)]
+    rank = c + sum(widths)
+    eye = torch.eye(rank, dtype=first.dtype, device=first.device)
+    selections = [F.pad(torch.eye(stop - start, dtype=first.dtype, device=first.device), (start, in_channels - stop))
+                  for start, stop in zip(module.identity_starts, module.identity_stops)]
+    w1 = torch.cat([first, *selections]) if selections else first
+    b, offset = eye[:c], c  # B(d-1) in terms of z
     rows = [b]
-    for index, conv in enumerate(list(module.convs)[1:]):
-        start, stop = module.identity_starts[index], module.identity_stops[index]
-        width = stop - start
-        selection = F.pad(torch.eye(width, dtype=first.dtype, device=first.device), (start, in_channels - stop))
-        weight = conv.weight[:, :, 0, 0]  # acts on [B(i+1) ; A(i+1)]
-        b = weight[:, :b.shape[0]] @ b + F.pad(weight[:, b.shape[0]:], (start, in_channels - stop))
-        rows += [selection, b]
+    for conv, width in zip(list(module.convs)[1:], widths):
+        a = eye[offset:offset + width]
+        offset += width
+        b = conv.weight[:, :, 0, 0] @ torch.cat([b, a])
+        rows += [a, b]
     if module.tail is not None:
         tail = module.tail.weight
         source = b[:module.tail_in]
         rows.append(tail[:, 0, 0, :1] * source if module.tail.groups != 1 else tail[:, :, 0, 0] @ source)
-    matrix = torch.cat(rows)
+    v = torch.cat(rows)
     groups = module.shuffle_groups
     if groups > 1:  # output channel i * groups + j is concatenated channel j * size + i
-        matrix = matrix.view(groups, -1, in_channels).transpose(0, 1).reshape(-1, in_channels)
-    return matrix
+        v = v.view(groups, -1, rank).transpose(0, 1).reshape(-1, rank)
+    return w1, v
+
+
+def composed_weight(module) -> torch.Tensor:
+    """``M`` (C_out x C_in) with ``module(x) == conv1x1(x, M) + bias`` for a pointwise CompConv, differentiable
+    in the module's parameters (the dense training form)."""
+    w1, v = factorised_weights(module)
+    return v @ w1
+
+
+def _scaled_tail(module) -> bool:
+    """Depth 1 with a depthwise 1x1 tail: ``y = shuffle([b; w * b])`` with ``b = U x`` (``V`` is a scale)."""
+    tail = module.tail
+    return len(module.convs) == 1 and tail is not None and tail.groups != 1 and tail.kernel_size == (1, 1)
+
+
+def _scaled_forward(module, x: torch.Tensor) -> torch.Tensor:
+    b = F.conv2d(x, module.convs[0].weight, None, module.stride)
+    a = b[:, :module.tail_in] * module.tail.weight.view(1, -1, 1, 1)
+    if module.shuffle_groups == 2 and a.shape[1] == b.shape[1]:
+        # interleaving b and a channel by channel is the g = 2 shuffle, written in one pass
+        if b.is_contiguous(memory_format=torch.channels_last) and not b.is_contiguous():
+            y = torch.stack([b.permute(0, 2, 3, 1), a.permute(0, 2, 3, 1)], dim=-1).flatten(-2).permute(0, 3, 1, 2)
+        else:
+            y = torch.stack([b, a], dim=2).flatten(1, 2)
+    elif module.shuffle_groups == 1:
+        y = torch.cat([b, a], dim=1)
+    else:
+        y = ConcatShuffle.apply(module.shuffle_groups, b, a)
+    return y if module.bias is None else y + module.bias.view(1, -1, 1, 1)
+
+
+def lowrank_macs(module) -> int:
+    """MACs per output position of the low-rank training form (two GEMMs, or a GEMM and a scale)."""
+    plan = module.plan
+    rank = plan.c_prim + plan.identity_channels
+    if _scaled_tail(module):
+        return plan.in_channels * rank + plan.out_channels
+    return rank * (plan.in_channels + plan.out_channels)
+
+
+def pointwise_forward(module, x: torch.Tensor, form: str) -> torch.Tensor:
+    """A pointwise CompConv in its ``dense`` or ``lowrank`` training form (same function and gradients)."""
+    if form == "lowrank" and _scaled_tail(module):
+        return _scaled_forward(module, x)
+    w1, v = factorised_weights(module)
+    if form == "dense":
+        return F.conv2d(x, (v @ w1)[:, :, None, None], module.bias, module.stride)
+    z = F.conv2d(x, w1[:, :, None, None], None, module.stride)
+    return F.conv2d(z, v[:, :, None, None], module.bias)
+
+
+def training_form(module, x: torch.Tensor) -> str:
+    """The form a pointwise layer computes in for input ``x`` under ``pointwise_form="auto"``: ``lowrank``
+    where it costs at most :data:`LOWRANK_MAX_RATIO` of the plain conv's MACs (:func:`lowrank_macs`; measured
+    faster than the chain and than dense, results/benchmark_cpu_train.md), else ``dense`` where
+    :func:`dense_pays`, else ``chain``."""
+    if lowrank_macs(module) <= LOWRANK_MAX_RATIO * module.plan.plain_macs_per_position:
+        return "lowrank"
+    return "dense" if dense_pays(module, x) else "chain"
 
 
 def dense_pays(module, x: torch.Tensor) -> bool:
     """Whether the dense training form is faster than the chain for this layer and input (a rule measured on
     a 2-core AVX-512 CPU, batch 16 at 224: see :data:`DENSE_MIN_POSITIONS`)."""
     positions = (x.shape[-2] // module.stride[0]) * (x.shape[-1] // module.stride[1])
-    return module.plan.macs_ratio > 0.5 or positions >= DENSE_MIN_POSITIONS
+    return positions >= DENSE_MIN_POSITIONS
 
 
 @contextmanager

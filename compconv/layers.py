@@ -16,7 +16,7 @@ from timm.layers import to_2tuple
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
-from .fastpath import ConcatShuffle, assemble, composed_weight, dense_pays
+from .fastpath import ConcatShuffle, assemble, pointwise_forward, training_form
 from .options import CompConvOptions
 from .sizing import CompConvPlan
 from .sizing import plan as plan_layer
@@ -203,7 +203,7 @@ class CompConv2d(nn.Module):
             self.kernel_size, self.padding, self.dilation)
         self.identity_padded = any(self.identity_pad)
         self.shuffle_groups = plan.shuffle_groups
-        # 1x1 layers without inner norms may run as one conv with the composed weight (same function and gradients)
+        # 1x1 layers without inner norms may run in a factorised form (same function and gradients, compconv.fastpath)
         self.pointwise_form = plan.options.pointwise_form if self._is_pointwise() else "chain"
         self.reset_parameters()
 
@@ -251,9 +251,10 @@ class CompConv2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.jit.is_scripting():
-            if self.pointwise_form != "chain" and not torch.fx._symbolic_trace.is_fx_symbolic_tracing() and (
-                    self.pointwise_form == "dense" or dense_pays(self, x)):
-                return F.conv2d(x, composed_weight(self)[:, :, None, None], self.bias, self.stride)
+            if self.pointwise_form != "chain" and not torch.fx._symbolic_trace.is_fx_symbolic_tracing():
+                form = training_form(self, x) if self.pointwise_form == "auto" else self.pointwise_form
+                if form != "chain":  # the same function and gradients, fewer passes (compconv.fastpath)
+                    return pointwise_forward(self, x, form)
         y = concat_shuffle(self.parts(x), self.shuffle_groups)
         if self.bias is not None:
             y = y + self.bias.view(1, -1, 1, 1)

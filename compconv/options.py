@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any, Mapping
 
 TAILS = ("depthwise", "dense")
-POINTWISE_FORMS = ("auto", "chain", "dense")
+POINTWISE_FORMS = ("auto", "chain", "lowrank", "dense")
 MAX_DEPTH = 3
 
 
@@ -26,10 +26,11 @@ class CompConvOptions:
         tail_kernel: Kernel size of the tail op; ``None`` uses the replaced layer's kernel.
         shuffle: Apply the channel shuffle block to the concatenated output.
         inner_norm: Insert BatchNorm after every internal convolution (off in the paper's figure).
-        pointwise_form: How a 1x1 layer computes in eager PyTorch (the function and the gradients are
-            Figure 2's either way): ``"chain"`` runs Figure 2 as written; ``"dense"`` runs one 1x1 conv
-            with the composed weight (:func:`compconv.fastpath.composed_weight`); ``"auto"`` (default)
-            uses dense where :func:`compconv.fastpath.dense_pays` measured it faster.
+        pointwise_form: How a 1x1 layer computes outside FX tracing (the function and the gradients are
+            Figure 2's either way): ``"chain"`` runs Figure 2 as written; ``"lowrank"`` runs two 1x1 convs,
+            ``[U; S]`` then the composed ``V`` (:func:`compconv.fastpath.factorised_weights`); ``"dense"`` one
+            1x1 conv with ``V [U; S]``; ``"auto"`` (default) picks per layer and input as
+            :func:`compconv.fastpath.training_form` measured fastest.
         c_prim_divisor: Round C_prim up to a multiple of this (as timm/MobileNet/GhostNet round widths with
             ``make_divisible``); the parts beyond C_out are dropped from A0 as Eq. 5's truncation does. 1
             (default) keeps the paper's widths.

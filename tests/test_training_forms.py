@@ -15,7 +15,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 from compconv import CompConv2d, channel_shuffle
-from compconv.fastpath import composed_weight, dense_pays, figure2_forms, unshuffle_views
+from compconv.fastpath import composed_weight, dense_pays, factorised_weights, figure2_forms, training_form, \
+    unshuffle_views
 
 
 def literal(module, x):
@@ -37,7 +38,7 @@ def layers(draw):
         dilation=dilation, size=size, depth=draw(st.integers(1, 3)), bias=draw(st.booleans()),
         tail=draw(st.sampled_from(["depthwise", "dense"])), tail_kernel=draw(st.sampled_from([None, 1, 3])),
         inner_norm=draw(st.booleans()), shuffle=draw(st.booleans()),
-        pointwise_form=draw(st.sampled_from(["auto", "dense", "chain"])),
+        pointwise_form=draw(st.sampled_from(["auto", "dense", "lowrank", "chain"])),
         channels_last=draw(st.booleans()))
 
 
@@ -71,8 +72,7 @@ def test_dense_form_is_taken_where_it_pays_and_only_for_pointwise_layers():
     deep = CompConv2d(256, 64, 1, bias=False, depth=2)
     assert deep.pointwise_form == "auto"
     assert dense_pays(deep, torch.empty(1, 256, 56, 56)) and not dense_pays(deep, torch.empty(1, 256, 14, 14))
-    shallow = CompConv2d(64, 256, 1, bias=False)  # d = 1: saves at most half the MACs
-    assert dense_pays(shallow, torch.empty(1, 64, 7, 7))
+    assert not dense_pays(CompConv2d(64, 256, 1, bias=False), torch.empty(1, 64, 7, 7))
     assert CompConv2d(64, 64, 3, padding=1).pointwise_form == "chain"
     assert CompConv2d(256, 64, 1, inner_norm=True).pointwise_form == "chain"
     with figure2_forms(nn.Sequential(deep)):
@@ -89,6 +89,21 @@ def test_unshuffle_views_are_views_of_the_output_gradient():
     torch.testing.assert_close(channel_shuffle(concatenated, groups), grad)
 
 
+def test_training_form_rule():
+    assert training_form(CompConv2d(256, 64, 1, depth=2), torch.empty(1, 256, 7, 7)) == "lowrank"
+    assert training_form(CompConv2d(2048, 512, 1), torch.empty(1, 2048, 7, 7)) == "lowrank"
+    assert training_form(CompConv2d(64, 256, 1), torch.empty(1, 64, 56, 56)) == "lowrank"  # d = 1: a GEMM and a scale
+    assert training_form(CompConv2d(64, 256, 1, tail="dense"), torch.empty(1, 64, 56, 56)) == "dense"
+
+
+def test_factorised_weights_shapes():
+    conv = CompConv2d(512, 128, 1, depth=3)
+    w1, v = factorised_weights(conv)
+    rank = conv.plan.c_prim + conv.plan.identity_channels
+    assert w1.shape == (rank, 512) and v.shape == (128, rank)
+    assert torch.equal(w1[conv.plan.c_prim:].sum(1), torch.ones(rank - conv.plan.c_prim))  # one-hot rows
+
+
 def test_composed_weight_gives_the_plain_convs_mapping():
     conv = CompConv2d(96, 48, 1, 2, bias=True, depth=3, tail="dense").double()
     x = torch.randn(1, 96, 7, 7, dtype=torch.double)
@@ -99,7 +114,7 @@ def test_composed_weight_gives_the_plain_convs_mapping():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kernel, form", [(1, "dense"), (1, "chain"), (3, "auto")])
+@pytest.mark.parametrize("kernel, form", [(1, "dense"), (1, "lowrank"), (1, "chain"), (3, "auto")])
 def test_compiled_fullgraph_training_step_equals_eager(kernel, form):
     torch.manual_seed(0)
     module = CompConv2d(64, 96, kernel, padding=kernel // 2, bias=True, depth=2, pointwise_form=form)
