@@ -519,34 +519,30 @@ def main(argv: list[str] | None = None) -> int:
             print("\n".join(table), flush=True)
             print(f"(cell took {time.perf_counter() - started:.0f} s)", flush=True)
             write()
+    def add_section(lines: list[str]) -> None:
+        sections.extend(lines)
+        print("\n".join(lines), flush=True)
+        write()
+
     if args.per_layer:
         model_name, _, batch = args.per_layer.partition(":")
-        section = [f"\n## Per layer: {model_name}, inference batch {batch or 32}, eager-cl\n",
-                   "Each replaced conv with the BatchNorm after it: a plain conv of the same geometry, the CompConv "
-                   "as trained, and the form `deploy()` chose (BatchNorm and shuffle folded in where the form allows). "
-                   "A dense form costs the plain conv's MACs.\n",
-                   per_layer_table(model_name, int(batch or 32), args.img_size, device)]
-        sections.extend(section)
-        print("\n".join(section), flush=True)
-        write()
+        add_section([f"\n## Per layer: {model_name}, inference batch {batch or 32}, eager-cl\n",
+                     "Each replaced conv with the BatchNorm after it: a plain conv of the same geometry, the CompConv "
+                     "as trained, and the form `deploy()` chose (BatchNorm and shuffle folded in where the form "
+                     "allows). A dense form costs the plain conv's MACs.\n",
+                     per_layer_table(model_name, int(batch or 32), args.img_size, device)])
     if args.per_layer_train:
         model_name, _, batch = args.per_layer_train.partition(":")
-        section = [f"\n## Per layer, training: {model_name}, batch {batch or 16}, eager-cl\n",
-                   "Forward + backward (input and parameter gradients) of each replaced conv alone, on its real "
-                   "input: a plain conv of the same geometry, the CompConv as Figure 2 is written (chain), its "
-                   "low-rank and dense training forms (1x1 layers: two convs `[U; S]` then `V`, or one conv with "
-                   "`V [U; S]`), and the form the model trains in by default (`pointwise_form=auto`). MACs of the "
-                   "batch.\n",
-                   per_layer_train_table(model_name, int(batch or 16), args.img_size, device)]
-        sections.extend(section)
-        print("\n".join(section), flush=True)
-        write()
+        add_section([f"\n## Per layer, training: {model_name}, batch {batch or 16}, eager-cl\n",
+                     "Forward + backward (input and parameter gradients) of each replaced conv alone, on its real "
+                     "input: a plain conv of the same geometry, the CompConv as Figure 2 is written (chain), its "
+                     "low-rank and dense training forms (1x1 layers: two convs `[U; S]` then `V`, or one conv with "
+                     "`V [U; S]`), and the form the model trains in by default (`pointwise_form=auto`). MACs of the "
+                     "batch.\n",
+                     per_layer_train_table(model_name, int(batch or 16), args.img_size, device)])
     for profiled in [n.strip() for n in args.profile.split(",") if n.strip()]:
-        section = [f"\n## Profile: {profiled}, {workloads[0]}, {settings[0]} (top ops by self time)\n",
-                   profile_ops(profiled, workloads[0], settings[0], device, args.img_size, args.precision)]
-        sections.extend(section)
-        print("\n".join(section))
-        write()
+        add_section([f"\n## Profile: {profiled}, {workloads[0]}, {settings[0]} (top ops by self time)\n",
+                     profile_ops(profiled, workloads[0], settings[0], device, args.img_size, args.precision)])
     return 0
 
 

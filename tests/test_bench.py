@@ -67,7 +67,8 @@ def test_per_layer_training_table_and_chain_variant(tmp_path):
     table = bench.per_layer_train_table("resnet18_compconv128", 2, 32, torch.device("cpu"), repeats=1)
     lines = table.splitlines()
     assert lines[0].startswith("| layer | C_in->C_out") and lines[-1].startswith("| **all replaced layers**")
-    assert any("| dense |" in line for line in lines) and any("| chain |" in line for line in lines)
+    assert any("| lowrank |" in line for line in lines) and any("| chain |" in line for line in lines)
+    assert all(line.count("|") == lines[0].count("|") for line in lines)
     chain = bench.create_variant("resnet18_compconv128+chain")
     assert {m.pointwise_form for m in chain.modules() if hasattr(m, "pointwise_form")} == {"chain"}
 
