@@ -186,7 +186,9 @@ def _peak_cpu_child(args, queue) -> None:
 def peak_memory_mb(name, workload, setting, device, img_size, precision) -> float:
     """Peak memory of two steps: CUDA max allocated, or on CPU the growth of the peak RSS over the resident
     size after one warm-up step (a spawned process per model: VmHWM after resetting it through
-    ``/proc/self/clear_refs``; ``ru_maxrss`` would report the parent's high-water mark)."""
+    ``/proc/self/clear_refs``; ``ru_maxrss`` would report the parent's high-water mark). The warm-up leaves
+    parameters, gradients and optimizer state resident, so the figure is a step's working set: glibc maps
+    large tensors and returns them when freed; a tiny cell whose small blocks stay in the heap reads 0."""
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)

@@ -18,7 +18,8 @@ def test_benchmark_writes_markdown_and_csv(tmp_path):
     assert len(rows) == 8 and {r["model"] for r in rows} == {"resnet18", "resnet18_compconv128"}
     for row in rows:
         assert float(row["img_per_s"]) > 0
-        assert (float(row["peak_mem_mb"]) > 0) if row["setting"] == "eager-nchw" else row["peak_mem_mb"] == ""
+        # growth over the RSS after a warm-up step: 0 where glibc keeps the small blocks of a tiny cell
+        assert (float(row["peak_mem_mb"]) >= 0) if row["setting"] == "eager-nchw" else row["peak_mem_mb"] == ""
         if row["model"] == "resnet18":
             assert float(row["speed_ratio"]) == 1.0 and float(row["ideal_ratio"]) == 1.0
         else:
