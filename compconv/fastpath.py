@@ -31,25 +31,33 @@ DENSE_MIN_POSITIONS = 28 * 28
 LOWRANK_MAX_RATIO = 0.6  # training_form: the low-rank pair where it costs at most this share of the plain conv's MACs
 
 
+def _group_slices(widths: List[int], groups: int) -> Iterator[tuple[int, int, int, int, int]]:
+    """Where each part of a concatenation lands after the shuffle: ``(part, start, stop, group, offset)`` for
+    every run of the part's channels ``[start, stop)`` that falls in one shuffle ``group``, at channel ``offset``
+    of that group (output channel ``i * groups + j`` is concatenated channel ``j * size + i``)."""
+    size = sum(widths) // groups
+    offset = 0
+    for index, width in enumerate(widths):
+        start, stop = offset, offset + width
+        while start < stop:
+            group = start // size
+            end = min(stop, (group + 1) * size)
+            yield index, start - offset, end - offset, group, start - group * size
+            start = end
+        offset = stop
+
+
 def assemble(parts: List[torch.Tensor], groups: int) -> torch.Tensor:
     """``channel_shuffle(torch.cat(parts, 1), groups)`` with one copy of each part, in ``parts[0]``'s memory format."""
     first = parts[0]
     n, _, h, w = first.shape
-    channels = sum(part.shape[1] for part in parts)
+    widths = [part.shape[1] for part in parts]
     channels_last = first.is_contiguous(memory_format=torch.channels_last) and not first.is_contiguous()
-    out = torch.empty((n, channels, h, w), dtype=first.dtype, device=first.device,
+    out = torch.empty((n, sum(widths), h, w), dtype=first.dtype, device=first.device,
                       memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-    size = channels // groups
-    view = out.view(n, size, groups, h, w)  # out channel i * groups + j  <-  concatenated channel j * size + i
-    offset = 0
-    for part in parts:
-        start, stop = offset, offset + part.shape[1]
-        while start < stop:
-            group = start // size
-            end = min(stop, (group + 1) * size)
-            view[:, start - group * size:end - group * size, group].copy_(part[:, start - offset:end - offset])
-            start = end
-        offset = stop
+    view = out.view(n, sum(widths) // groups, groups, h, w)
+    for index, start, stop, group, at in _group_slices(widths, groups):
+        view[:, at:at + stop - start, group].copy_(parts[index][:, start:stop])
     return out
 
 
@@ -57,19 +65,11 @@ def unshuffle_views(grad: torch.Tensor, widths: List[int], groups: int) -> List[
     """The gradient of each part of :func:`assemble` from the output gradient: views where a part lies in one
     shuffle group (every part of a CompConv does), a concatenation of views otherwise."""
     n, channels, h, w = grad.shape
-    size = channels // groups
-    view = grad.view(n, size, groups, h, w)
-    grads, offset = [], 0
-    for width in widths:
-        start, stop, pieces = offset, offset + width, []
-        while start < stop:
-            group = start // size
-            end = min(stop, (group + 1) * size)
-            pieces.append(view[:, start - group * size:end - group * size, group])
-            start = end
-        grads.append(pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1))
-        offset = stop
-    return grads
+    view = grad.view(n, channels // groups, groups, h, w)
+    pieces: list[list[torch.Tensor]] = [[] for _ in widths]
+    for index, start, stop, group, at in _group_slices(widths, groups):
+        pieces[index].append(view[:, at:at + stop - start, group])
+    return [p[0] if len(p) == 1 else torch.cat(p, dim=1) for p in pieces]
 
 
 class ConcatShuffle(torch.autograd.Function):
