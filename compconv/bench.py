@@ -348,13 +348,17 @@ def per_layer_train_table(name: str, batch: int, img_size: int, device: torch.de
 
     def fwd_bwd(module: nn.Module, inp: torch.Tensor, form: str | None) -> Callable[[], None]:
         leaf = inp.clone().requires_grad_(True)
+        # a dense channels_last output gradient, as a norm's backward hands it (not sum()'s expanded ones)
+        with torch.no_grad():
+            shape = (inp.shape[0], *module(inp[:1]).shape[1:])
+        grad = torch.randn(shape, device=inp.device).contiguous(memory_format=torch.channels_last)
 
         def run() -> None:
             saved = getattr(module, "pointwise_form", None)
             if form is not None:
                 module.pointwise_form = form
             try:
-                module(leaf).sum().backward()
+                module(leaf).backward(grad)
             finally:
                 if form is not None:
                     module.pointwise_form = saved

@@ -4,8 +4,12 @@
   writes each part once into an output of the first part's memory format; its backward hands each part
   a *view* of the output gradient through the inverse shuffle (a strided slice of channels), where
   autograd's in-place assembly would clone the whole output gradient once per part (``CopySlices``).
-  Graph capture (dynamo, FX, export, ONNX, TorchScript) never sees it: it records the plain ops, which
-  compilers fuse.
+  ``torch.compile`` sees :func:`compiled_concat_shuffle` instead, an operator it calls rather than fuses
+  (fused, the shuffle turns every per-channel reduction after it into a scalar strided gather); the other
+  graph captures (FX, export, ONNX, TorchScript) record the plain ops.
+- :class:`IdentitySlices`: the identity parts as one autograd node whose input gradient keeps the
+  input's memory format (autograd's slice backward is NCHW, which slows every norm and activation
+  backward upstream of a channels_last layer).
 - :func:`factorised_weights`: a 1x1 CompConv (no inner norms) is the linear map ``x -> V [U; S] x`` with
   ``[U; S]`` its first conv and the identity selection and ``V`` a small product of its factors. Two
   1x1 convs (``lowrank``; for depth 1 with a depthwise tail, one conv and a per-channel scale written
@@ -22,7 +26,7 @@ from typing import Iterator, List
 import torch
 import torch.nn.functional as F
 
-__all__ = ["ConcatShuffle", "composed_weight", "dense_pays", "factorised_weights", "figure2_forms", "pointwise_forward",
+__all__ = ["ConcatShuffle", "IdentitySlices", "compiled_concat_shuffle", "compiled_unshuffle", "composed_weight", "dense_pays", "factorised_weights", "figure2_forms", "pointwise_forward",
            "training_form", "unshuffle_views"]
 
 # dense_pays: train a pointwise layer through its composed weight when its output has at least this many
@@ -85,6 +89,84 @@ class ConcatShuffle(torch.autograd.Function):
         return (None, *unshuffle_views(grad, ctx.widths, ctx.groups))
 
 
+@torch.library.custom_op("compconv::concat_shuffle", mutates_args=())
+def compiled_concat_shuffle(parts: List[torch.Tensor], groups: int) -> torch.Tensor:
+    """:func:`assemble` as an operator that ``torch.compile`` calls rather than traces into.
+
+    Inductor would otherwise fold the shuffle into every consumer's indexing: a BatchNorm's per-channel
+    statistics (or a depthwise tail's weight gradient) then gather across interleaved channels in scalar
+    loops, several times slower than the whole concatenation (results/benchmark_cpu_train_compiled.md).
+    As an operator its output is a real buffer in ``parts[0]``'s memory format, and its backward
+    (:func:`compiled_unshuffle`) hands each part a compact gradient.
+    """
+    return assemble(parts, groups)
+
+
+@compiled_concat_shuffle.register_fake
+def _(parts: List[torch.Tensor], groups: int) -> torch.Tensor:
+    first = parts[0]
+    n, _, h, w = first.shape
+    return first.new_empty((n, sum(part.shape[1] for part in parts), h, w)).contiguous(
+        memory_format=_memory_format(first))
+
+
+@torch.library.custom_op("compconv::unshuffle", mutates_args=())
+def compiled_unshuffle(grad: torch.Tensor, widths: List[int], groups: int) -> List[torch.Tensor]:
+    """The gradients of :func:`compiled_concat_shuffle`'s parts, each compact in ``grad``'s memory format."""
+    memory_format = _memory_format(grad)
+    return [view.contiguous(memory_format=memory_format) for view in unshuffle_views(grad, widths, groups)]
+
+
+@compiled_unshuffle.register_fake
+def _(grad: torch.Tensor, widths: List[int], groups: int) -> List[torch.Tensor]:
+    n, _, h, w = grad.shape
+    return [grad.new_empty((n, width, h, w)).contiguous(memory_format=_memory_format(grad)) for width in widths]
+
+
+def _setup_concat_shuffle(ctx, inputs, output) -> None:
+    parts, ctx.groups = inputs
+    ctx.widths = [part.shape[1] for part in parts]
+
+
+def _backward_concat_shuffle(ctx, grad: torch.Tensor):
+    return compiled_unshuffle(grad, ctx.widths, ctx.groups), None
+
+
+compiled_concat_shuffle.register_autograd(_backward_concat_shuffle, setup_context=_setup_concat_shuffle)
+
+
+def _memory_format(x: torch.Tensor) -> torch.memory_format:
+    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
+class IdentitySlices(torch.autograd.Function):
+    """The identity parts of a chain-form CompConv (``module.identity`` of each slice at a ``size`` grid) as one
+    autograd node (eager only; unpadded sampling). Autograd's own slice backward zero-fills an NCHW gradient
+    per slice, and its sum with the first conv's channels_last input gradient is NCHW, so every norm and
+    activation backward upstream runs on mixed layouts (2-3x slower, results/benchmark_cpu_train.md). Here the
+    input gradient is one zero tensor in x's memory format, each slice's gradient added into its view."""
+
+    @staticmethod
+    def forward(ctx, module, size, x: torch.Tensor):
+        ctx.module, ctx.shape, ctx.format = module, x.shape, _memory_format(x)
+        like = x.new_empty((0, 0, *size))  # sample_identity reads only its grid
+        return tuple(module.sample_identity(x[:, start:stop], like)
+                     for start, stop in zip(module.identity_starts, module.identity_stops))
+
+    @staticmethod
+    def backward(ctx, *grads: torch.Tensor):
+        module = ctx.module
+        grad_x = None
+        for start, stop, grad in zip(module.identity_starts, module.identity_stops, grads):
+            if grad is None:
+                continue
+            if grad_x is None:
+                grad_x = torch.empty(ctx.shape, dtype=grad.dtype, device=grad.device, memory_format=ctx.format).zero_()
+            module.sample_identity(grad_x[:, start:stop], grad).add_(grad)
+        return None, None, grad_x
+
+
 def factorised_weights(module) -> tuple[torch.Tensor, torch.Tensor]:
     """``(W1, V)`` with ``module(x) == conv1x1(conv1x1(x, W1), V) + bias`` for a pointwise CompConv.
 
@@ -135,7 +217,9 @@ def _scaled_tail(module) -> bool:
 def _scaled_forward(module, x: torch.Tensor) -> torch.Tensor:
     b = F.conv2d(x, module.convs[0].weight, None, module.stride)
     a = b[:, :module.tail_in] * module.tail.weight.view(1, -1, 1, 1)
-    if module.shuffle_groups == 2 and a.shape[1] == b.shape[1]:
+    if module.shuffle_groups > 1 and torch.compiler.is_compiling() and not torch.compiler.is_exporting():
+        y = compiled_concat_shuffle([b, a], module.shuffle_groups)
+    elif module.shuffle_groups == 2 and a.shape[1] == b.shape[1]:
         # interleaving b and a channel by channel is the g = 2 shuffle, written in one pass
         if b.is_contiguous(memory_format=torch.channels_last) and not b.is_contiguous():
             y = torch.stack([b.permute(0, 2, 3, 1), a.permute(0, 2, 3, 1)], dim=-1).flatten(-2).permute(0, 3, 1, 2)
@@ -172,7 +256,10 @@ def training_form(module, x: torch.Tensor) -> str:
     """The form a pointwise layer computes in for input ``x`` under ``pointwise_form="auto"``: ``lowrank``
     where it costs at most :data:`LOWRANK_MAX_RATIO` of the plain conv's MACs (:func:`lowrank_macs`; measured
     faster than the chain and than dense, results/benchmark_cpu_train.md), else ``dense`` where
-    :func:`dense_pays`, else ``chain``."""
+    :func:`dense_pays`, else ``chain``. A depth-1 layer with a depthwise tail (one GEMM and a scale) is
+    memory-bound where its output is large: there it trains dense too."""
+    if _scaled_tail(module) and dense_pays(module, x):
+        return "dense"
     if lowrank_macs(module) <= LOWRANK_MAX_RATIO * module.plan.plain_macs_per_position:
         return "lowrank"
     return "dense" if dense_pays(module, x) else "chain"

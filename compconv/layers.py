@@ -16,7 +16,7 @@ from timm.layers import to_2tuple
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
-from .fastpath import ConcatShuffle, assemble, pointwise_forward, training_form
+from .fastpath import ConcatShuffle, IdentitySlices, assemble, compiled_concat_shuffle, pointwise_forward, training_form
 from .options import CompConvOptions
 from .sizing import CompConvPlan
 from .sizing import plan as plan_layer
@@ -27,6 +27,11 @@ __all__ = ["CompConv2d", "channel_shuffle", "concat_shuffle", "create_conv2d", "
 def _in_graph_capture() -> bool:
     """True while a tracer or compiler records the graph (jit.trace, FX, dynamo, torch.export, ONNX)."""
     return torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.fx._symbolic_trace.is_fx_symbolic_tracing()
+
+
+def _compiling() -> bool:
+    """True under ``torch.compile`` (not export, whose graphs must hold standard ops only)."""
+    return torch.compiler.is_compiling() and not torch.compiler.is_exporting()
 
 
 def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
@@ -40,13 +45,16 @@ def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
 def concat_shuffle(parts: List[torch.Tensor], groups: int) -> torch.Tensor:
     """``channel_shuffle(torch.cat(parts, 1), groups)``, computed with one copy in eager mode.
 
-    Graph capture (TorchScript, FX, dynamo, export, ONNX) records the plain concatenation and
-    reshape/transpose, which compilers fuse. Eager PyTorch would copy twice (cat, then the shuffle)
+    ``torch.compile`` calls it as one operator (:func:`compconv.fastpath.compiled_concat_shuffle`);
+    the other graph captures (TorchScript, FX, torch.export, ONNX) record the plain concatenation and
+    reshape/transpose. Eager PyTorch would copy twice (cat, then the shuffle)
     and lose channels_last (a reshape returns NCHW); there each part is copied once, straight to its
     shuffled channels of an output in the memory format of ``parts[0]``, and under autograd the
     backward hands each part a view of the output gradient (:class:`compconv.fastpath.ConcatShuffle`).
     """
     if not torch.jit.is_scripting():
+        if groups > 1 and _compiling():
+            return compiled_concat_shuffle(parts, groups)
         if not _in_graph_capture():
             if groups == 1:
                 return torch.cat(parts, dim=1)
@@ -233,18 +241,27 @@ class CompConv2d(nn.Module):
             a = a[:, :, :like.shape[-2], :like.shape[-1]]
         return a
 
+    def identities(self, x: torch.Tensor, like: torch.Tensor) -> List[torch.Tensor]:
+        """The identity parts ``[A(d-1), ..., A1]``: slices of ``x`` sampled at ``like``'s grid."""
+        if not torch.jit.is_scripting():
+            if (not _in_graph_capture() and type(self).identity is CompConv2d.identity and not self.identity_padded
+                    and self.identity_starts and torch.is_grad_enabled() and x.requires_grad):
+                # one autograd node whose input gradient keeps x's memory format (compconv.fastpath)
+                return list(IdentitySlices.apply(self, like.shape[-2:], x))
+        return [self.identity(x, start, stop, like) for start, stop in zip(self.identity_starts, self.identity_stops)]
+
     def parts(self, x: torch.Tensor) -> List[torch.Tensor]:
         """``[B(d-1), A(d-1), ..., B0, A0]`` in concatenation order (before truncation and shuffle)."""
         out: List[torch.Tensor] = []
-        b = x
+        b = self.norms[0](self.convs[0](x))
+        out.append(b)
+        identities = self.identities(x, b)
         for index, (conv, norm) in enumerate(zip(self.convs, self.norms)):
-            if index == 0:
-                b = norm(conv(x))
-            else:
-                a = self.identity(x, self.identity_starts[index - 1], self.identity_stops[index - 1], b)
+            if index > 0:
+                a = identities[index - 1]
                 out.append(a)
                 b = norm(conv(torch.cat([b, a], dim=1)))
-            out.append(b)
+                out.append(b)
         if self.tail is not None and self.tail_norm is not None:
             out.append(self.tail_norm(self.tail(b[:, :self.tail_in])))
         return out

@@ -20,8 +20,16 @@ from compconv.fastpath import composed_weight, dense_pays, factorised_weights, f
 
 
 def literal(module, x):
-    """Figure 2 read literally, recorded by autograd op by op."""
-    y = channel_shuffle(torch.cat(module.parts(x), dim=1), module.shuffle_groups)
+    """Figure 2 read literally, recorded by autograd op by op (no fast path: not even ``module.parts``)."""
+    b = module.norms[0](module.convs[0](x))
+    parts = [b]
+    for index in range(1, len(module.convs)):
+        a = module.identity(x, module.identity_starts[index - 1], module.identity_stops[index - 1], b)
+        b = module.norms[index](module.convs[index](torch.cat([b, a], dim=1)))
+        parts += [a, b]
+    if module.tail is not None:
+        parts.append(module.tail_norm(module.tail(b[:, :module.tail_in])))
+    y = channel_shuffle(torch.cat(parts, dim=1), module.shuffle_groups)
     return y if module.bias is None else y + module.bias.view(1, -1, 1, 1)
 
 
@@ -92,8 +100,23 @@ def test_unshuffle_views_are_views_of_the_output_gradient():
 def test_training_form_rule():
     assert training_form(CompConv2d(256, 64, 1, depth=2), torch.empty(1, 256, 7, 7)) == "lowrank"
     assert training_form(CompConv2d(2048, 512, 1), torch.empty(1, 2048, 7, 7)) == "lowrank"
-    assert training_form(CompConv2d(64, 256, 1), torch.empty(1, 64, 56, 56)) == "lowrank"  # d = 1: a GEMM and a scale
+    # d = 1 with a depthwise tail: a GEMM and a scale, memory-bound where the output is large
+    assert training_form(CompConv2d(64, 256, 1), torch.empty(1, 64, 14, 14)) == "lowrank"
+    assert training_form(CompConv2d(64, 256, 1), torch.empty(1, 64, 56, 56)) == "dense"
     assert training_form(CompConv2d(64, 256, 1, tail="dense"), torch.empty(1, 64, 56, 56)) == "dense"
+
+
+@pytest.mark.parametrize("stride, dilation", [(1, 1), (2, 1), (1, 2)])
+def test_chain_input_gradient_keeps_channels_last(stride, dilation):
+    # autograd's slice backward would hand back an NCHW gradient, slowing every norm/activation upstream
+    conv = CompConv2d(64, 96, 3, stride, dilation, dilation, depth=3).double()
+    assert conv.identity_starts and not conv.identity_padded
+    x = torch.randn(2, 64, 9, 9, dtype=torch.double).to(memory_format=torch.channels_last).requires_grad_(True)
+    out = conv(x)
+    grad_out = torch.randn_like(out)
+    grad = torch.autograd.grad(out, x, grad_out)[0]
+    assert grad.is_contiguous(memory_format=torch.channels_last) and not grad.is_contiguous()
+    torch.testing.assert_close(grad, torch.autograd.grad(literal(conv, x), x, grad_out)[0])
 
 
 def test_factorised_weights_shapes():
@@ -126,6 +149,30 @@ def test_compiled_fullgraph_training_step_equals_eager(kernel, form):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     for a, b in zip(torch.autograd.grad(got.square().sum(), [x, *module.parameters()]), want_grads):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_compile_calls_concat_shuffle_as_one_operator_and_export_records_standard_ops():
+    torch.manual_seed(0)
+    module = CompConv2d(64, 96, 3, padding=1, depth=2)
+    x = torch.randn(2, 64, 8, 8).to(memory_format=torch.channels_last).requires_grad_(True)
+    targets: list[str] = []
+
+    def recording_backend(gm, example_inputs):
+        targets.extend(str(node.target) for node in gm.graph.nodes)
+        return gm.forward
+
+    torch._dynamo.reset()
+    torch.compile(module, backend=recording_backend, fullgraph=True)(x)
+    assert "compconv.concat_shuffle.default" in targets
+    want = module(x)
+    want_grads = torch.autograd.grad(want.square().sum(), [x, *module.parameters()])
+    got = torch.compile(module, fullgraph=True)(x)  # inductor
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for a, b in zip(torch.autograd.grad(got.square().sum(), [x, *module.parameters()]), want_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    exported = torch.export.export(module.eval(), (x.detach(),))
+    assert not any("compconv" in str(node.target) for node in exported.graph.nodes)
 
 
 DDP_SCRIPT = """
