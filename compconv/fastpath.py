@@ -217,7 +217,8 @@ def _scaled_tail(module) -> bool:
 def _scaled_forward(module, x: torch.Tensor) -> torch.Tensor:
     b = F.conv2d(x, module.convs[0].weight, None, module.stride)
     a = b[:, :module.tail_in] * module.tail.weight.view(1, -1, 1, 1)
-    if module.shuffle_groups > 1 and torch.compiler.is_compiling() and not torch.compiler.is_exporting():
+    if module.shuffle_groups > 1 and torch.is_grad_enabled() and torch.compiler.is_compiling() \
+            and not torch.compiler.is_exporting():
         y = compiled_concat_shuffle([b, a], module.shuffle_groups)
     elif module.shuffle_groups == 2 and a.shape[1] == b.shape[1]:
         # interleaving b and a channel by channel is the g = 2 shuffle, written in one pass

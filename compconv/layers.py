@@ -45,16 +45,17 @@ def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
 def concat_shuffle(parts: List[torch.Tensor], groups: int) -> torch.Tensor:
     """``channel_shuffle(torch.cat(parts, 1), groups)``, computed with one copy in eager mode.
 
-    ``torch.compile`` calls it as one operator (:func:`compconv.fastpath.compiled_concat_shuffle`);
-    the other graph captures (TorchScript, FX, torch.export, ONNX) record the plain concatenation and
-    reshape/transpose. Eager PyTorch would copy twice (cat, then the shuffle)
+    ``torch.compile`` of a training step calls it as one operator
+    (:func:`compconv.fastpath.compiled_concat_shuffle`); inference graphs and the other graph captures
+    (TorchScript, FX, torch.export, ONNX) record the plain concatenation and reshape/transpose, which
+    compilers fuse. Eager PyTorch would copy twice (cat, then the shuffle)
     and lose channels_last (a reshape returns NCHW); there each part is copied once, straight to its
     shuffled channels of an output in the memory format of ``parts[0]``, and under autograd the
     backward hands each part a view of the output gradient (:class:`compconv.fastpath.ConcatShuffle`).
     """
     if not torch.jit.is_scripting():
-        if groups > 1 and _compiling():
-            return compiled_concat_shuffle(parts, groups)
+        if groups > 1 and torch.is_grad_enabled() and _compiling():
+            return compiled_concat_shuffle(parts, groups)  # training; inference graphs fuse the plain ops
         if not _in_graph_capture():
             if groups == 1:
                 return torch.cat(parts, dim=1)
