@@ -81,12 +81,14 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-VARIANTS = ("deploy", "deploy_rule", "chain")
+INFERENCE_VARIANTS = ("deploy", "deploy_rule", "reparam")  # training runs the model as trained
+VARIANTS = (*INFERENCE_VARIANTS, "chain")
 
 
 def create_variant(name: str, example_input: torch.Tensor | None = None, runtime: str = "torch") -> nn.Module:
     """A timm model, optionally in inference form: ``NAME+deploy`` (:func:`compconv.deploy` timing each
-    layer's forms on ``example_input`` in ``runtime``) or ``NAME+deploy_rule`` (deploy's rule, no timing);
+    layer's forms on ``example_input`` in ``runtime``), ``NAME+deploy_rule`` (deploy's rule, no timing) or
+    ``NAME+reparam`` (``timm.utils.reparameterize_model``, what timm's ``benchmark.py --reparam`` runs);
     ``NAME+chain`` runs every layer as Figure 2 is written (``pointwise_form="chain"``, no dense training
     form). Training workloads run the model as trained (``+chain`` kept)."""
     from .deploy import deploy
@@ -97,6 +99,8 @@ def create_variant(name: str, example_input: torch.Tensor | None = None, runtime
         raise ValueError(f"unknown variant(s) {unknown} in {name!r}; known: {list(VARIANTS)}")
     kwargs = {"compconv": {"pointwise_form": "chain"}} if "chain" in variants else {}
     model = timm.create_model(base, num_classes=1000, **kwargs)
+    if "reparam" in variants:
+        return timm.utils.reparameterize_model(model.eval())
     if variants and variants != ["chain"]:
         model.eval()
         if example_input is not None:
@@ -125,7 +129,7 @@ def build_step(name: str, workload: Workload, setting: Setting, device: torch.de
                precision: str) -> tuple[Callable[[], None], nn.Module]:
     """A closure running one inference or training step (forward + backward + SGD) of model ``name``."""
     if workload.mode == "train":  # deploy is an inference form: training runs the model as trained
-        name = "+".join(part for part in name.split("+") if part not in ("deploy", "deploy_rule"))
+        name = "+".join(part for part in name.split("+") if part not in INFERENCE_VARIANTS)
     if setting.ort and (workload.mode == "train" or device.type != "cpu" or precision != "fp32"):
         raise ValueError("the ort setting is inference on the CPU in fp32")
     memory_format = torch.channels_last if setting.channels_last else torch.contiguous_format
@@ -511,7 +515,7 @@ def main(argv: list[str] | None = None) -> int:
                     name, workload, setting, device, args.img_size, args.precision)
                 shown = name  # training runs the model as trained: the deploy variants are not shown there
                 if workload.mode == "train":
-                    shown = "+".join(p for p in name.split("+") if p not in ("deploy", "deploy_rule"))
+                    shown = "+".join(p for p in name.split("+") if p not in INFERENCE_VARIANTS)
                 row = {"workload": str(workload), "setting": str(setting), "model": shown,
                        "macs_G": costs[name].macs / 1e9, "params_M": costs[name].params / 1e6,
                        "img_per_s": median, "spread": spread, "speed_ratio": median / base, "ideal_ratio": ideal,

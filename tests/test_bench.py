@@ -43,10 +43,12 @@ def test_deploy_variants_ort_and_per_layer_table(tmp_path):
     torch.manual_seed(1)
     with torch.no_grad():
         expected = bench.create_variant("resnet18_compconv128").eval()(x)
-        for variant in ("deploy", "deploy_rule"):  # same seed, same weights: deploy keeps the outputs
+        for variant in ("deploy", "deploy_rule", "reparam"):  # same seed, same weights: deploy keeps the outputs
             torch.manual_seed(1)
-            got = bench.create_variant(f"resnet18_compconv128+{variant}", x)(x)
-            torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+            model = bench.create_variant(f"resnet18_compconv128+{variant}", x)
+            torch.testing.assert_close(model(x), expected, rtol=1e-4, atol=1e-4)
+            # timm's reparameterize_model reaches the deployed forms too
+            assert any(type(m).__module__ == "compconv.deploy.forms" for m in model.modules()), variant
     out = tmp_path / "opt.md"
     assert bench.main(["--models", "resnet18,resnet18_compconv128+deploy", "--workloads", "infer:2",
                        "--settings", "eager-cl,ort", "--img-size", "32", "--repeats", "1", "--min-seconds", "0.01",
