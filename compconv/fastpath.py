@@ -57,7 +57,10 @@ def assemble(parts: List[torch.Tensor], groups: int) -> torch.Tensor:
     n, _, h, w = first.shape
     widths = [part.shape[1] for part in parts]
     channels_last = first.is_contiguous(memory_format=torch.channels_last) and not first.is_contiguous()
-    out = torch.empty((n, sum(widths), h, w), dtype=first.dtype, device=first.device,
+    dtype = first.dtype
+    for part in parts[1:]:  # as torch.cat promotes
+        dtype = torch.promote_types(dtype, part.dtype)
+    out = torch.empty((n, sum(widths), h, w), dtype=dtype, device=first.device,
                       memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     view = out.view(n, sum(widths) // groups, groups, h, w)
     for index, start, stop, group, at in _group_slices(widths, groups):
@@ -106,7 +109,10 @@ def compiled_concat_shuffle(parts: List[torch.Tensor], groups: int) -> torch.Ten
 def _(parts: List[torch.Tensor], groups: int) -> torch.Tensor:
     first = parts[0]
     n, _, h, w = first.shape
-    return first.new_empty((n, sum(part.shape[1] for part in parts), h, w)).contiguous(
+    dtype = first.dtype
+    for part in parts[1:]:
+        dtype = torch.promote_types(dtype, part.dtype)
+    return first.new_empty((n, sum(part.shape[1] for part in parts), h, w), dtype=dtype).contiguous(
         memory_format=_memory_format(first))
 
 
@@ -115,6 +121,7 @@ def compiled_unshuffle(grad: torch.Tensor, widths: List[int], groups: int) -> Li
     """The gradients of :func:`compiled_concat_shuffle`'s parts, each compact in ``grad``'s memory format."""
     memory_format = _memory_format(grad)
     return [view.contiguous(memory_format=memory_format) for view in unshuffle_views(grad, widths, groups)]
+
 
 
 @compiled_unshuffle.register_fake

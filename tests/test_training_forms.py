@@ -119,6 +119,19 @@ def test_chain_input_gradient_keeps_channels_last(stride, dilation):
     torch.testing.assert_close(grad, torch.autograd.grad(literal(conv, x), x, grad_out)[0])
 
 
+@pytest.mark.parametrize("compiled", [False, True])
+def test_concat_shuffle_promotes_dtypes_as_torch_cat_does(compiled):
+    from compconv.layers import concat_shuffle
+    a = torch.randn(2, 4, 3, 3, requires_grad=True)
+    b = torch.randn(2, 4, 3, 3, dtype=torch.bfloat16, requires_grad=True)
+    want = channel_shuffle(torch.cat([a, b], 1), 2)
+    run = torch.compile(concat_shuffle, backend="aot_eager", fullgraph=True) if compiled else concat_shuffle
+    got = run([a, b], 2)
+    assert got.dtype == torch.float32 and torch.equal(got, want)
+    grads = torch.autograd.grad(got, [a, b], torch.randn_like(want))
+    assert [g.dtype for g in grads] == [torch.float32, torch.bfloat16]
+
+
 def test_factorised_weights_shapes():
     conv = CompConv2d(512, 128, 1, depth=3)
     w1, v = factorised_weights(conv)
