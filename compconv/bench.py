@@ -27,7 +27,7 @@ import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import timm
 import torch
@@ -90,23 +90,37 @@ def create_variant(name: str, example_input: torch.Tensor | None = None, runtime
     layer's forms on ``example_input`` in ``runtime``), ``NAME+deploy_rule`` (deploy's rule, no timing) or
     ``NAME+reparam`` (``timm.utils.reparameterize_model``, what timm's ``benchmark.py --reparam`` runs);
     ``NAME+chain`` runs every layer as Figure 2 is written (``pointwise_form="chain"``, no dense training
-    form). Training workloads run the model as trained (``+chain`` kept)."""
+    form); ``NAME+OPTION=VALUE`` overrides a CompConv option (e.g. ``+c_prim_divisor=16``). Training
+    workloads run the model as trained (``+chain`` and options kept)."""
     from .deploy import deploy
 
     base, *variants = name.split("+")
+    options = dict(_option(v) for v in variants if "=" in v)
+    variants = [v for v in variants if "=" not in v]
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
-        raise ValueError(f"unknown variant(s) {unknown} in {name!r}; known: {list(VARIANTS)}")
-    kwargs = {"compconv": {"pointwise_form": "chain"}} if "chain" in variants else {}
-    model = timm.create_model(base, num_classes=1000, **kwargs)
+        raise ValueError(f"unknown variant(s) {unknown} in {name!r}; known: {list(VARIANTS)} or OPTION=VALUE")
+    if "chain" in variants:
+        options["pointwise_form"] = "chain"
+    model = timm.create_model(base, num_classes=1000, **({"compconv": options} if options else {}))
     if "reparam" in variants:
         return timm.utils.reparameterize_model(model.eval())
-    if variants and variants != ["chain"]:
+    if any(v in INFERENCE_VARIANTS for v in variants):
         model.eval()
         if example_input is not None:
             model = model.to(example_input.device, memory_format=_format_of(example_input))
         deploy(model, example_input if "deploy" in variants else None, runtime)
     return model
+
+
+def _option(text: str) -> tuple[str, Any]:
+    key, _, value = text.partition("=")
+    for parse in (int, float):
+        try:
+            return key, parse(value)
+        except ValueError:
+            pass
+    return key, {"true": True, "false": False}.get(value.lower(), value)
 
 
 def _format_of(x: torch.Tensor) -> torch.memory_format:

@@ -59,6 +59,11 @@ def test_deploy_variants_ort_and_per_layer_table(tmp_path):
     assert "| layer2.0.downsample.0 | 64->128, 1, 2 | 1 |" in text and "**all replaced layers**" in text
     with pytest.raises(ValueError, match="unknown variant"):
         bench.create_variant("resnet18_compconv128+fast")
+    rounded = bench.create_variant("resnet18_compconv128+c_prim_divisor=16+chain")
+    layers = [m for m in rounded.modules() if hasattr(m, "plan")]
+    assert layers and all(m.plan.c_prim % 16 == 0 and m.pointwise_form == "chain" for m in layers)
+    with pytest.raises(ValueError, match="unknown CompConv option"):
+        bench.create_variant("resnet18_compconv128+bogus=1")
     with pytest.raises(ValueError, match="ort setting is inference"):
         bench.build_step("resnet18", bench.Workload("train", 2), bench.Setting.parse("ort"), torch.device("cpu"), 32,
                          "fp32")
