@@ -122,6 +122,7 @@ def test_diverging_run_stops_with_one_error_line_and_no_checkpoint(tmp_path):
     assert len(errors) == 1 and "Traceback" not in proc.stderr
     assert "NonFiniteLossError" in errors[0] and "epoch 1, step 4 " in errors[0]
     assert float(errors[0].split(", lr ")[1].split(":")[0]) > 1e10  # names the learning rate it diverged at
+    assert "the run diverged; no checkpoint was kept; lower optim.lr" in errors[0]
     assert not list(run.glob("*.pt")) and not (run / "summary.json").exists()
 
 
@@ -132,6 +133,7 @@ def test_divergence_leaves_the_last_good_checkpoint_untouched(tmp_path):
     proc = run_script("train_cls.py", run, R18, *TINY, "trainer.epochs=2", "sched=multistep", "sched.milestones=[1]",
                       "sched.gamma=1e13", "trainer.log_interval=2", check=False)
     assert proc.returncode == 3 and "epoch 2, step 2" in proc.stderr, proc.stderr[-3000:]
+    assert f"the run diverged; kept {run}/" in proc.stderr and ".pt (epoch 1, step 0); lower optim.lr" in proc.stderr
     state = torch.load(run / LAST, map_location="cpu", weights_only=True)
     assert state["epoch"] == 1 and not (run / PREVIOUS).exists()
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())

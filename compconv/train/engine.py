@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..io import atomic_write_text
+from .checkpoint import kept_checkpoint
 from .distributed import all_reduce_max, broadcast_object, cleanup
 from .loggers import NullLogger, WandbLogger
 from .memory import peak_memory_mb, reset_peak_memory
@@ -126,7 +127,7 @@ def train_one_epoch(state: TrainState, loader, task: Task, cfg, rt: Runtime, sto
                     raise NonFiniteLossError(
                         f"training loss is {value} at epoch {state.epoch + 1}, step {state.step_in_epoch} (global "
                         f"step {state.global_step}; checked every trainer.log_interval={trainer.log_interval} steps), "
-                        f"lr {lr:.4g}: the run diverged. {_kept_checkpoint(rt)}; lower optim.lr, add warmup "
+                        f"lr {lr:.4g}: the run diverged; {kept_checkpoint(rt.run_dir)}; lower optim.lr, add warmup "
                         "(sched.warmup_epochs) or set trainer.clip_grad")
                 if stop_now:
                     return None
@@ -140,8 +141,8 @@ def train_one_epoch(state: TrainState, loader, task: Task, cfg, rt: Runtime, sto
     elapsed = time.perf_counter() - start_time
     metrics = task.train_metrics(state.sums.reduced(rt.device))
     if not math.isfinite(metrics.get("loss", 0.0)):
-        raise NonFiniteLossError(f"the epoch's mean training loss is {metrics['loss']} at epoch {state.epoch + 1}. "
-                                 f"{_kept_checkpoint(rt)}")
+        raise NonFiniteLossError(f"the epoch's mean training loss is {metrics['loss']} at epoch {state.epoch + 1}; "
+                                 f"{kept_checkpoint(rt.run_dir)}")
     frac = data_time / max(elapsed, 1e-9)
     if frac > DATA_BOUND_FRACTION and rt.dist.is_main:
         _logger.warning("epoch %d: %.0f%% of the time went to waiting for data: the loader is the bottleneck "
@@ -155,12 +156,6 @@ def _agree(stop: StopRequest, rt: Runtime, diverged: bool) -> tuple[bool, bool]:
     if rt.dist.enabled:
         flags = all_reduce_max(flags, rt.device)
     return bool(flags[0]), bool(flags[1])
-
-
-def _kept_checkpoint(rt: Runtime) -> str:
-    if (rt.run_dir / "last.pt").is_file():
-        return f"The last good checkpoint {rt.run_dir / 'last.pt'} is untouched"
-    return "No checkpoint was written"
 
 
 def fit(state: TrainState, task: Task, cfg, rt: Runtime, train_loader) -> dict[str, Any]:
