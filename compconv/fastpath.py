@@ -12,8 +12,9 @@
   backward upstream of a channels_last layer).
 - :func:`factorised_weights`: a 1x1 CompConv (no inner norms) is the linear map ``x -> V [U; S] x`` with
   ``[U; S]`` its first conv and the identity selection and ``V`` a small product of its factors. Two
-  1x1 convs (``lowrank``; for depth 1 with a depthwise tail, one conv and a per-channel scale written
-  straight into the shuffled order) or one with ``V [U; S]`` (``dense``) compute the same output, and
+  1x1 convs (``lowrank``: ``[U; S] x``, or below 28x28 positions ``U x`` and the identity slices, then
+  ``V``; for depth 1 with a depthwise tail, one conv and a per-channel scale written straight into the
+  shuffled order) or one with ``V [U; S]`` (``dense``) compute the same output, and
   autograd through the products gives the same parameter gradients, in one or two GEMMs forward and
   backward instead of a chain of memory-bound passes. :func:`training_form` decides per layer and input.
 """
@@ -241,7 +242,8 @@ def _scaled_forward(module, x: torch.Tensor) -> torch.Tensor:
 
 
 def lowrank_macs(module) -> int:
-    """MACs per output position of the low-rank training form (two GEMMs, or a GEMM and a scale)."""
+    """MACs per output position of the low-rank training form with ``W1`` as one GEMM (an upper bound: below
+    28x28 positions its identity rows are slices) and ``V`` (or a GEMM and a scale)."""
     plan = module.plan
     rank = plan.c_prim + plan.identity_channels
     if _scaled_tail(module):
@@ -256,7 +258,11 @@ def pointwise_forward(module, x: torch.Tensor, form: str) -> torch.Tensor:
     w1, v = factorised_weights(module)
     if form == "dense":
         return F.conv2d(x, (v @ w1)[:, :, None, None], module.bias, module.stride)
-    z = F.conv2d(x, w1[:, :, None, None], None, module.stride)
+    if dense_pays(module, x) or not module.identity_starts:
+        z = F.conv2d(x, w1[:, :, None, None], None, module.stride)
+    else:  # z = [U x; identity slices of x]: where the input is small, slices cost less than one-hot GEMM rows
+        b = F.conv2d(x, module.convs[0].weight, None, module.stride)
+        z = torch.cat([b, *module.identities(x, b)], dim=1)
     return F.conv2d(z, v[:, :, None, None], module.bias)
 
 
