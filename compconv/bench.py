@@ -31,6 +31,7 @@ from typing import Any, Callable
 
 import timm
 import torch
+import yaml
 from torch import nn
 
 from .complexity import complexity
@@ -115,12 +116,12 @@ def create_variant(name: str, example_input: torch.Tensor | None = None, runtime
 
 def _option(text: str) -> tuple[str, Any]:
     key, _, value = text.partition("=")
-    for parse in (int, float):
-        try:
-            return key, parse(value)
-        except ValueError:
-            pass
-    return key, {"true": True, "false": False}.get(value.lower(), value)
+    return key, yaml.safe_load(value)  # 16 -> int, true -> bool, dense -> str, as on a Hydra command line
+
+
+def as_trained(name: str) -> str:
+    """``name`` without its inference variants: what a training workload runs."""
+    return "+".join(part for part in name.split("+") if part not in INFERENCE_VARIANTS)
 
 
 def _format_of(x: torch.Tensor) -> torch.memory_format:
@@ -143,7 +144,7 @@ def build_step(name: str, workload: Workload, setting: Setting, device: torch.de
                precision: str) -> tuple[Callable[[], None], nn.Module]:
     """A closure running one inference or training step (forward + backward + SGD) of model ``name``."""
     if workload.mode == "train":  # deploy is an inference form: training runs the model as trained
-        name = "+".join(part for part in name.split("+") if part not in INFERENCE_VARIANTS)
+        name = as_trained(name)
     if setting.ort and (workload.mode == "train" or device.type != "cpu" or precision != "fp32"):
         raise ValueError("the ort setting is inference on the CPU in fp32")
     memory_format = torch.channels_last if setting.channels_last else torch.contiguous_format
@@ -351,7 +352,6 @@ def per_layer_train_table(name: str, batch: int, img_size: int, device: torch.de
     conv of the same geometry, of the CompConv as Figure 2 is written (chain), of its dense training form (1x1
     layers) and of the form the model trains in (``pointwise_form="auto"``). Eager channels_last, on the layer's
     real input (captured in a training-mode forward); ms are medians of ``repeats``, forms timed interleaved."""
-    from .fastpath import training_form
     from .layers import CompConv2d
 
     x = torch.randn(batch, 3, img_size, img_size, device=device).to(memory_format=torch.channels_last)
@@ -397,8 +397,7 @@ def per_layer_train_table(name: str, batch: int, img_size: int, device: torch.de
         if pointwise:
             candidates["lowrank"] = fwd_bwd(layer, inp, "lowrank")
             candidates["dense"] = fwd_bwd(layer, inp, "dense")
-        trained_as = (training_form(layer, inp) if layer.pointwise_form == "auto" else layer.pointwise_form) \
-            if pointwise else "chain"
+        trained_as = layer.form_for(inp)
         times = {k: [] for k in candidates}
         for run in candidates.values():
             run()
@@ -529,7 +528,7 @@ def main(argv: list[str] | None = None) -> int:
                     name, workload, setting, device, args.img_size, args.precision)
                 shown = name  # training runs the model as trained: the deploy variants are not shown there
                 if workload.mode == "train":
-                    shown = "+".join(p for p in name.split("+") if p not in INFERENCE_VARIANTS)
+                    shown = as_trained(name)
                 row = {"workload": str(workload), "setting": str(setting), "model": shown,
                        "macs_G": costs[name].macs / 1e9, "params_M": costs[name].params / 1e6,
                        "img_per_s": median, "spread": spread, "speed_ratio": median / base, "ideal_ratio": ideal,

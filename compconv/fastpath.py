@@ -21,19 +21,36 @@
 
 from __future__ import annotations
 
+import functools
 from contextlib import contextmanager
 from typing import Iterator, List
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["ConcatShuffle", "IdentitySlices", "compiled_concat_shuffle", "compiled_unshuffle", "composed_weight", "dense_pays", "factorised_weights", "figure2_forms", "pointwise_forward",
+__all__ = ["ConcatShuffle", "IdentitySlices", "compiled_concat_shuffle", "compiled_unshuffle", "compiling_training_graph", "composed_weight", "dense_pays", "factorised_weights", "figure2_forms", "pointwise_forward",
            "training_form", "unshuffle_views"]
 
 # dense_pays: train a pointwise layer through its composed weight when its output has at least this many
 # positions per image (measured: the per-layer table of results/benchmark_cpu_train.md)
 DENSE_MIN_POSITIONS = 28 * 28
 LOWRANK_MAX_RATIO = 0.6  # training_form: the low-rank pair where it costs at most this share of the plain conv's MACs
+
+
+def _memory_format(x: torch.Tensor) -> torch.memory_format:
+    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
+def _cat_dtype(parts: List[torch.Tensor]) -> torch.dtype:
+    """The dtype ``torch.cat(parts)`` returns (promoted across parts)."""
+    return functools.reduce(torch.promote_types, [part.dtype for part in parts])
+
+
+def compiling_training_graph() -> bool:
+    """True while ``torch.compile`` records a graph with grad enabled (not ``torch.export``, whose graphs must
+    hold standard ops only): where :func:`compiled_concat_shuffle` replaces the plain concat + shuffle."""
+    return torch.is_grad_enabled() and torch.compiler.is_compiling() and not torch.compiler.is_exporting()
 
 
 def _group_slices(widths: List[int], groups: int) -> Iterator[tuple[int, int, int, int, int]]:
@@ -57,12 +74,8 @@ def assemble(parts: List[torch.Tensor], groups: int) -> torch.Tensor:
     first = parts[0]
     n, _, h, w = first.shape
     widths = [part.shape[1] for part in parts]
-    channels_last = first.is_contiguous(memory_format=torch.channels_last) and not first.is_contiguous()
-    dtype = first.dtype
-    for part in parts[1:]:  # as torch.cat promotes
-        dtype = torch.promote_types(dtype, part.dtype)
-    out = torch.empty((n, sum(widths), h, w), dtype=dtype, device=first.device,
-                      memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    out = torch.empty((n, sum(widths), h, w), dtype=_cat_dtype(parts), device=first.device,
+                      memory_format=_memory_format(first))
     view = out.view(n, sum(widths) // groups, groups, h, w)
     for index, start, stop, group, at in _group_slices(widths, groups):
         view[:, at:at + stop - start, group].copy_(parts[index][:, start:stop])
@@ -110,10 +123,7 @@ def compiled_concat_shuffle(parts: List[torch.Tensor], groups: int) -> torch.Ten
 def _(parts: List[torch.Tensor], groups: int) -> torch.Tensor:
     first = parts[0]
     n, _, h, w = first.shape
-    dtype = first.dtype
-    for part in parts[1:]:
-        dtype = torch.promote_types(dtype, part.dtype)
-    return first.new_empty((n, sum(part.shape[1] for part in parts), h, w), dtype=dtype).contiguous(
+    return first.new_empty((n, sum(part.shape[1] for part in parts), h, w), dtype=_cat_dtype(parts)).contiguous(
         memory_format=_memory_format(first))
 
 
@@ -122,7 +132,6 @@ def compiled_unshuffle(grad: torch.Tensor, widths: List[int], groups: int) -> Li
     """The gradients of :func:`compiled_concat_shuffle`'s parts, each compact in ``grad``'s memory format."""
     memory_format = _memory_format(grad)
     return [view.contiguous(memory_format=memory_format) for view in unshuffle_views(grad, widths, groups)]
-
 
 
 @compiled_unshuffle.register_fake
@@ -141,11 +150,6 @@ def _backward_concat_shuffle(ctx, grad: torch.Tensor):
 
 
 compiled_concat_shuffle.register_autograd(_backward_concat_shuffle, setup_context=_setup_concat_shuffle)
-
-
-def _memory_format(x: torch.Tensor) -> torch.memory_format:
-    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-    return torch.channels_last if channels_last else torch.contiguous_format
 
 
 class IdentitySlices(torch.autograd.Function):
@@ -225,12 +229,11 @@ def _scaled_tail(module) -> bool:
 def _scaled_forward(module, x: torch.Tensor) -> torch.Tensor:
     b = F.conv2d(x, module.convs[0].weight, None, module.stride)
     a = b[:, :module.tail_in] * module.tail.weight.view(1, -1, 1, 1)
-    if module.shuffle_groups > 1 and torch.is_grad_enabled() and torch.compiler.is_compiling() \
-            and not torch.compiler.is_exporting():
+    if module.shuffle_groups > 1 and compiling_training_graph():
         y = compiled_concat_shuffle([b, a], module.shuffle_groups)
     elif module.shuffle_groups == 2 and a.shape[1] == b.shape[1]:
         # interleaving b and a channel by channel is the g = 2 shuffle, written in one pass
-        if b.is_contiguous(memory_format=torch.channels_last) and not b.is_contiguous():
+        if _memory_format(b) == torch.channels_last:
             y = torch.stack([b.permute(0, 2, 3, 1), a.permute(0, 2, 3, 1)], dim=-1).flatten(-2).permute(0, 3, 1, 2)
         else:
             y = torch.stack([b, a], dim=2).flatten(1, 2)

@@ -16,7 +16,8 @@ from timm.layers import to_2tuple
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
-from .fastpath import ConcatShuffle, IdentitySlices, assemble, compiled_concat_shuffle, pointwise_forward, training_form
+from .fastpath import (ConcatShuffle, IdentitySlices, assemble, compiled_concat_shuffle, compiling_training_graph,
+                       pointwise_forward, training_form)
 from .options import CompConvOptions
 from .sizing import CompConvPlan
 from .sizing import plan as plan_layer
@@ -27,11 +28,6 @@ __all__ = ["CompConv2d", "channel_shuffle", "concat_shuffle", "create_conv2d", "
 def _in_graph_capture() -> bool:
     """True while a tracer or compiler records the graph (jit.trace, FX, dynamo, torch.export, ONNX)."""
     return torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.fx._symbolic_trace.is_fx_symbolic_tracing()
-
-
-def _compiling() -> bool:
-    """True under ``torch.compile`` (not export, whose graphs must hold standard ops only)."""
-    return torch.compiler.is_compiling() and not torch.compiler.is_exporting()
 
 
 def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
@@ -54,7 +50,7 @@ def concat_shuffle(parts: List[torch.Tensor], groups: int) -> torch.Tensor:
     backward hands each part a view of the output gradient (:class:`compconv.fastpath.ConcatShuffle`).
     """
     if not torch.jit.is_scripting():
-        if groups > 1 and torch.is_grad_enabled() and _compiling():
+        if groups > 1 and compiling_training_graph():
             return compiled_concat_shuffle(parts, groups)  # training; inference graphs fuse the plain ops
         if not _in_graph_capture():
             if groups == 1:
@@ -267,10 +263,14 @@ class CompConv2d(nn.Module):
             out.append(self.tail_norm(self.tail(b[:, :self.tail_in])))
         return out
 
+    def form_for(self, x: torch.Tensor) -> str:
+        """The form this layer computes in for input ``x``: ``chain``, ``lowrank`` or ``dense`` (choice 10)."""
+        return training_form(self, x) if self.pointwise_form == "auto" else self.pointwise_form
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.jit.is_scripting():
             if self.pointwise_form != "chain" and not torch.fx._symbolic_trace.is_fx_symbolic_tracing():
-                form = training_form(self, x) if self.pointwise_form == "auto" else self.pointwise_form
+                form = self.form_for(x)
                 if form != "chain":  # the same function and gradients, fewer passes (compconv.fastpath)
                     return pointwise_forward(self, x, form)
         y = concat_shuffle(self.parts(x), self.shuffle_groups)
