@@ -23,12 +23,12 @@ from __future__ import annotations
 
 import functools
 from contextlib import contextmanager
-from typing import Iterator, List
+from typing import Iterator, List, Optional
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["ConcatShuffle", "IdentitySlices", "compiled_concat_shuffle", "compiled_unshuffle", "compiling_training_graph", "composed_weight", "dense_pays", "factorised_weights", "figure2_forms", "pointwise_forward",
+__all__ = ["ConcatShuffle", "IdentitySlices", "compiled_concat_shuffle", "compiled_unshuffle", "compiling_training_graph", "composed_weight", "dense_pays", "factorised_weights", "figure2_forms", "part_map", "pointwise_forward",
            "training_form", "unshuffle_views"]
 
 # dense_pays: train a pointwise layer through its composed weight when its output has at least this many
@@ -179,37 +179,76 @@ class IdentitySlices(torch.autograd.Function):
         return None, None, grad_x
 
 
+def part_map(module, dtype: Optional[torch.dtype] = None,
+             with_bias: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """``(M, f)``: the concatenated parts of a pointwise CompConv (before the shuffle) as ``M z + f``.
+
+    ``z = [U x; A(d-1); ...; A1]`` (rank = C_prim + identity channels) stacks the first conv's output without
+    its bias and the identity slices; each ``B(i) = W(i) [B(i+1); A(i+1)] + bias(i)`` and the tail are written
+    in terms of ``z``. The one copy of this algebra: the training forms (:func:`factorised_weights`) and deploy's
+    exact forms (``compconv.deploy.forms``) both read it.
+
+    Args:
+        module: A pointwise :class:`compconv.CompConv2d` (1x1 kernels, no norms left inside).
+        dtype: Compute in this dtype (deploy: float64, under ``no_grad``); default the weights' own,
+            differentiable in the module's parameters.
+        with_bias: Also return ``f`` from the internal convs' biases (which ``reparameterize()`` gives them);
+            otherwise ``f`` is None (as trained, internal convs have none).
+    """
+    def matrix(conv: torch.nn.Conv2d) -> torch.Tensor:
+        weight = conv.weight if dtype is None else conv.weight.to(dtype)
+        return weight[:, :, 0, 0]
+
+    def bias(conv: torch.nn.Conv2d) -> torch.Tensor:
+        if conv.bias is None:
+            return torch.zeros(conv.out_channels, dtype=dtype or conv.weight.dtype, device=conv.weight.device)
+        return conv.bias if dtype is None else conv.bias.to(dtype)
+
+    first = module.convs[0].weight
+    c = module.plan.c_prim
+    widths = [stop - start for start, stop in zip(module.identity_starts, module.identity_stops)]
+    eye = torch.eye(c + sum(widths), dtype=dtype or first.dtype, device=first.device)
+    b, offset = eye[:c], c  # B(d-1) in terms of z
+    b_bias = bias(module.convs[0]) if with_bias else None
+    rows, biases = [b], [b_bias]
+    for conv, width in zip(list(module.convs)[1:], widths):
+        a = eye[offset:offset + width]
+        offset += width
+        weight = matrix(conv)
+        b = weight @ torch.cat([b, a])
+        rows += [a, b]
+        if b_bias is not None:
+            b_bias = weight @ torch.cat([b_bias, b_bias.new_zeros(width)]) + bias(conv)
+            biases += [b_bias.new_zeros(width), b_bias]
+    if module.tail is not None:
+        tail = module.tail
+        scale = tail.groups != 1  # a depthwise 1x1 tail is a per-channel scale
+        weight = (tail.weight if dtype is None else tail.weight.to(dtype))[:, :, 0, 0]
+        source = b[:module.tail_in]
+        rows.append(weight[:, :1] * source if scale else weight @ source)
+        if b_bias is not None:
+            source_bias = b_bias[:module.tail_in]
+            biases.append((weight[:, 0] * source_bias if scale else weight @ source_bias) + bias(tail))
+    return torch.cat(rows), (torch.cat(biases) if with_bias else None)
+
+
 def factorised_weights(module) -> tuple[torch.Tensor, torch.Tensor]:
     """``(W1, V)`` with ``module(x) == conv1x1(conv1x1(x, W1), V) + bias`` for a pointwise CompConv.
 
     ``W1 = [U; S]`` (rank x C_in) stacks the first conv's weight and one-hot rows selecting the identity
-    channels, so ``z = W1 x = [B(d-1); A(d-1); ...; A1]``; ``V`` (C_out x rank) writes every part (and the
-    shuffle) in terms of ``z``. Both are differentiable in the module's parameters (the low-rank training
-    form); ``V @ W1`` is the dense weight.
+    channels, so ``z = W1 x = [B(d-1); A(d-1); ...; A1]``; ``V`` (C_out x rank) is :func:`part_map`'s ``M``
+    in the shuffled order. Both are differentiable in the module's parameters (the low-rank training form);
+    ``V @ W1`` is the dense weight.
     """
     first = module.convs[0].weight[:, :, 0, 0]
-    c, in_channels = first.shape
-    widths = [stop - start for start, stop in zip(module.identity_starts, module.identity_stops)]
-    rank = c + sum(widths)
-    eye = torch.eye(rank, dtype=first.dtype, device=first.device)
+    in_channels = first.shape[1]
     selections = [F.pad(torch.eye(stop - start, dtype=first.dtype, device=first.device), (start, in_channels - stop))
                   for start, stop in zip(module.identity_starts, module.identity_stops)]
     w1 = torch.cat([first, *selections]) if selections else first
-    b, offset = eye[:c], c  # B(d-1) in terms of z
-    rows = [b]
-    for conv, width in zip(list(module.convs)[1:], widths):
-        a = eye[offset:offset + width]
-        offset += width
-        b = conv.weight[:, :, 0, 0] @ torch.cat([b, a])
-        rows += [a, b]
-    if module.tail is not None:
-        tail = module.tail.weight
-        source = b[:module.tail_in]
-        rows.append(tail[:, 0, 0, :1] * source if module.tail.groups != 1 else tail[:, :, 0, 0] @ source)
-    v = torch.cat(rows)
+    v = part_map(module)[0]
     groups = module.shuffle_groups
     if groups > 1:  # output channel i * groups + j is concatenated channel j * size + i
-        v = v.view(groups, -1, rank).transpose(0, 1).reshape(-1, rank)
+        v = v.view(groups, -1, v.shape[1]).transpose(0, 1).reshape(-1, v.shape[1])
     return w1, v
 
 

@@ -3,7 +3,8 @@
 A 1x1 CompConv (no inner norms left) followed by a BatchNorm is an affine map of its input of rank at
 most ``C_prim + identity channels``. :func:`build_form` writes it as ``dense`` (one plain conv with
 bias) or ``lowrank`` (:class:`LowRankConv2d`: the first conv, the identity slices, one conv with bias),
-with the BatchNorm and the channel shuffle absorbed. :class:`DeployedCompConv2d` is a CompConv whose
+with the BatchNorm and the channel shuffle absorbed; the parts' algebra is
+:func:`compconv.fastpath.part_map`, which the training forms use too. :class:`DeployedCompConv2d` is a CompConv whose
 input arrives with its channels permuted (an upstream shuffle folded into it).
 """
 
@@ -13,6 +14,7 @@ from typing import List, Optional
 import torch
 from torch import nn
 
+from ..fastpath import part_map
 from ..layers import CompConv2d, shuffle_source
 
 __all__ = ["DeployedCompConv2d", "LowRankConv2d", "build_form", "form_macs", "fold_shuffle", "permute_input",
@@ -80,14 +82,6 @@ class DeployedCompConv2d(CompConv2d):
 
 
 # ---------------------------------------------------------------------------------------------- 1x1 algebra
-def _matrix(conv: nn.Conv2d) -> tuple[torch.Tensor, torch.Tensor]:
-    weight = conv.weight.detach().double()
-    bias = conv.bias.detach().double() if conv.bias is not None else weight.new_zeros(weight.shape[0])
-    if conv.groups == 1:
-        return weight[:, :, 0, 0], bias
-    return torch.diag(weight[:, 0, 0, 0]), bias  # depthwise 1x1: a per-channel scale
-
-
 def pointwise(module: CompConv2d) -> bool:
     """True when the whole CompConv is a per-pixel affine map (1x1 kernels, no padding, no inner norms left)."""
     tail = module.plan.tail
@@ -96,38 +90,14 @@ def pointwise(module: CompConv2d) -> bool:
             and not any(isinstance(n, nn.BatchNorm2d) for n in module.modules() if n is not module))
 
 
-def low_rank_map(module: CompConv2d) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(M, f)``: the concatenated parts (pre-shuffle) as ``M z + f`` of ``z = [B(d-1); identity slices]``."""
-    c = module.plan.c_prim
-    widths = [p.channels for p in module.plan.identities]
-    rank = c + sum(widths)
-    eye = torch.eye(rank, dtype=torch.float64)
-    b_mat, b_bias = eye[:c], torch.zeros(c, dtype=torch.float64)
-    b_bias = b_bias + _matrix(module.convs[0])[1]  # the first conv's bias rides on B(d-1), not on U x
-    rows, biases, offset = [b_mat], [b_bias], c
-    for conv, width in zip(list(module.convs)[1:], widths):
-        a_mat = eye[offset:offset + width]
-        offset += width
-        rows.append(a_mat)
-        biases.append(torch.zeros(width, dtype=torch.float64))
-        weight, bias = _matrix(conv)
-        b_mat = weight @ torch.cat([b_mat, a_mat])
-        b_bias = weight @ torch.cat([b_bias, torch.zeros(width, dtype=torch.float64)]) + bias
-        rows.append(b_mat)
-        biases.append(b_bias)
-    if module.tail is not None:
-        weight, bias = _matrix(module.tail)
-        rows.append(weight @ b_mat[:module.tail_in])
-        biases.append(weight @ b_bias[:module.tail_in] + bias)
-    return torch.cat(rows), torch.cat(biases)
-
-
 def norm_affine(norm: Optional[nn.BatchNorm2d], channels: int) -> tuple[torch.Tensor, torch.Tensor]:
     """An eval BatchNorm as ``scale * y + shift`` (the identity without one)."""
     if norm is None:
         return torch.ones(channels, dtype=torch.float64), torch.zeros(channels, dtype=torch.float64)
-    scale = norm.weight.double() / torch.sqrt(norm.running_var.double() + norm.eps)
-    return scale, norm.bias.double() - norm.running_mean.double() * scale
+    weight, bias, mean, var = (t.detach().cpu().double() for t in (norm.weight, norm.bias, norm.running_mean,
+                                                                   norm.running_var))
+    scale = weight / torch.sqrt(var + norm.eps)
+    return scale, bias - mean * scale
 
 
 def identity_index(module: CompConv2d) -> Optional[torch.Tensor]:
@@ -150,10 +120,10 @@ def _conv(weight: torch.Tensor, bias: torch.Tensor, stride, like: nn.Conv2d) -> 
 @torch.no_grad()
 def build_form(module: CompConv2d, norm: Optional[nn.BatchNorm2d], form: str) -> nn.Module:
     """The ``lowrank`` or ``dense`` equivalent of a pointwise CompConv followed by ``norm`` (None: no norm)."""
-    matrix, offset = low_rank_map(module)
+    matrix, offset = (t.cpu() for t in part_map(module, torch.float64, with_bias=True))  # the algebra runs on the CPU
     source = shuffle_source(module.out_channels, module.shuffle_groups)
     scale, shift = norm_affine(norm, module.out_channels)
-    bias = module.bias.detach().double() if module.bias is not None else 0.0
+    bias = module.bias.detach().cpu().double() if module.bias is not None else 0.0
     matrix = scale[:, None] * matrix[source]
     offset = scale * (offset[source] + bias) + shift
     first = module.convs[0]
@@ -167,7 +137,7 @@ def build_form(module: CompConv2d, norm: Optional[nn.BatchNorm2d], form: str) ->
     if form != "dense":
         raise ValueError(f"form must be 'lowrank' or 'dense', got {form!r}")
     # dense: z = [U x ; S x] is itself a linear map of x
-    u_mat = _matrix(first)[0]
+    u_mat = first.weight.detach().cpu().double()[:, :, 0, 0]
     selection = torch.zeros(matrix.shape[1] - u_mat.shape[0], module.in_channels, dtype=torch.float64)
     if index is not None:
         selection[torch.arange(len(index)), index] = 1.0
