@@ -13,6 +13,7 @@ import sys
 from typing import Any, Callable
 
 from .data import DataError, UnreadableImageError
+from .fastpath import TrainingFormError
 from .io import StorageError, storage_errno
 from .train.checkpoint import CheckpointError, CheckpointMismatchError, kept_checkpoint
 from .train.config import DETECTION_DATASETS, ConfigError, model_options
@@ -21,7 +22,7 @@ from .train.rundir import RunDirInUseError
 
 _logger = logging.getLogger("compconv")
 USER_ERRORS = (ConfigError, DataError, FileNotFoundError, UnreadableImageError, CheckpointMismatchError,
-               CheckpointError)
+               CheckpointError, TrainingFormError)
 EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_STORAGE = 2, 3, 4
 _task_started = False  # set once Hydra has composed the config and called the task
 

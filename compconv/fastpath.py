@@ -28,7 +28,7 @@ from typing import Iterator, List, Optional
 import torch
 import torch.nn.functional as F
 
-__all__ = ["ConcatShuffle", "IdentitySlices", "compiled_concat_shuffle", "compiled_unshuffle", "compiling_training_graph", "composed_weight", "dense_pays", "factorised_weights", "figure2_forms", "part_map", "pointwise_forward",
+__all__ = ["ConcatShuffle", "IdentitySlices", "compiled_concat_shuffle", "compiled_unshuffle", "compiling_training_graph", "composed_weight", "dense_pays", "factorised_weights", "TrainingFormError", "check_training_forms", "figure2_forms", "part_map", "pointwise_forward",
            "training_form", "unshuffle_views"]
 
 # dense_pays: train a pointwise layer through its composed weight when its output has at least this many
@@ -340,3 +340,72 @@ def figure2_forms(model: torch.nn.Module) -> Iterator[None]:
     finally:
         for module, form in saved.items():
             module.pointwise_form = form
+
+
+class TrainingFormError(RuntimeError):
+    """A layer's training form computes something other than Figure 2 (outputs or gradients differ)."""
+
+
+def check_training_forms(model: torch.nn.Module, x: torch.Tensor, tolerance: float = 1e-2) -> float:
+    """Checks that ``model`` trains as Figure 2 computes: one forward and backward on ``x`` with its training
+    forms, and one with every CompConv as the chain (:func:`figure2_forms`), give the same output and the
+    same gradient of every parameter and of ``x``.
+
+    Runs in eval mode (BatchNorm statistics are not updated), outside autocast, with a random output
+    cotangent from a private generator (the global RNG is not touched); leaves ``.grad`` and the modules'
+    modes as they were. A wrong form differs by O(1); fp32 rounding (TF32 on GPUs) stays far below
+    ``tolerance``.
+
+    Args:
+        model: Any model; without a CompConv in a factorised training form nothing runs.
+        x: A batch as the model will see it (device, memory format); its values do not matter.
+        tolerance: Largest accepted max |difference| / max |reference| of each tensor.
+
+    Returns:
+        The largest relative difference found (0.0 when no layer trains in a factorised form).
+
+    Raises:
+        TrainingFormError: naming the output or the first parameter whose gradient differs.
+    """
+    if not any(getattr(m, "pointwise_form", "chain") != "chain" for m in model.modules()):
+        return 0.0
+    modes = {m: m.training for m in model.modules()}
+    trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    names, params = (list(t) for t in zip(*trained)) if trained else ([], [])
+    x = x.detach().clone().requires_grad_(True)
+    generator = torch.Generator(device=x.device).manual_seed(0)
+
+    def run() -> list[torch.Tensor]:
+        out = model(x)
+        outputs = [t for t in torch.utils._pytree.tree_flatten(out)[0] if isinstance(t, torch.Tensor)
+                   and t.is_floating_point()]
+        generator.manual_seed(0)
+        loss = sum((t.float() * torch.randn(t.shape, generator=generator, device=t.device)).sum() for t in outputs)
+        grads = torch.autograd.grad(loss, [x, *params], allow_unused=True)
+        return [t.detach().float() for t in outputs] + [g.float() if g is not None else None for g in grads]
+
+    try:
+        model.eval()
+        with torch.autocast(x.device.type, enabled=False), torch.enable_grad():
+            fast = run()
+            with figure2_forms(model):
+                reference = run()
+    finally:
+        for module, training in modes.items():
+            module.train(training)
+    labels = [f"output {i}" for i in range(len(fast) - len(params) - 1)] + ["the input's gradient"] + \
+        [f"the gradient of {name}" for name in names]
+    worst = 0.0
+    for label, got, want in zip(labels, fast, reference):
+        if got is None and want is None:
+            continue
+        got = torch.zeros_like(want) if got is None else got  # a gradient one form has and the other not
+        want = torch.zeros_like(got) if want is None else want
+        scale = float(want.abs().max()) if want.numel() else 0.0
+        error = float((got - want).abs().max()) / scale if scale > 0 else float((got - want).abs().max())
+        if not error <= tolerance:  # NaN fails too
+            raise TrainingFormError(
+                f"CompConv's training forms differ from Figure 2 in {label} by {error:.3g} (relative; tolerance "
+                f"{tolerance:g}): train with model.compconv.pointwise_form=chain and please report this model")
+        worst = max(worst, error)
+    return worst

@@ -14,7 +14,7 @@ from torch import nn
 import compconv
 from compconv import deploy
 from compconv.deploy import DeployError, DeployedCompConv2d, forms, tolerance_for
-from zoo import ZOO, prepared
+from zoo import EXPORTED, ZOO, prepared
 
 FAST = ["preact_cifar", "two_consumers", "shared_conv", "tv_resnet18"]
 
@@ -53,7 +53,7 @@ def test_deploy_is_equal_or_refused(name, runtime):
     assert not model.training
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=() if n in FAST else pytest.mark.slow) for n in ZOO])
+@pytest.mark.parametrize("name", [pytest.param(n, marks=() if n in FAST else pytest.mark.slow) for n in EXPORTED])
 def test_export_onnx_is_equal_to_the_users_model_or_refused(name, tmp_path):
     pytest.importorskip("onnxruntime")
     size = 224 if name == "tv_vgg11_bn" else 64  # the TorchScript exporter cannot pool 2x2 to VGG's 7x7

@@ -15,8 +15,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 from compconv import CompConv2d, channel_shuffle
-from compconv.fastpath import composed_weight, dense_pays, factorised_weights, figure2_forms, training_form, \
-    unshuffle_views
+from compconv.fastpath import TrainingFormError, check_training_forms, composed_weight, dense_pays, \
+    factorised_weights, figure2_forms, training_form, unshuffle_views
 
 
 def literal(module, x):
@@ -228,3 +228,54 @@ def test_ddp_gradients_equal_the_literal_form_on_the_global_batch(tmp_path):
         assert len(grads) == len(list(model.parameters()))
         for got, p in zip(grads, model.parameters()):
             torch.testing.assert_close(got, p.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_check_training_forms_passes_and_leaves_the_model_as_it_was():
+    import timm
+
+    model = timm.create_model("resnet50_compconv128", num_classes=10).to(memory_format=torch.channels_last)
+    model.train()
+    stats = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(2, 3, 64, 64).to(memory_format=torch.channels_last)
+    rng = torch.get_rng_state()
+    assert 0 < check_training_forms(model, x) < 1e-4  # fp32 rounding only
+    assert model.training and all(m.training for m in model.modules())
+    assert all(p.grad is None for p in model.parameters())
+    assert all(torch.equal(v, stats[k]) for k, v in model.state_dict().items())  # BatchNorm statistics too
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert check_training_forms(nn.Sequential(CompConv2d(16, 16, 3, padding=1)), torch.randn(1, 16, 8, 8)) == 0.0
+
+
+def test_check_training_forms_names_what_differs(monkeypatch):
+    import compconv.layers
+
+    forward = compconv.layers.pointwise_forward
+    monkeypatch.setattr(compconv.layers, "pointwise_forward", lambda module, x, form: 1.5 * forward(module, x, form))
+    model = nn.Sequential(CompConv2d(64, 32, 1, depth=2), nn.ReLU(), nn.Conv2d(32, 8, 1))
+    with pytest.raises(TrainingFormError, match=r"differ from Figure 2 in output 0 by 0\.5.*pointwise_form=chain"):
+        check_training_forms(model, torch.randn(2, 64, 8, 8))
+    monkeypatch.setattr(compconv.layers, "pointwise_forward",  # the same output, a wrong gradient
+                        lambda module, x, form: forward(module, x.detach(), form))
+    with pytest.raises(TrainingFormError, match="in the input's gradient"):
+        check_training_forms(model, torch.randn(2, 64, 8, 8))
+
+
+def test_a_run_whose_training_forms_differ_stops_with_one_error_line(tmp_path):
+    from helpers import FMNIST, ROOT, TINY, env
+
+    if not FMNIST.is_dir():
+        pytest.skip("dataset-fashion-mnist is not installed")
+    patch = tmp_path / "inject"
+    patch.mkdir()
+    (patch / "sitecustomize.py").write_text(
+        "import compconv.layers as layers\n"
+        "_forward = layers.pointwise_forward\n"
+        "layers.pointwise_forward = lambda module, x, form: 1.5 * _forward(module, x, form)\n")
+    run = tmp_path / "run"
+    proc = subprocess.run([sys.executable, str(ROOT / "train_cls.py"), "model=resnet50_compconv128", *TINY,
+                           "trainer.epochs=1", f"hydra.run.dir={run}"], cwd=ROOT, capture_output=True, text=True,
+                          env={**env(), "PYTHONPATH": f"{patch}:{ROOT}"}, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "TrainingFormError" in errors[0] and "pointwise_form=chain" in errors[0], proc.stderr
+    assert "Traceback" not in proc.stderr and not list(run.glob("*.pt"))

@@ -1,6 +1,6 @@
 """Patched architectures nobody here wrote the deploy folds for, prepared as a user would: patched with
-c0=128, a few training-mode forwards (BatchNorm statistics move), BatchNorm affine set to non-trivial
-values, then eval()."""
+c0=128, a few training-mode forwards (BatchNorm statistics move), BatchNorm affines and layer scales set
+to non-trivial values, then eval()."""
 
 from __future__ import annotations
 
@@ -94,7 +94,25 @@ ZOO = {
     "tv_vgg11_bn": lambda: torchvision.models.vgg11_bn(num_classes=10),
     "tv_regnet_x_400mf": lambda: torchvision.models.regnet_x_400mf(num_classes=10),
     "tv_efficientnet_b0": lambda: torchvision.models.efficientnet_b0(num_classes=10),
+    # split/concat, tree and multi-resolution aggregation, models with their own reparameterize, no norms
+    "timm_res2net50_14w_8s": lambda: timm.create_model("res2net50_14w_8s", num_classes=10),
+    "timm_dla34": lambda: timm.create_model("dla34", num_classes=10),
+    "timm_hrnet_w18_small": lambda: timm.create_model("hrnet_w18_small", num_classes=10),
+    "timm_cspresnet50": lambda: timm.create_model("cspresnet50", num_classes=10),
+    "timm_dpn68": lambda: timm.create_model("dpn68", num_classes=10),
+    "timm_xception41": lambda: timm.create_model("xception41", num_classes=10),
+    "timm_ghostnet_100": lambda: timm.create_model("ghostnet_100", num_classes=10),
+    "timm_mobilenetv3_large_100": lambda: timm.create_model("mobilenetv3_large_100", num_classes=10),
+    "timm_repvgg_a0": lambda: timm.create_model("repvgg_a0", num_classes=10),
+    "timm_mobileone_s0": lambda: timm.create_model("mobileone_s0", num_classes=10),
+    "timm_fastvit_t8": lambda: timm.create_model("fastvit_t8", num_classes=10),
+    "timm_convnext_atto": lambda: timm.create_model("convnext_atto", num_classes=10),
+    "tv_shufflenet_v2_x0_5": lambda: torchvision.models.shufflenet_v2_x0_5(num_classes=10),
+    "tv_googlenet": lambda: torchvision.models.googlenet(num_classes=10, aux_logits=False, init_weights=True),
+    "tv_squeezenet1_0": lambda: torchvision.models.squeezenet1_0(num_classes=10),
 }
+# export_onnx is tested on these (each export takes 10-130 s here); scripts/deploy_zoo.py exports them all
+EXPORTED = [*list(ZOO)[:13], "timm_repvgg_a0", "tv_shufflenet_v2_x0_5"]
 
 
 @torch.no_grad()
@@ -110,4 +128,7 @@ def prepared(name: str, seed: int = 0, size: int = 64) -> nn.Module:
         if isinstance(module, nn.BatchNorm2d) and module.affine:
             module.weight.uniform_(0.5, 1.5)
             module.bias.uniform_(-0.5, 0.5)
+    for name, parameter in model.named_parameters():
+        if name.rsplit(".", 1)[-1] == "gamma":  # layer scales start at ~1e-6, which would hide a wrong fold
+            parameter.uniform_(0.5, 1.5)
     return model.eval()

@@ -114,7 +114,7 @@ def _run(cfg, rt: Runtime) -> dict[str, Any]:
     with torch.no_grad():  # MACs of the detector and its backbone body at the evaluation input size
         macs, per_module = count_macs(model, [torch.zeros(data.in_chans, data.min_size, data.max_size)])
     model.train()
-    state = create_state(model, cfg, rt, train_loader)
+    state = create_state(model, cfg, rt, train_loader, (data.in_chans, data.min_size, data.max_size))
     resume(state, cfg, rt)
     task = Task(
         forward=lambda net, batch: detection_forward(net, batch, rt),

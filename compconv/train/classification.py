@@ -100,7 +100,7 @@ def _run(cfg, rt: Runtime) -> dict[str, Any]:
     train_loader, val_loader, num_classes = build_loaders(cfg, rt)
     model = build_model(cfg.model, num_classes, cfg.data.in_chans)
     cost = complexity(model, (cfg.data.in_chans, cfg.data.img_size, cfg.data.img_size))
-    state = create_state(model, cfg, rt, train_loader)
+    state = create_state(model, cfg, rt, train_loader, (cfg.data.in_chans, cfg.data.img_size, cfg.data.img_size))
     resume(state, cfg, rt)
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.trainer.label_smoothing)
 

@@ -208,6 +208,9 @@ class TrainerConfig:
         log_interval: Steps between the loop's host syncs: progress-bar loss, non-finite check, stop agreement.
         sync_bn: ``nn.SyncBatchNorm`` under DDP on GPUs.
         sync_debug: CUDA: raise on any host sync inside a training step (``scripts/gpu_check.sh``).
+        check_training_forms: Before training, one forward + backward of a batch of two at the training input
+            size with CompConv's factorised training forms and one as Figure 2 is written must agree (outputs,
+            input and parameter gradients within 1e-2 relative; fp32); otherwise the run stops with an error.
     """
 
     epochs: int = 2
@@ -227,6 +230,7 @@ class TrainerConfig:
     log_interval: int = 50
     sync_bn: bool = False
     sync_debug: bool = False
+    check_training_forms: bool = True
 
     def __post_init__(self) -> None:
         for key in ("epochs", "clip_grad", "max_train_steps", "max_eval_steps", "log_interval"):

@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..fastpath import check_training_forms
 from ..models import model_label
 from .checkpoint import load_newest, model_signature, resume_candidates, save_rotating
 from .config import ConfigError
@@ -116,13 +117,20 @@ class TrainState:
     logger_id: str | None = None
 
 
-def create_state(model: nn.Module, cfg, rt: Runtime, train_loader) -> TrainState:
-    """Moves ``model`` to the run's device and builds its optimizer, schedule, scaler, EMA, DDP and compile."""
+def create_state(model: nn.Module, cfg, rt: Runtime, train_loader,
+                 input_size: tuple[int, int, int] | None = None) -> TrainState:
+    """Moves ``model`` to the run's device and builds its optimizer, schedule, scaler, EMA, DDP and compile.
+
+    With ``input_size`` (C, H, W of a training input) and ``trainer.check_training_forms``, first checks that
+    the model's CompConv training forms compute Figure 2 at that size (:func:`check_forms`).
+    """
     steps_per_epoch = len(train_loader)
     if steps_per_epoch == 0:
         raise ConfigError(f"the training set ({len(train_loader.dataset)} images) is smaller than one batch of "
                           f"data.batch_size={cfg.data.batch_size} per process")
     model.to(rt.device, memory_format=rt.memory_format)
+    if input_size is not None and cfg.trainer.check_training_forms:
+        check_forms(model, input_size, rt)
     optimizer = create_optimizer(model, cfg.optim, cfg.data.batch_size * rt.dist.world_size)
     scheduler = create_scheduler(optimizer, cfg.sched, steps_per_epoch, cfg.trainer.epochs)
     scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.amp_dtype == torch.float16)
@@ -133,6 +141,18 @@ def create_state(model: nn.Module, cfg, rt: Runtime, train_loader) -> TrainState
     if cfg.trainer.compile:
         net = torch.compile(net)
     return TrainState(model, net, optimizer, scheduler, scaler, ema)
+
+
+def check_forms(model: nn.Module, input_size: tuple[int, int, int], rt: Runtime) -> None:
+    """:func:`compconv.fastpath.check_training_forms` on a random batch of two at ``input_size`` (a detector's
+    backbone: it takes a batch tensor), on the run's device and memory format; raises
+    :class:`compconv.fastpath.TrainingFormError` if a layer's training form is not Figure 2's."""
+    target = getattr(model, "backbone", model)
+    x = torch.randn(2, *input_size, generator=torch.Generator().manual_seed(0))
+    error = check_training_forms(target, x.to(rt.device, memory_format=rt.memory_format))
+    if error and rt.dist.is_main:
+        _logger.info("training forms checked against Figure 2 at %s: max relative difference %.2g",
+                     "x".join(map(str, input_size)), error)
 
 
 def _rng_state() -> dict[str, Any]:
