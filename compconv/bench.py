@@ -38,6 +38,10 @@ from .complexity import complexity
 from .io import atomic_write_text
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Idle before each ONNX Runtime measurement: a session's intra-op threads spin after its runs and would take the
+# cores from the next model's session (PyTorch's models share one thread pool). Measured up to 1.3x at batch 1
+# (scripts/ort_blocked_experiment.py).
+ORT_SWITCH_IDLE_S = 0.2
 
 
 @dataclass(frozen=True)
@@ -255,9 +259,11 @@ def time_cell(names, workload, setting, device, img_size, precision, warmup, rep
         _sync(device)
         iters[name] = max(1, round(min_seconds / max(time.perf_counter() - start, 1e-6)))
     rates = {name: [] for name in names}
+    idle = ORT_SWITCH_IDLE_S if setting.ort else 0.0
     for _ in range(repeats):
         for name, step in steps.items():
             _sync(device)
+            time.sleep(idle)
             start = time.perf_counter()
             for _ in range(iters[name]):
                 step()
@@ -486,7 +492,8 @@ def main(argv: list[str] | None = None) -> int:
         f"on {device_name(device)}; torch {torch.__version__}, timm {timm.__version__}; input {args.img_size}x{args.img_size}, "
         f"{args.precision}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.",
         "",
-        "img/s: median of the repeats (each >= the target duration), models interleaved within a cell; spread = "
+        "img/s: median of the repeats (each >= the target duration), models interleaved within a cell (ONNX "
+        f"Runtime: {ORT_SWITCH_IDLE_S} s idle before each, so no session's spinning threads slow the next); spread = "
         "(max - min) / median. speed ratio = img/s / first model's img/s; ideal = first model's MACs / this "
         "model's MACs; efficiency = speed ratio / ideal. Variants (+deploy) apply to inference; training runs the "
         "model as trained (+chain: every layer as Figure 2 is written, no dense training form). Peak memory: CUDA "

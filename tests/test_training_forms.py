@@ -260,6 +260,7 @@ def test_check_training_forms_names_what_differs(monkeypatch):
         check_training_forms(model, torch.randn(2, 64, 8, 8))
 
 
+@pytest.mark.slow
 def test_a_run_whose_training_forms_differ_stops_with_one_error_line(tmp_path):
     from helpers import FMNIST, ROOT, TINY, env
 
