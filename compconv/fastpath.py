@@ -32,8 +32,12 @@ __all__ = ["ConcatShuffle", "IdentitySlices", "compiled_concat_shuffle", "compil
            "training_form", "unshuffle_views"]
 
 # dense_pays: train a pointwise layer through its composed weight when its output has at least this many
-# positions per image (measured: the per-layer table of results/benchmark_cpu_train.md)
+# positions per image, or at least DENSE_MIN_POSITIONS_HEAVY where the chain keeps DENSE_MIN_CHAIN_SHARE or more
+# of the plain conv's MACs (measured: the per-layer table of results/benchmark_cpu_train.md)
 DENSE_MIN_POSITIONS = 28 * 28
+DENSE_MIN_POSITIONS_HEAVY = 14 * 14
+DENSE_MIN_CHAIN_SHARE = 0.5
+SCALED_DENSE_MIN_POSITIONS = 56 * 56  # a depth-1 layer with a depthwise tail: one GEMM and a scale wins below
 LOWRANK_MAX_RATIO = 0.6  # training_form: the low-rank pair where it costs at most this share of the plain conv's MACs
 
 
@@ -179,22 +183,19 @@ class IdentitySlices(torch.autograd.Function):
         return None, None, grad_x
 
 
-def part_map(module, dtype: Optional[torch.dtype] = None,
-             with_bias: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """``(M, f)``: the concatenated parts of a pointwise CompConv (before the shuffle) as ``M z + f``.
+def _times(weight: torch.Tensor, rows, columns: int) -> torch.Tensor:
+    """``weight @ rows`` where ``rows`` is a dense map (a matrix) or a selection of basis columns (a slice):
+    a selection costs a zero pad, not a product with one-hot rows."""
+    if isinstance(rows, slice):
+        return F.pad(weight, (rows.start, columns - rows.stop))
+    return weight @ rows
 
-    ``z = [U x; A(d-1); ...; A1]`` (rank = C_prim + identity channels) stacks the first conv's output without
-    its bias and the identity slices; each ``B(i) = W(i) [B(i+1); A(i+1)] + bias(i)`` and the tail are written
-    in terms of ``z``. The one copy of this algebra: the training forms (:func:`factorised_weights`) and deploy's
-    exact forms (``compconv.deploy.forms``) both read it.
 
-    Args:
-        module: A pointwise :class:`compconv.CompConv2d` (1x1 kernels, no norms left inside).
-        dtype: Compute in this dtype (deploy: float64, under ``no_grad``); default the weights' own,
-            differentiable in the module's parameters.
-        with_bias: Also return ``f`` from the internal convs' biases (which ``reparameterize()`` gives them);
-            otherwise ``f`` is None (as trained, internal convs have none).
-    """
+def _parts_in_basis(module, first, identities: List[slice], columns: int, dtype: Optional[torch.dtype],
+                    with_bias: bool) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """The concatenated parts of a pointwise CompConv as ``M b + f`` for a basis ``b`` of ``columns`` entries in
+    which ``B(d-1)`` is ``first`` and each identity part ``A(i)`` a selection ``identities[i]``; every product
+    with a selection is a pad (see :func:`part_map` for the two bases used)."""
     def matrix(conv: torch.nn.Conv2d) -> torch.Tensor:
         weight = conv.weight if dtype is None else conv.weight.to(dtype)
         return weight[:, :, 0, 0]
@@ -204,32 +205,79 @@ def part_map(module, dtype: Optional[torch.dtype] = None,
             return torch.zeros(conv.out_channels, dtype=dtype or conv.weight.dtype, device=conv.weight.device)
         return conv.bias if dtype is None else conv.bias.to(dtype)
 
-    first = module.convs[0].weight
-    c = module.plan.c_prim
-    widths = [stop - start for start, stop in zip(module.identity_starts, module.identity_stops)]
-    eye = torch.eye(c + sum(widths), dtype=dtype or first.dtype, device=first.device)
-    b, offset = eye[:c], c  # B(d-1) in terms of z
+    like = module.convs[0].weight.to(dtype) if dtype is not None else module.convs[0].weight
+
+    def dense(rows) -> torch.Tensor:
+        if not isinstance(rows, slice):
+            return rows
+        eye = torch.eye(rows.stop - rows.start, dtype=like.dtype, device=like.device)
+        return F.pad(eye, (rows.start, columns - rows.stop))
+
+    def height(rows) -> int:
+        return rows.stop - rows.start if isinstance(rows, slice) else rows.shape[0]
+
+    b = first
     b_bias = bias(module.convs[0]) if with_bias else None
     rows, biases = [b], [b_bias]
-    for conv, width in zip(list(module.convs)[1:], widths):
-        a = eye[offset:offset + width]
-        offset += width
+    for conv, a in zip(list(module.convs)[1:], identities):
         weight = matrix(conv)
-        b = weight @ torch.cat([b, a])
-        rows += [a, b]
+        split = height(b)  # W(i) [B(i+1); A(i+1)] = W[:, :split] B(i+1) + W[:, split:] A(i+1)
+        if isinstance(b, slice) and b.stop == a.start:  # adjacent selections: W selects one run of columns
+            b_next = _times(weight, slice(b.start, a.stop), columns)
+        elif isinstance(b, slice):
+            b_next = _times(weight[:, :split], b, columns) + _times(weight[:, split:], a, columns)
+        else:
+            b_next = torch.addmm(_times(weight[:, split:], a, columns), weight[:, :split], b)
+        rows += [a, b_next]
         if b_bias is not None:
-            b_bias = weight @ torch.cat([b_bias, b_bias.new_zeros(width)]) + bias(conv)
-            biases += [b_bias.new_zeros(width), b_bias]
+            b_bias = weight[:, :split] @ b_bias + bias(conv)
+            biases += [b_bias.new_zeros(height(a)), b_bias]
+        b = b_next
     if module.tail is not None:
         tail = module.tail
-        scale = tail.groups != 1  # a depthwise 1x1 tail is a per-channel scale
         weight = (tail.weight if dtype is None else tail.weight.to(dtype))[:, :, 0, 0]
-        source = b[:module.tail_in]
-        rows.append(weight[:, :1] * source if scale else weight @ source)
+        source = slice(b.start, b.start + module.tail_in) if isinstance(b, slice) else b[:module.tail_in]
+        if tail.groups != 1:  # a depthwise 1x1 tail is a per-channel scale
+            rows.append(weight[:, :1] * dense(source))
+        else:
+            rows.append(_times(weight, source, columns))
         if b_bias is not None:
             source_bias = b_bias[:module.tail_in]
-            biases.append((weight[:, 0] * source_bias if scale else weight @ source_bias) + bias(tail))
-    return torch.cat(rows), (torch.cat(biases) if with_bias else None)
+            biases.append((weight[:, 0] * source_bias if tail.groups != 1 else weight @ source_bias) + bias(tail))
+    return torch.cat([dense(r) for r in rows]), (torch.cat(biases) if with_bias else None)
+
+
+def part_map(module, dtype: Optional[torch.dtype] = None,
+             with_bias: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """``(M, f)``: the concatenated parts of a pointwise CompConv (before the shuffle) as ``M z + f``.
+
+    ``z = [U x; A(d-1); ...; A1]`` (rank = C_prim + identity channels) stacks the first conv's output without
+    its bias and the identity slices; each ``B(i) = W(i) [B(i+1); A(i+1)] + bias(i)`` and the tail are written
+    in terms of ``z``. The one copy of this algebra (:func:`_parts_in_basis`, which :func:`composed_weight`
+    runs in the basis ``x`` instead): the training forms (:func:`factorised_weights`) and deploy's exact forms
+    (``compconv.deploy.forms``) both read it.
+
+    Args:
+        module: A pointwise :class:`compconv.CompConv2d` (1x1 kernels, no norms left inside).
+        dtype: Compute in this dtype (deploy: float64, under ``no_grad``); default the weights' own,
+            differentiable in the module's parameters.
+        with_bias: Also return ``f`` from the internal convs' biases (which ``reparameterize()`` gives them);
+            otherwise ``f`` is None (as trained, internal convs have none).
+    """
+    c = module.plan.c_prim
+    identities, offset = [], c
+    for start, stop in zip(module.identity_starts, module.identity_stops):
+        identities.append(slice(offset, offset + stop - start))
+        offset += stop - start
+    return _parts_in_basis(module, slice(0, c), identities, offset, dtype, with_bias)
+
+
+def _shuffled_rows(matrix: torch.Tensor, groups: int) -> torch.Tensor:
+    """The rows of a concatenation's map in the shuffled order (output channel ``i * groups + j`` is
+    concatenated channel ``j * size + i``)."""
+    if groups == 1:
+        return matrix
+    return matrix.view(groups, -1, matrix.shape[1]).transpose(0, 1).reshape(-1, matrix.shape[1])
 
 
 def factorised_weights(module) -> tuple[torch.Tensor, torch.Tensor]:
@@ -238,25 +286,24 @@ def factorised_weights(module) -> tuple[torch.Tensor, torch.Tensor]:
     ``W1 = [U; S]`` (rank x C_in) stacks the first conv's weight and one-hot rows selecting the identity
     channels, so ``z = W1 x = [B(d-1); A(d-1); ...; A1]``; ``V`` (C_out x rank) is :func:`part_map`'s ``M``
     in the shuffled order. Both are differentiable in the module's parameters (the low-rank training form);
-    ``V @ W1`` is the dense weight.
+    ``V @ W1`` is the dense weight (:func:`composed_weight` computes it without the one-hot rows).
     """
     first = module.convs[0].weight[:, :, 0, 0]
     in_channels = first.shape[1]
     selections = [F.pad(torch.eye(stop - start, dtype=first.dtype, device=first.device), (start, in_channels - stop))
                   for start, stop in zip(module.identity_starts, module.identity_stops)]
     w1 = torch.cat([first, *selections]) if selections else first
-    v = part_map(module)[0]
-    groups = module.shuffle_groups
-    if groups > 1:  # output channel i * groups + j is concatenated channel j * size + i
-        v = v.view(groups, -1, v.shape[1]).transpose(0, 1).reshape(-1, v.shape[1])
-    return w1, v
+    return w1, _shuffled_rows(part_map(module)[0], module.shuffle_groups)
 
 
 def composed_weight(module) -> torch.Tensor:
     """``M`` (C_out x C_in) with ``module(x) == conv1x1(x, M) + bias`` for a pointwise CompConv, differentiable
-    in the module's parameters (the dense training form)."""
-    w1, v = factorised_weights(module)
-    return v @ w1
+    in the module's parameters (the dense training form): the parts algebra run on ``x`` itself, where
+    ``B(d-1) = U`` and each identity part selects input channels."""
+    first = module.convs[0].weight[:, :, 0, 0]
+    identities = [slice(start, stop) for start, stop in zip(module.identity_starts, module.identity_stops)]
+    matrix, _ = _parts_in_basis(module, first, identities, first.shape[1], None, False)
+    return _shuffled_rows(matrix, module.shuffle_groups)
 
 
 def _scaled_tail(module) -> bool:
@@ -297,12 +344,13 @@ def pointwise_forward(module, x: torch.Tensor, form: str) -> torch.Tensor:
     """A pointwise CompConv in its ``dense`` or ``lowrank`` training form (same function and gradients)."""
     if form == "lowrank" and _scaled_tail(module):
         return _scaled_forward(module, x)
-    w1, v = factorised_weights(module)
     if form == "dense":
-        return F.conv2d(x, (v @ w1)[:, :, None, None], module.bias, module.stride)
-    if dense_pays(module, x) or not module.identity_starts:
+        return F.conv2d(x, composed_weight(module)[:, :, None, None], module.bias, module.stride)
+    if _positions(module, x) >= DENSE_MIN_POSITIONS or not module.identity_starts:
+        w1, v = factorised_weights(module)
         z = F.conv2d(x, w1[:, :, None, None], None, module.stride)
     else:  # z = [U x; identity slices of x]: where the input is small, slices cost less than one-hot GEMM rows
+        v = _shuffled_rows(part_map(module)[0], module.shuffle_groups)
         b = F.conv2d(x, module.convs[0].weight, None, module.stride)
         z = torch.cat([b, *module.identities(x, b)], dim=1)
     return F.conv2d(z, v[:, :, None, None], module.bias)
@@ -313,19 +361,27 @@ def training_form(module, x: torch.Tensor) -> str:
     where it costs at most :data:`LOWRANK_MAX_RATIO` of the plain conv's MACs (:func:`lowrank_macs`; measured
     faster than the chain and than dense, results/benchmark_cpu_train.md), else ``dense`` where
     :func:`dense_pays`, else ``chain``. A depth-1 layer with a depthwise tail (one GEMM and a scale) is
-    memory-bound where its output is large: there it trains dense too."""
-    if _scaled_tail(module) and dense_pays(module, x):
+    memory-bound where its output is large (:data:`SCALED_DENSE_MIN_POSITIONS`): there it trains dense too."""
+    if _scaled_tail(module) and _positions(module, x) >= SCALED_DENSE_MIN_POSITIONS:
         return "dense"
     if lowrank_macs(module) <= LOWRANK_MAX_RATIO * module.plan.plain_macs_per_position:
         return "lowrank"
     return "dense" if dense_pays(module, x) else "chain"
 
 
+def _positions(module, x: torch.Tensor) -> int:
+    """Output positions per image of a pointwise layer."""
+    return (x.shape[-2] // module.stride[0]) * (x.shape[-1] // module.stride[1])
+
+
 def dense_pays(module, x: torch.Tensor) -> bool:
     """Whether the dense training form is faster than the chain for this layer and input (a rule measured on
-    a 2-core AVX-512 CPU, batch 16 at 224: see :data:`DENSE_MIN_POSITIONS`)."""
-    positions = (x.shape[-2] // module.stride[0]) * (x.shape[-1] // module.stride[1])
-    return positions >= DENSE_MIN_POSITIONS
+    a 2-core AVX-512 CPU, batch 16 at 224: see :data:`DENSE_MIN_POSITIONS`). The dense form costs the plain
+    conv plus composing its weight (once per step); the chain's extra passes grow with the positions."""
+    positions = _positions(module, x)
+    if positions >= DENSE_MIN_POSITIONS:
+        return True
+    return positions >= DENSE_MIN_POSITIONS_HEAVY and module.plan.macs_ratio >= DENSE_MIN_CHAIN_SHARE
 
 
 @contextmanager

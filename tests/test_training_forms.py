@@ -81,6 +81,9 @@ def test_dense_form_is_taken_where_it_pays_and_only_for_pointwise_layers():
     assert deep.pointwise_form == "auto"
     assert dense_pays(deep, torch.empty(1, 256, 56, 56)) and not dense_pays(deep, torch.empty(1, 256, 14, 14))
     assert not dense_pays(CompConv2d(64, 256, 1, bias=False), torch.empty(1, 64, 7, 7))
+    expand = CompConv2d(256, 1024, 1, bias=False, depth=2)  # ResNet-50 layer 3's conv3: the chain keeps > half the MACs
+    assert expand.plan.macs_ratio >= 0.5 and deep.plan.macs_ratio < 0.5
+    assert dense_pays(expand, torch.empty(1, 256, 14, 14)) and not dense_pays(expand, torch.empty(1, 256, 7, 7))
     assert CompConv2d(64, 64, 3, padding=1).pointwise_form == "chain"
     assert CompConv2d(256, 64, 1, inner_norm=True).pointwise_form == "chain"
     with figure2_forms(nn.Sequential(deep)):
@@ -102,6 +105,7 @@ def test_training_form_rule():
     assert training_form(CompConv2d(2048, 512, 1), torch.empty(1, 2048, 7, 7)) == "lowrank"
     # d = 1 with a depthwise tail: a GEMM and a scale, memory-bound where the output is large
     assert training_form(CompConv2d(64, 256, 1), torch.empty(1, 64, 14, 14)) == "lowrank"
+    assert training_form(CompConv2d(64, 256, 1), torch.empty(1, 64, 28, 28)) == "lowrank"
     assert training_form(CompConv2d(64, 256, 1), torch.empty(1, 64, 56, 56)) == "dense"
     assert training_form(CompConv2d(64, 256, 1, tail="dense"), torch.empty(1, 64, 56, 56)) == "dense"
 
