@@ -1,6 +1,8 @@
 # `make demo` and `make test` are the README's two commands; both set up their environments first.
 PY := .venv/bin/python
 MMDET_PY := .venv-mmdet/bin/python
+# pytest-xdist workers (tests/conftest.py gives each one torch thread): 2 fills the 2-core CI machine
+WORKERS ?= 2
 
 .PHONY: setup setup-mmdet demo test test-main test-mmdet test-fast complexity
 
@@ -18,13 +20,13 @@ demo: setup
 test: test-main test-mmdet
 
 test-main: setup
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(WORKERS)
 
 test-mmdet: setup-mmdet
 	$(MMDET_PY) -m pytest -v tests/test_mmdet.py
 
 test-fast: setup
-	$(PY) -m pytest -m "not slow"
+	$(PY) -m pytest -n $(WORKERS) -m "not slow"
 
 complexity: setup
 	$(PY) scripts/complexity_table.py

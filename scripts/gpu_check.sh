@@ -15,7 +15,7 @@
 # README): hydra-core, omegaconf, antlr4-python3-runtime (for train_cls.py). Put them on PYTHONPATH first.
 # Every size is an environment variable, so the same script runs in minutes on a CPU (tests/test_gpu_check.py):
 #   DEVICE=cpu PRECISION=fp32 INFER_BATCH=2 TRAIN_BATCH=2 IMG=64 STEPS=2 VAL_SUBSET=256 COMPILE=false \
-#       RESULTS=/tmp/check bash scripts/gpu_check.sh
+#       WARMUP=1 REPEATS=1 MIN_SECONDS=0.05 MEMORY=none RESULTS=/tmp/check bash scripts/gpu_check.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -28,6 +28,10 @@ IMG=${IMG:-224}
 STEPS=${STEPS:-300}           # train_cls.py steps per epoch (2 epochs: the second is timed without compilation)
 COMPILE=${COMPILE:-true}
 VAL_SUBSET=${VAL_SUBSET:-null}  # validation images per epoch (null: all 10,000)
+WARMUP=${WARMUP:-3}             # benchmark: warm-up steps, repeats, seconds per measurement, peak-memory settings
+REPEATS=${REPEATS:-5}
+MIN_SECONDS=${MIN_SECONDS:-1}
+MEMORY=${MEMORY:-eager-cl}
 RESULTS=${RESULTS:-results}
 RAW="$RESULTS/gpu_check"
 mkdir -p "$RAW"
@@ -38,8 +42,8 @@ settings=eager-cl
 [ "$COMPILE" = true ] && settings=eager-cl,compiled-cl
 amp=bf16
 [ "$PRECISION" = fp32 ] && amp=off
-common=(--device "$DEVICE" --precision "$PRECISION" --img-size "$IMG" --settings "$settings" --warmup 3 --repeats 5
-        --min-seconds 1 --memory-settings eager-cl)
+common=(--device "$DEVICE" --precision "$PRECISION" --img-size "$IMG" --settings "$settings" --warmup "$WARMUP" --repeats "$REPEATS"
+        --min-seconds "$MIN_SECONDS" --memory-settings "$MEMORY")
 
 log "1/4 benchmark: inference batch $INFER_BATCH"
 "$PY" -m compconv.bench --models resnet50,resnet50_compconv128,resnet50_compconv128+deploy,resnet50_ghost \

@@ -11,7 +11,8 @@ from helpers import ROOT, env
 @pytest.mark.slow
 def test_gpu_check_script_runs_on_the_cpu(tmp_path):
     sizes = {"DEVICE": "cpu", "PRECISION": "fp32", "INFER_BATCH": "2", "TRAIN_BATCH": "2", "IMG": "64", "STEPS": "2",
-             "VAL_SUBSET": "256", "COMPILE": "false", "RESULTS": str(tmp_path), "PYTHON": sys.executable}
+             "VAL_SUBSET": "256", "COMPILE": "false",
+             "WARMUP": "1", "REPEATS": "1", "MIN_SECONDS": "0.05", "MEMORY": "none", "RESULTS": str(tmp_path), "PYTHON": sys.executable}
     proc = subprocess.run(["bash", "scripts/gpu_check.sh"], cwd=ROOT, env={**env(), **sizes}, capture_output=True,
                           text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
