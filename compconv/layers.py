@@ -25,7 +25,7 @@ from .sizing import plan as plan_layer
 __all__ = ["CompConv2d", "channel_shuffle", "concat_shuffle", "create_conv2d", "identity_sampling", "shuffle_source"]
 
 
-def _in_graph_capture() -> bool:
+def in_graph_capture() -> bool:
     """True while a tracer or compiler records the graph (jit.trace, FX, dynamo, torch.export, ONNX)."""
     return torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.fx._symbolic_trace.is_fx_symbolic_tracing()
 
@@ -52,7 +52,7 @@ def concat_shuffle(parts: List[torch.Tensor], groups: int) -> torch.Tensor:
     if not torch.jit.is_scripting():
         if groups > 1 and compiling_training_graph():
             return compiled_concat_shuffle(parts, groups)  # training; inference graphs fuse the plain ops
-        if not _in_graph_capture():
+        if not in_graph_capture():
             if groups == 1:
                 return torch.cat(parts, dim=1)
             if torch.is_grad_enabled() and any(part.requires_grad for part in parts):
@@ -241,7 +241,7 @@ class CompConv2d(nn.Module):
     def identities(self, x: torch.Tensor, like: torch.Tensor) -> List[torch.Tensor]:
         """The identity parts ``[A(d-1), ..., A1]``: slices of ``x`` sampled at ``like``'s grid."""
         if not torch.jit.is_scripting():
-            if (not _in_graph_capture() and type(self).identity is CompConv2d.identity and not self.identity_padded
+            if (not in_graph_capture() and type(self).identity is CompConv2d.identity and not self.identity_padded
                     and self.identity_starts and torch.is_grad_enabled() and x.requires_grad):
                 # one autograd node whose input gradient keeps x's memory format (compconv.fastpath)
                 return list(IdentitySlices.apply(self, like.shape[-2:], x))

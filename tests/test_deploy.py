@@ -1,6 +1,7 @@
 """deploy(): exact folds and equivalent forms leave eval outputs unchanged; the report is honest."""
 
 import copy
+import importlib
 
 import pytest
 import timm
@@ -8,7 +9,7 @@ import torch
 from torch import nn
 
 from compconv import CompConv2d, deploy
-from compconv.deploy import LowRankConv2d, build_form, form_macs, rule_choice
+from compconv.deploy import DeployedCompConv2d, DeployError, LowRankConv2d, build_form, form_macs, rule_choice
 from compconv.deploy.forms import permute_input
 
 
@@ -153,3 +154,84 @@ def test_deploy_for_onnx_runtime_times_forms_there_and_keeps_outputs():
     _close(model(x), reference)
     with pytest.raises(ValueError, match="runtime"):
         deploy(model, runtime="tensorrt")
+
+
+@pytest.mark.parametrize("in_copy", [True, False])  # the per-piece affine copy, and cat + in-place affine
+@pytest.mark.parametrize("groups", [1, 2, 4])
+@pytest.mark.parametrize("channels_last", [True, False])
+@torch.no_grad()
+def test_assemble_with_a_norms_affine_equals_shuffle_of_cat_then_affine(monkeypatch, in_copy, groups, channels_last):
+    from compconv import fastpath
+    from compconv.layers import channel_shuffle
+
+    monkeypatch.setattr(fastpath, "AFFINE_IN_COPY_MIN_ELEMENTS", 1 if in_copy else 1 << 40)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    parts = [torch.randn(2, c, 5, 6).to(memory_format=fmt) for c in (3, 3, 6, 12)]  # 24 channels
+    scale, shift = torch.randn(24), torch.randn(24)
+    want = channel_shuffle(torch.cat(parts, 1), groups) * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)
+    got = fastpath.assemble(parts, groups, scale, shift)
+    torch.testing.assert_close(got, want)
+    assert got.is_contiguous(memory_format=fmt)
+
+
+@pytest.mark.parametrize("kernel, depth, stride", [(3, 1, 1), (3, 2, 2), (3, 3, 1), (1, 3, 1), (1, 2, 2)])
+@torch.no_grad()
+def test_chain_layer_applying_its_norm_equals_layer_then_norm_in_every_runtime(kernel, depth, stride):
+    from compconv.deploy.forms import absorb_norm
+
+    conv = CompConv2d(64, 64, kernel, stride, padding=kernel // 2, bias=False, depth=depth)
+    norm = nn.BatchNorm2d(64)
+    reference = nn.Sequential(conv, norm)
+    _randomise_norms(reference)
+    reference.eval()
+    x = torch.randn(2, 64, 12, 12).to(memory_format=torch.channels_last)
+    want = reference(x)
+    deployed = absorb_norm(copy.deepcopy(conv), norm).eval()
+    assert deployed.out_scale is not None and type(conv) is CompConv2d  # the trained layer class is untouched
+    torch.testing.assert_close(deployed(x), want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.jit.script(deployed)(x), want, rtol=1e-5, atol=1e-5)
+    compiled = torch.compile(deployed, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x), want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.export.export(deployed, (x,)).module()(x), want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="bias"):
+        absorb_norm(CompConv2d(64, 64, 3, padding=1, bias=True), norm)
+
+
+@torch.no_grad()
+def test_deploy_applies_norms_in_chain_layers_for_pytorch_only():
+    model = timm.create_model("resnet50_compconv128", num_classes=10)
+    _randomise_norms(model)
+    model.eval()
+    x = torch.randn(2, 3, 64, 64)
+    reference = model(x)
+    ort_model = copy.deepcopy(model)
+    report = deploy(model)
+    chain = [c.name for c in report.layers if c.form == "chain"]
+    assert {conv for conv, _ in report.norms_absorbed} >= set(chain) and len(report.norms_absorbed) == 37
+    for conv, norm in report.norms_absorbed:
+        assert model.get_submodule(conv).out_scale is not None and isinstance(model.get_submodule(norm), nn.Identity)
+    assert "37 norms applied in chain layers' assembly" in str(report)
+    _close(model(x), reference)
+    assert deploy(ort_model, runtime="ort").norms_absorbed == []
+
+
+@torch.no_grad()
+def test_a_wrong_absorbed_norm_is_refused_and_the_model_is_untouched(monkeypatch):
+    from compconv.deploy import forms
+
+    real = forms.absorb_norm
+
+    def forgets_the_shift(conv, norm):
+        deployed = real(conv, norm)
+        deployed.out_shift = torch.zeros_like(deployed.out_shift)
+        return deployed
+
+    monkeypatch.setattr(importlib.import_module("compconv.deploy"), "absorb_norm", forgets_the_shift)
+    model = timm.create_model("resnet18_compconv128", num_classes=10)
+    _randomise_norms(model)
+    model.eval()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(DeployError, match="The model was not changed"):
+        deploy(model)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert not any(isinstance(m, DeployedCompConv2d) for m in model.modules())

@@ -13,7 +13,10 @@ naming the first layer whose output differs, and ``model`` is left as it was. On
    (:class:`LowRankConv2d`) or ``chain`` (as trained) — timed on its real input in the runtime it will
    run in (:mod:`compconv.deploy.timing`), or by :func:`rule_choice`;
 4. the channel shuffle of a remaining CompConv moves into its norm and the input channels of the conv
-   that reads the norm's output through per-channel ops (``conv -> bn -> relu -> conv``, across pooling).
+   that reads the norm's output through per-channel ops (``conv -> bn -> relu -> conv``, across pooling);
+5. for PyTorch (``runtime="torch"``), a remaining CompConv applies that norm itself
+   (:func:`compconv.deploy.forms.absorb_norm`): in the copy that concatenates its parts, so the norm costs
+   no pass and no output tensor of its own (ONNX Runtime keeps the norm, which it runs nearly for free).
 
 A model FX cannot trace gets only the steps that need no neighbours (1, and 3 without a norm), and
 the report says so. :class:`DeployReport` lists each layer's form and MACs, and each fold left out
@@ -32,8 +35,8 @@ from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map
 
 from ..layers import CompConv2d
-from .forms import FORMS, DeployedCompConv2d, LowRankConv2d, build_form, fold_shuffle, form_macs, permute_input, \
-    pointwise
+from .forms import FORMS, DeployedCompConv2d, LowRankConv2d, absorb_norm, build_form, fold_shuffle, form_macs, \
+    permute_input, pointwise
 from .graph import Site, analyse
 from .timing import RUNTIMES, ChoiceCache, measured_choice, rule_choice
 
@@ -75,6 +78,7 @@ class DeployReport:
     layers: list[LayerChoice] = field(default_factory=list)
     left: dict[str, str] = field(default_factory=dict)  # layer name -> why a neighbour fold was not applied
     shuffle_folds: list[tuple[str, ...]] = field(default_factory=list)  # (conv, norm, *per-channel ops, consumer)
+    norms_absorbed: list[tuple[str, str]] = field(default_factory=list)  # (chain-form conv, the norm it applies)
     norm_of: dict[str, Optional[str]] = field(default_factory=dict)  # each CompConv layer -> the BatchNorm after it
     traced: bool = True
     trace_error: Optional[str] = None
@@ -97,7 +101,8 @@ class DeployReport:
     def __str__(self) -> str:
         traced = "" if self.traced else f", not traceable ({self.trace_error}): per-module forms only"
         return (f"DeployReport({self.norms_folded} inner norms folded, {self.biases_folded} biases folded, "
-                f"{self.shuffles_folded} shuffles folded, forms {self.forms()}, {len(self.left)} folds left out"
+                f"{self.shuffles_folded} shuffles folded, {len(self.norms_absorbed)} norms applied in chain layers' "
+                f"assembly, forms {self.forms()}, {len(self.left)} folds left out"
                 f"{traced}, max rel. error {self.max_error:.2g} <= {self.tolerance:.2g})"
                 if self.max_error is not None else f"DeployReport(unchecked, forms {self.forms()})")
 
@@ -166,6 +171,7 @@ def _first_difference(original: nn.Module, deployed: nn.Module, x: torch.Tensor,
         permuted = {c.name for c in report.layers if c.form != "chain"} | {c.norm for c in report.layers
                                                                             if c.norm and c.form != "chain"}
         permuted |= {name for fold in report.shuffle_folds for name in fold[:-1]}
+        permuted |= {name for pair in report.norms_absorbed for name in pair}
     permuted_outputs: set[int] = set()
     alive = []  # tracked outputs stay referenced, so their ids are not reused by later tensors
 
@@ -304,6 +310,14 @@ def _deploy_copy(model: nn.Module, example_input: Optional[torch.Tensor], runtim
         model.set_submodule(site.consumer, permute_input(model.get_submodule(site.consumer), source).eval())
         report.shuffles_folded += 1
         report.shuffle_folds.append((name, site.norm, *site.between, site.consumer))
+
+    if runtime == "torch":
+        for name, site in sites.items():
+            conv = model.get_submodule(name)
+            if isinstance(conv, CompConv2d) and site.norm is not None and conv.bias is None:
+                model.set_submodule(name, absorb_norm(conv, model.get_submodule(site.norm)).eval())
+                model.set_submodule(site.norm, nn.Identity())
+                report.norms_absorbed.append((name, site.norm))
     return report
 
 

@@ -14,11 +14,11 @@ from typing import List, Optional
 import torch
 from torch import nn
 
-from ..fastpath import part_map
-from ..layers import CompConv2d, shuffle_source
+from ..fastpath import assemble, part_map
+from ..layers import CompConv2d, channel_shuffle, concat_shuffle, in_graph_capture, shuffle_source
 
-__all__ = ["DeployedCompConv2d", "LowRankConv2d", "build_form", "form_macs", "fold_shuffle", "permute_input",
-           "pointwise"]
+__all__ = ["DeployedCompConv2d", "LowRankConv2d", "absorb_norm", "build_form", "form_macs", "fold_shuffle",
+           "permute_input", "pointwise"]
 
 FORMS = ("chain", "lowrank", "dense")
 
@@ -51,14 +51,21 @@ class LowRankConv2d(nn.Module):
 
 
 class DeployedCompConv2d(CompConv2d):
-    """A :class:`CompConv2d` whose input channels arrive permuted: original channel ``o`` is channel
-    ``input_index``-mapped. Its first conv's weight is reordered to match and its identity slices are
-    gathers of the right channels. Built only by :func:`permute_input`; outputs are those of the
-    CompConv it came from, given the permuted input."""
+    """A :class:`CompConv2d` as deploy leaves it (built by :func:`permute_input` and :func:`absorb_norm`).
+
+    - Its input channels may arrive permuted (an upstream shuffle folded into it): original channel ``o``
+      is channel ``input_index``-mapped; the first conv's weight is reordered to match and the identity
+      slices are gathers of the right channels.
+    - It may apply the eval BatchNorm that followed it, ``out_scale * y + out_shift`` per output channel:
+      in eager PyTorch inside the one copy that concatenates (and shuffles) the parts, so the norm costs no
+      pass and no output tensor of its own; under graph capture as plain ops a compiler fuses.
+    """
 
     identity_starts: List[int]  # TorchScript reads a class's own annotations only
     identity_stops: List[int]
     input_index: Optional[torch.Tensor]
+    out_scale: Optional[torch.Tensor]
+    out_shift: Optional[torch.Tensor]
 
     @classmethod
     def from_compconv(cls, conv: CompConv2d) -> "DeployedCompConv2d":
@@ -72,7 +79,21 @@ class DeployedCompConv2d(CompConv2d):
                 deployed.__dict__[key] = value
         deployed.training = conv.training
         deployed.register_buffer("input_index", None)
+        deployed.register_buffer("out_scale", None)
+        deployed.register_buffer("out_shift", None)
         return deployed
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # deploy leaves these layers in the chain form
+        parts = self.parts(x)
+        scale, shift = self.out_scale, self.out_shift
+        if scale is None or shift is None:
+            y = concat_shuffle(parts, self.shuffle_groups)
+            return y if self.bias is None else y + self.bias.view(1, -1, 1, 1)
+        if not torch.jit.is_scripting():
+            if not in_graph_capture():
+                return assemble(parts, self.shuffle_groups, scale, shift)
+        y = channel_shuffle(torch.cat(parts, dim=1), self.shuffle_groups)
+        return y * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)
 
     def identity(self, x: torch.Tensor, start: int, stop: int, like: torch.Tensor) -> torch.Tensor:
         index = self.input_index
@@ -94,8 +115,9 @@ def norm_affine(norm: Optional[nn.BatchNorm2d], channels: int) -> tuple[torch.Te
     """An eval BatchNorm as ``scale * y + shift`` (the identity without one)."""
     if norm is None:
         return torch.ones(channels, dtype=torch.float64), torch.zeros(channels, dtype=torch.float64)
-    weight, bias, mean, var = (t.detach().cpu().double() for t in (norm.weight, norm.bias, norm.running_mean,
-                                                                   norm.running_var))
+    mean, var = (t.detach().cpu().double() for t in (norm.running_mean, norm.running_var))
+    weight = norm.weight.detach().cpu().double() if norm.weight is not None else torch.ones_like(mean)
+    bias = norm.bias.detach().cpu().double() if norm.bias is not None else torch.zeros_like(mean)
     scale = weight / torch.sqrt(var + norm.eps)
     return scale, bias - mean * scale
 
@@ -197,3 +219,19 @@ def fold_shuffle(conv: CompConv2d, norm: nn.BatchNorm2d) -> torch.Tensor:
         if tensor is not None:
             tensor.data = tensor.data[position.to(tensor.device)]
     return source
+
+
+@torch.no_grad()
+def absorb_norm(conv: CompConv2d, norm: nn.BatchNorm2d) -> "DeployedCompConv2d":
+    """``conv`` (chain form, no output bias) as a :class:`DeployedCompConv2d` that applies ``norm`` (eval) itself.
+
+    Exact: the norm is ``scale * y + shift`` per channel, and the layer writes each output channel once.
+    The caller replaces ``norm`` by ``nn.Identity``."""
+    if conv.bias is not None:
+        raise ValueError("absorb_norm needs the layer's bias moved into the norm first")
+    deployed = conv if isinstance(conv, DeployedCompConv2d) else DeployedCompConv2d.from_compconv(conv)
+    scale, shift = norm_affine(norm, conv.out_channels)
+    like = conv.convs[0].weight
+    deployed.out_scale = scale.to(like.device, like.dtype)
+    deployed.out_shift = shift.to(like.device, like.dtype)
+    return deployed
