@@ -272,6 +272,15 @@ def time_cell(names, workload, setting, device, img_size, precision, warmup, rep
     return rates
 
 
+def paired_ratio(rates: list[float], reference: list[float]) -> tuple[float, float, float]:
+    """Median and quartiles over repeats of ``rates[i] / reference[i]`` (the same repeat of both models)."""
+    ratios = [r / ref for r, ref in zip(rates, reference)]
+    if len(ratios) < 2:
+        return ratios[0], ratios[0], ratios[0]
+    q1, median, q3 = statistics.quantiles(ratios, n=4, method="inclusive")
+    return median, q1, q3
+
+
 def profile_ops(name: str, workload: Workload, setting: Setting, device, img_size, precision, top: int = 12) -> str:
     """Top ops by self time for one step of ``name`` (torch.profiler), as a markdown table."""
     from torch.profiler import ProfilerActivity, profile
@@ -494,7 +503,9 @@ def main(argv: list[str] | None = None) -> int:
         "",
         "img/s: median of the repeats (each >= the target duration), models interleaved within a cell (ONNX "
         f"Runtime: {ORT_SWITCH_IDLE_S} s idle before each, so no session's spinning threads slow the next); spread = "
-        "(max - min) / median. speed ratio = img/s / first model's img/s; ideal = first model's MACs / this "
+        "(max - min) / median. speed ratio = img/s / first model's img/s; paired = median over repeats of the ratio "
+        "within each repeat (the models of a repeat run back to back, so drift between repeats cancels), with its "
+        "quartiles; ideal = first model's MACs / this "
         "model's MACs; efficiency = speed ratio / ideal. Variants (+deploy) apply to inference; training runs the "
         "model as trained (+chain: every layer as Figure 2 is written, no dense training form). Peak memory: CUDA "
         "max allocated during two steps, or on CPU the growth of the peak RSS (VmHWM, reset through "
@@ -524,11 +535,13 @@ def main(argv: list[str] | None = None) -> int:
                               args.warmup, args.repeats, args.min_seconds, costs)
             base = statistics.median(rates[names[0]])
             table = [f"\n## {workload.mode}, batch {workload.batch}, {setting}\n",
-                     "| model | MACs (G) | params (M) | img/s | spread | speed ratio | ideal | efficiency | peak mem (MiB) |",
-                     "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                     "| model | MACs (G) | params (M) | img/s | spread | speed ratio | paired [q1, q3] | ideal | efficiency "
+                     "| peak mem (MiB) |",
+                     "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
             for name in names:
                 median = statistics.median(rates[name])
                 spread = (max(rates[name]) - min(rates[name])) / median
+                paired, q1, q3 = paired_ratio(rates[name], rates[names[0]])
                 ideal = costs[names[0]].macs / costs[name].macs
                 measure = args.memory_settings == "all" or str(setting) in args.memory_settings.split(",")
                 memory = None if not measure else peak_memory_mb(
@@ -538,13 +551,15 @@ def main(argv: list[str] | None = None) -> int:
                     shown = as_trained(name)
                 row = {"workload": str(workload), "setting": str(setting), "model": shown,
                        "macs_G": costs[name].macs / 1e9, "params_M": costs[name].params / 1e6,
-                       "img_per_s": median, "spread": spread, "speed_ratio": median / base, "ideal_ratio": ideal,
+                       "img_per_s": median, "spread": spread, "speed_ratio": median / base,
+                       "paired_ratio": paired, "paired_q1": q1, "paired_q3": q3, "ideal_ratio": ideal,
                        "efficiency": median / base / ideal, "peak_mem_mb": memory,
                        "latency_ms": 1e3 * workload.batch / median}
                 rows.append(row)
                 mem = f"{memory:.0f}" if memory is not None else "-"
                 table.append(f"| {shown} | {row['macs_G']:.3f} | {row['params_M']:.2f} | {median:.1f} | {spread:.1%} | "
-                             f"{row['speed_ratio']:.3f} | {ideal:.3f} | {row['efficiency']:.3f} | {mem} |")
+                             f"{row['speed_ratio']:.3f} | {paired:.3f} [{q1:.3f}, {q3:.3f}] | {ideal:.3f} | "
+                             f"{row['efficiency']:.3f} | {mem} |")
             sections.extend(table)
             print("\n".join(table), flush=True)
             print(f"(cell took {time.perf_counter() - started:.0f} s)", flush=True)

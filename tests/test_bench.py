@@ -22,6 +22,7 @@ def test_benchmark_writes_markdown_and_csv(tmp_path):
         assert (float(row["peak_mem_mb"]) >= 0) if row["setting"] == "eager-nchw" else row["peak_mem_mb"] == ""
         if row["model"] == "resnet18":
             assert float(row["speed_ratio"]) == 1.0 and float(row["ideal_ratio"]) == 1.0
+            assert float(row["paired_ratio"]) == float(row["paired_q1"]) == float(row["paired_q3"]) == 1.0
         else:
             assert float(row["ideal_ratio"]) > 2  # resnet18 MACs / CompConv128 MACs
     text = out.read_text()
@@ -90,3 +91,14 @@ def test_peak_memory_is_the_models_own():
     large = bench.peak_memory_mb("resnet18_compconv128", bench.Workload("train", 32), bench.Setting.parse("eager-cl"),
                                  torch.device("cpu"), 32, "fp32")
     assert 0 < small < large < 2000  # grows with the batch; no parent's high-water mark
+
+
+def test_paired_ratio_is_the_median_of_per_repeat_ratios():
+    from compconv.bench import paired_ratio
+
+    # a machine that slows down over the repeats: every repeat has the model at 2x, the medians of rates do not
+    reference = [10.0, 5.0, 4.0, 2.0, 1.0]
+    model = [20.0, 10.0, 8.0, 4.0, 2.0]
+    assert paired_ratio(model, reference) == (2.0, 2.0, 2.0)
+    assert paired_ratio([3.0, 1.0, 2.0], [1.0, 1.0, 1.0]) == (2.0, 1.5, 2.5)
+    assert paired_ratio([3.0], [2.0]) == (1.5, 1.5, 1.5)
