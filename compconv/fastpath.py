@@ -92,7 +92,12 @@ def assemble(parts: List[torch.Tensor], groups: int, scale: Optional[torch.Tenso
     if scale is not None and shift is not None:
         pieces = len(parts) if groups == 1 else len(list(_group_slices(widths, groups)))
         if n * channels * h * w < pieces * AFFINE_IN_COPY_MIN_ELEMENTS:
-            out = torch.cat(parts, dim=1) if groups == 1 else assemble(parts, groups)
+            if groups == 1:  # out= keeps parts[0]'s memory format (cat alone returns NCHW for mixed inputs)
+                out = torch.empty((n, channels, h, w), dtype=_cat_dtype(parts), device=first.device,
+                                  memory_format=_memory_format(first))
+                torch.cat(parts, dim=1, out=out)
+            else:
+                out = assemble(parts, groups)
             if scale.dtype != out.dtype:
                 scale, shift = scale.to(out.dtype), shift.to(out.dtype)
             return torch.addcmul(shift.view(1, -1, 1, 1), out, scale.view(1, -1, 1, 1), out=out)

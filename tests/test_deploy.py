@@ -235,3 +235,38 @@ def test_a_wrong_absorbed_norm_is_refused_and_the_model_is_untouched(monkeypatch
         deploy(model)
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
     assert not any(isinstance(m, DeployedCompConv2d) for m in model.modules())
+
+
+@pytest.mark.parametrize("form", ["lowrank", "chain"])
+@torch.no_grad()
+def test_permuted_identity_gathers_keep_channels_last(form):
+    from compconv.deploy.forms import gather_channels
+
+    x = torch.randn(2, 12, 5, 5).to(memory_format=torch.channels_last)
+    index = torch.tensor([7, 0, 3, 11])
+    gathered = gather_channels(x, index)
+    assert torch.equal(gathered, x.index_select(1, index))
+    assert gathered.is_contiguous(memory_format=torch.channels_last)
+    conv = CompConv2d(64, 64, 1 if form == "lowrank" else 3, padding=0 if form == "lowrank" else 1, depth=2)
+    layer = build_form(conv, None, "lowrank") if form == "lowrank" else conv
+    layer = permute_input(layer.eval(), torch.randperm(64))
+    y = layer(torch.randn(2, 64, 8, 8).to(memory_format=torch.channels_last))
+    assert y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous()
+
+
+@torch.no_grad()
+def test_deployed_resnet_keeps_channels_last_through_every_layer():
+    """An NCHW tensor anywhere would make every conv after it reorder for oneDNN (seen: all of layer3-4)."""
+    model = timm.create_model("resnet50_compconv128", num_classes=10).eval().to(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 64, 64).to(memory_format=torch.channels_last)
+    report = deploy(model)
+    assert report.shuffles_folded > 0 and any(isinstance(m, DeployedCompConv2d) and m.input_index is not None
+                                              for m in model.modules())
+    nchw = []
+    hooks = [m.register_forward_hook(lambda mod, args, out, n=n: nchw.append(n) if out.dim() == 4 and not
+                                     out.is_contiguous(memory_format=torch.channels_last) else None)
+             for n, m in model.named_modules() if n and n != "global_pool"]
+    model(x)
+    for hook in hooks:
+        hook.remove()
+    assert nchw == []

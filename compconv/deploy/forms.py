@@ -23,6 +23,20 @@ __all__ = ["DeployedCompConv2d", "LowRankConv2d", "absorb_norm", "build_form", "
 FORMS = ("chain", "lowrank", "dense")
 
 
+def gather_channels(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``x.index_select(1, index)`` in ``x``'s memory format.
+
+    ``index_select`` returns NCHW even from a channels_last input, and every conv downstream of an NCHW
+    tensor then runs NCHW too, reordering for oneDNN on each call. Eager PyTorch gathers along the last
+    axis of the NHWC view instead; graph captures record the plain op (compilers and exporters pick layouts).
+    """
+    if not torch.jit.is_scripting():
+        if (x.dim() == 4 and not in_graph_capture() and not x.is_contiguous()
+                and x.is_contiguous(memory_format=torch.channels_last)):
+            return x.permute(0, 2, 3, 1).index_select(3, index).permute(0, 3, 1, 2)
+    return x.index_select(1, index)
+
+
 class LowRankConv2d(nn.Module):
     """``y = V · [U x ; x[identity channels]] + bias``: a 1x1 CompConv (+ BatchNorm) in two convs.
 
@@ -45,7 +59,7 @@ class LowRankConv2d(nn.Module):
         b = self.first(x)
         index = self.identity_index
         if index is not None:
-            a = x.index_select(1, index)[:, :, ::self.stride[0], ::self.stride[1]]
+            a = gather_channels(x, index)[:, :, ::self.stride[0], ::self.stride[1]]
             b = torch.cat([b, a], dim=1)
         return self.second(b)
 
@@ -99,7 +113,7 @@ class DeployedCompConv2d(CompConv2d):
         index = self.input_index
         if index is None:
             return self.sample_identity(x[:, start:stop], like)
-        return self.sample_identity(x.index_select(1, index[start:stop]), like)
+        return self.sample_identity(gather_channels(x, index[start:stop]), like)
 
 
 # ---------------------------------------------------------------------------------------------- 1x1 algebra
