@@ -270,3 +270,29 @@ def test_deployed_resnet_keeps_channels_last_through_every_layer():
     for hook in hooks:
         hook.remove()
     assert nchw == []
+
+
+def test_channel_slice_reads_arithmetic_runs_only():
+    from compconv.deploy.forms import channel_slice
+
+    assert channel_slice(torch.arange(3, 9)) == slice(3, 9, 1)
+    assert channel_slice(torch.tensor([1, 5, 9])) == slice(1, 10, 4)
+    assert channel_slice(torch.tensor([4])) == slice(4, 5, 1)
+    assert channel_slice(torch.tensor([0, 1, 3])) is None
+    assert channel_slice(torch.tensor([3, 2, 1])) is None
+    assert channel_slice(torch.tensor([], dtype=torch.long)) is None
+
+
+@torch.no_grad()
+def test_identity_channels_that_are_one_slice_are_views_and_follow_changes_of_the_index():
+    from compconv.deploy.forms import select_channels
+
+    owner = nn.Module()
+    x = torch.randn(2, 12, 4, 4).to(memory_format=torch.channels_last)
+    index = torch.arange(2, 8, 2)
+    view = select_channels(owner, x, index)
+    assert torch.equal(view, x[:, [2, 4, 6]]) and view.data_ptr() == x[:, 2:].data_ptr()  # no copy
+    index[1] = 9  # in place: no longer one slice
+    gathered = select_channels(owner, x, index)
+    assert torch.equal(gathered, x[:, [2, 9, 6]]) and gathered.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(select_channels(owner, x, torch.arange(5), 1, 3), x[:, 1:3])  # a part of a new index

@@ -37,6 +37,39 @@ def gather_channels(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return x.index_select(1, index)
 
 
+def channel_slice(index: torch.Tensor) -> Optional[slice]:
+    """``index`` as one slice ``start:stop:step`` (step >= 1) of channels, or None."""
+    values = index.tolist()
+    if not values:
+        return None
+    step = values[1] - values[0] if len(values) > 1 else 1
+    if step < 1 or any(b - a != step for a, b in zip(values, values[1:])):
+        return None
+    return slice(values[0], values[-1] + 1, step)
+
+
+def select_channels(owner: nn.Module, x: torch.Tensor, index: torch.Tensor, start: int = 0,
+                    stop: Optional[int] = None) -> torch.Tensor:
+    """``x.index_select(1, index[start:stop])`` for ``owner``'s index buffer, without a copy where it can
+    (Python only: TorchScript callers use ``index_select``).
+
+    In eager PyTorch an index that is one slice of channels (the usual case: identity channels that no
+    folded shuffle permuted, or one shuffle group's) is read as a view, so the concatenation that follows
+    is the only copy; whether it is one is worked out once per index tensor (and version) and kept on
+    ``owner``. Otherwise, and under graph capture, :func:`gather_channels`.
+    """
+    part = index[start:stop]
+    if not in_graph_capture():
+        cache = owner.__dict__.setdefault("_channel_slices", {})
+        cached = cache.get((start, stop))
+        if cached is None or cached[0] is not index or cached[1] != index._version:
+            cached = (index, index._version, channel_slice(part))
+            cache[(start, stop)] = cached
+        if cached[2] is not None:
+            return x[:, cached[2]]
+    return gather_channels(x, part)
+
+
 class LowRankConv2d(nn.Module):
     """``y = V · [U x ; x[identity channels]] + bias``: a 1x1 CompConv (+ BatchNorm) in two convs.
 
@@ -47,6 +80,7 @@ class LowRankConv2d(nn.Module):
     """
 
     identity_index: Optional[torch.Tensor]
+    __jit_ignored_attributes__ = ["_channel_slices"]  # select_channels' eager-only cache
 
     def __init__(self, first: nn.Conv2d, identity_index: Optional[torch.Tensor], second: nn.Conv2d) -> None:
         super().__init__()
@@ -59,7 +93,11 @@ class LowRankConv2d(nn.Module):
         b = self.first(x)
         index = self.identity_index
         if index is not None:
-            a = gather_channels(x, index)[:, :, ::self.stride[0], ::self.stride[1]]
+            if torch.jit.is_scripting():
+                a = x.index_select(1, index)
+            else:
+                a = select_channels(self, x, index)
+            a = a[:, :, ::self.stride[0], ::self.stride[1]]
             b = torch.cat([b, a], dim=1)
         return self.second(b)
 
@@ -80,6 +118,7 @@ class DeployedCompConv2d(CompConv2d):
     input_index: Optional[torch.Tensor]
     out_scale: Optional[torch.Tensor]
     out_shift: Optional[torch.Tensor]
+    __jit_ignored_attributes__ = ["_channel_slices"]  # select_channels' eager-only cache
 
     @classmethod
     def from_compconv(cls, conv: CompConv2d) -> "DeployedCompConv2d":
@@ -113,7 +152,9 @@ class DeployedCompConv2d(CompConv2d):
         index = self.input_index
         if index is None:
             return self.sample_identity(x[:, start:stop], like)
-        return self.sample_identity(gather_channels(x, index[start:stop]), like)
+        if torch.jit.is_scripting():
+            return self.sample_identity(x.index_select(1, index[start:stop]), like)
+        return self.sample_identity(select_channels(self, x, index, start, stop), like)
 
 
 # ---------------------------------------------------------------------------------------------- 1x1 algebra
