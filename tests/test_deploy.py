@@ -275,24 +275,37 @@ def test_deployed_resnet_keeps_channels_last_through_every_layer():
 def test_channel_slice_reads_arithmetic_runs_only():
     from compconv.deploy.forms import channel_slice
 
-    assert channel_slice(torch.arange(3, 9)) == slice(3, 9, 1)
-    assert channel_slice(torch.tensor([1, 5, 9])) == slice(1, 10, 4)
-    assert channel_slice(torch.tensor([4])) == slice(4, 5, 1)
+    assert channel_slice(torch.arange(3, 9)) == (3, 9, 1)
+    assert channel_slice(torch.tensor([1, 5, 9])) == (1, 10, 4)
+    assert channel_slice(torch.tensor([4])) == (4, 5, 1)
     assert channel_slice(torch.tensor([0, 1, 3])) is None
     assert channel_slice(torch.tensor([3, 2, 1])) is None
     assert channel_slice(torch.tensor([], dtype=torch.long)) is None
 
 
+@pytest.mark.parametrize("kernel", [1, 3])
 @torch.no_grad()
-def test_identity_channels_that_are_one_slice_are_views_and_follow_changes_of_the_index():
-    from compconv.deploy.forms import select_channels
-
-    owner = nn.Module()
-    x = torch.randn(2, 12, 4, 4).to(memory_format=torch.channels_last)
-    index = torch.arange(2, 8, 2)
-    view = select_channels(owner, x, index)
-    assert torch.equal(view, x[:, [2, 4, 6]]) and view.data_ptr() == x[:, 2:].data_ptr()  # no copy
-    index[1] = 9  # in place: no longer one slice
-    gathered = select_channels(owner, x, index)
-    assert torch.equal(gathered, x[:, [2, 9, 6]]) and gathered.is_contiguous(memory_format=torch.channels_last)
-    assert torch.equal(select_channels(owner, x, torch.arange(5), 1, 3), x[:, 1:3])  # a part of a new index
+def test_identity_channels_that_are_one_slice_are_views_in_every_form(kernel):
+    """No gather where the identity channels are a slice; a gather where a folded shuffle interleaved them;
+    both equal to the layer before deploy, also after a state-dict round trip."""
+    conv = CompConv2d(64, 64, kernel, padding=kernel // 2, depth=3).eval()
+    x = torch.randn(2, 64, 8, 8)
+    want = conv(x)
+    layer = build_form(conv, None, "lowrank") if kernel == 1 else DeployedCompConv2d.from_compconv(conv)
+    if kernel == 3:
+        layer = permute_input(layer, torch.arange(64))  # a permutation that keeps every slice
+        assert sorted(layer.input_slices) == list(layer.identity_starts)
+    else:
+        assert layer.identity_slice == (0, 3 * conv.plan.c_prim, 1)
+    with torch.profiler.profile() as prof:
+        torch.testing.assert_close(layer(x), want)
+    assert not any(e.name == "aten::index_select" for e in prof.events())
+    source = torch.arange(64).view(2, 32).t().reshape(-1)  # a shuffle of two groups: identity channels interleave
+    permuted = torch.empty_like(x)
+    permuted[:, source] = x
+    shuffled = permute_input(copy.deepcopy(layer), source)
+    torch.testing.assert_close(shuffled(permuted), want)
+    assert (shuffled.identity_slice is None) if kernel == 1 else (shuffled.input_slices != layer.input_slices)
+    reloaded = copy.deepcopy(layer)
+    reloaded.load_state_dict(shuffled.state_dict())
+    torch.testing.assert_close(reloaded(permuted), want)

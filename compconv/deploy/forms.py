@@ -9,7 +9,7 @@ input arrives with its channels permuted (an upstream shuffle folded into it).
 """
 
 
-from typing import List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -37,37 +37,20 @@ def gather_channels(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return x.index_select(1, index)
 
 
-def channel_slice(index: torch.Tensor) -> Optional[slice]:
-    """``index`` as one slice ``start:stop:step`` (step >= 1) of channels, or None."""
+def channel_slice(index: torch.Tensor) -> Optional[Tuple[int, int, int]]:
+    """``index`` as one slice ``(start, stop, step)`` of channels (step >= 1), or None.
+
+    Deployed layers keep it beside their index buffer (recomputed whenever the buffer is set or loaded)
+    and read such channels as a view, so the concatenation that follows is their only copy, in every
+    runtime; only an index that is no slice (a folded shuffle's interleaving) is gathered.
+    """
     values = index.tolist()
     if not values:
         return None
     step = values[1] - values[0] if len(values) > 1 else 1
     if step < 1 or any(b - a != step for a, b in zip(values, values[1:])):
         return None
-    return slice(values[0], values[-1] + 1, step)
-
-
-def select_channels(owner: nn.Module, x: torch.Tensor, index: torch.Tensor, start: int = 0,
-                    stop: Optional[int] = None) -> torch.Tensor:
-    """``x.index_select(1, index[start:stop])`` for ``owner``'s index buffer, without a copy where it can
-    (Python only: TorchScript callers use ``index_select``).
-
-    In eager PyTorch an index that is one slice of channels (the usual case: identity channels that no
-    folded shuffle permuted, or one shuffle group's) is read as a view, so the concatenation that follows
-    is the only copy; whether it is one is worked out once per index tensor (and version) and kept on
-    ``owner``. Otherwise, and under graph capture, :func:`gather_channels`.
-    """
-    part = index[start:stop]
-    if not in_graph_capture():
-        cache = owner.__dict__.setdefault("_channel_slices", {})
-        cached = cache.get((start, stop))
-        if cached is None or cached[0] is not index or cached[1] != index._version:
-            cached = (index, index._version, channel_slice(part))
-            cache[(start, stop)] = cached
-        if cached[2] is not None:
-            return x[:, cached[2]]
-    return gather_channels(x, part)
+    return values[0], values[-1] + 1, step
 
 
 class LowRankConv2d(nn.Module):
@@ -80,7 +63,7 @@ class LowRankConv2d(nn.Module):
     """
 
     identity_index: Optional[torch.Tensor]
-    __jit_ignored_attributes__ = ["_channel_slices"]  # select_channels' eager-only cache
+    identity_slice: Optional[Tuple[int, int, int]]  # identity_index as one slice (channel_slice), if it is one
 
     def __init__(self, first: nn.Conv2d, identity_index: Optional[torch.Tensor], second: nn.Conv2d) -> None:
         super().__init__()
@@ -88,17 +71,29 @@ class LowRankConv2d(nn.Module):
         self.stride = first.stride
         self.register_buffer("identity_index", identity_index)
         self.in_channels, self.out_channels = first.in_channels, second.out_channels
+        self.index_changed()
+
+    def index_changed(self) -> None:
+        """Re-reads ``identity_index`` (call after setting it)."""
+        index = self.identity_index
+        self.identity_slice = channel_slice(index) if index is not None else None
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self.index_changed()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b = self.first(x)
         index = self.identity_index
         if index is not None:
-            if torch.jit.is_scripting():
+            cut = self.identity_slice
+            if cut is not None:
+                a = x[:, cut[0]:cut[1]:cut[2]]
+            elif torch.jit.is_scripting():
                 a = x.index_select(1, index)
             else:
-                a = select_channels(self, x, index)
-            a = a[:, :, ::self.stride[0], ::self.stride[1]]
-            b = torch.cat([b, a], dim=1)
+                a = gather_channels(x, index)
+            b = torch.cat([b, a[:, :, ::self.stride[0], ::self.stride[1]]], dim=1)
         return self.second(b)
 
 
@@ -118,7 +113,7 @@ class DeployedCompConv2d(CompConv2d):
     input_index: Optional[torch.Tensor]
     out_scale: Optional[torch.Tensor]
     out_shift: Optional[torch.Tensor]
-    __jit_ignored_attributes__ = ["_channel_slices"]  # select_channels' eager-only cache
+    input_slices: Dict[int, Tuple[int, int, int]]  # identity part's start -> its permuted channels as one slice
 
     @classmethod
     def from_compconv(cls, conv: CompConv2d) -> "DeployedCompConv2d":
@@ -134,7 +129,22 @@ class DeployedCompConv2d(CompConv2d):
         deployed.register_buffer("input_index", None)
         deployed.register_buffer("out_scale", None)
         deployed.register_buffer("out_shift", None)
+        deployed.input_slices = {}
         return deployed
+
+    def index_changed(self) -> None:
+        """Re-reads ``input_index`` (call after setting it)."""
+        index = self.input_index
+        self.input_slices = {}
+        if index is not None:
+            for start, stop in zip(self.identity_starts, self.identity_stops):
+                cut = channel_slice(index[start:stop])
+                if cut is not None:
+                    self.input_slices[start] = cut
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self.index_changed()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # deploy leaves these layers in the chain form
         parts = self.parts(x)
@@ -152,9 +162,12 @@ class DeployedCompConv2d(CompConv2d):
         index = self.input_index
         if index is None:
             return self.sample_identity(x[:, start:stop], like)
+        if start in self.input_slices:
+            cut = self.input_slices[start]
+            return self.sample_identity(x[:, cut[0]:cut[1]:cut[2]], like)
         if torch.jit.is_scripting():
             return self.sample_identity(x.index_select(1, index[start:stop]), like)
-        return self.sample_identity(select_channels(self, x, index, start, stop), like)
+        return self.sample_identity(gather_channels(x, index[start:stop]), like)
 
 
 # ---------------------------------------------------------------------------------------------- 1x1 algebra
@@ -255,10 +268,12 @@ def permute_input(consumer: nn.Module, source: torch.Tensor) -> nn.Module:
     weight_holder.weight.data = weight_holder.weight.data[:, position].contiguous()
     if isinstance(consumer, LowRankConv2d) and consumer.identity_index is not None:
         consumer.identity_index = source.to(device)[consumer.identity_index]
+        consumer.index_changed()
     elif isinstance(consumer, DeployedCompConv2d) and consumer.identity_stops:
         previous = consumer.input_index
         consumer.input_index = source.to(device)[:max(consumer.identity_stops)] if previous is None \
             else source.to(device)[previous]
+        consumer.index_changed()
     return consumer
 
 
