@@ -19,6 +19,7 @@ from ..onnxrt import ort_session
 from .forms import build_form, form_macs
 
 RUNTIMES = ("torch", "ort")
+LOWRANK_MAX_SHARE = 0.6  # rule_choice: the low-rank pair where it costs at most this share of the plain conv's MACs
 
 
 class ChoiceCache:
@@ -46,17 +47,21 @@ class ChoiceCache:
 def rule_choice(module: CompConv2d, runtime: str = "torch") -> str:
     """The form used without ``example_input``, from measurements on a 2-core AVX-512 CPU (README, Performance).
 
-    PyTorch: depth-1 1x1 layers save at most half the MACs but add a memory-bound pass over the output, so
-    dense wins; deeper ones save 5-10x MACs and the chain as trained was fastest (batch 32, channels_last).
-    ONNX Runtime: every concatenation and slice costs layout reorders around its blocked convs, so the
-    low-rank pair wins where it saves MACs (at most 0.6x the plain conv's) and dense elsewhere; this beat
-    per-layer timing (1.49x vs 1.41x ResNet-50 at batch 8), which cannot see the reorders between layers.
+    Both runtimes take the low-rank pair where it saves MACs (at most 0.6x the plain conv's).
+    PyTorch: for depth >= 2 only; depth-1 1x1 layers save at most half the MACs but add a memory-bound pass
+    over the output, so dense wins, and the other deeper ones stay the chain as trained (batch 32,
+    channels_last). Against the chain for the reduce layers, the low-rank rule ran CompConv128-ResNet-50
+    1.09x faster at batch 32 and 1.14x at batch 1 (paired A/B, 2026-12-03, after identity slices became views).
+    ONNX Runtime: every concatenation and slice costs layout reorders around its blocked convs, so dense
+    wherever low-rank does not pay; this beat per-layer timing (1.49x vs 1.41x ResNet-50 at batch 8), which
+    cannot see the reorders between layers.
     """
+    lowrank_pays = form_macs(module, "lowrank") <= LOWRANK_MAX_SHARE * module.plan.plain_macs_per_position
     if runtime == "ort":
-        return "lowrank" if form_macs(module, "lowrank") <= 0.6 * module.plan.plain_macs_per_position else "dense"
+        return "lowrank" if lowrank_pays else "dense"
     if module.plan.depth == 1 or module.plan.macs_ratio > 0.5:
         return "dense"
-    return "chain"
+    return "lowrank" if lowrank_pays else "chain"
 
 
 @torch.inference_mode()
