@@ -6,10 +6,11 @@ calls to time each geometry once); nothing is cached at module level.
 
 from __future__ import annotations
 
+import os
 import statistics
 import tempfile
 import time
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -64,36 +65,39 @@ def rule_choice(module: CompConv2d, runtime: str = "torch") -> str:
     return "lowrank" if lowrank_pays else "chain"
 
 
-@torch.inference_mode()
-def time_ms(module: nn.Module, x: torch.Tensor, repeats: int = 5) -> float:
-    """Median ms of ``module(x)`` in PyTorch (synchronised on CUDA)."""
-    module(x)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        module(x)
+def torch_runner(module: nn.Module, x: torch.Tensor) -> Callable[[], None]:
+    """A call of ``module(x)`` in PyTorch (inference mode, synchronised on CUDA)."""
+    def run() -> None:
+        with torch.inference_mode():
+            module(x)
         if x.is_cuda:
             torch.cuda.synchronize(x.device)
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
+    return run
 
 
-@torch.no_grad()
-def time_ort_ms(module: nn.Module, x: torch.Tensor, repeats: int = 5) -> float:
-    """Median ms of ``module`` exported (TorchScript exporter: fast, and exact for every form) and run in ONNX Runtime."""
-    with tempfile.TemporaryDirectory() as folder:
-        path = f"{folder}/layer.onnx"
+def ort_runner(module: nn.Module, x: torch.Tensor, folder: str) -> Callable[[], None]:
+    """A run of ``module`` exported (TorchScript exporter: fast, and exact for every form) in ONNX Runtime."""
+    path = f"{folder}/layer{len(os.listdir(folder))}.onnx"
+    with torch.no_grad():
         torch.onnx.export(module.float().cpu(), (x.float().cpu().contiguous(),), path, dynamo=False,
                           input_names=["x"])
-        session = ort_session(path, torch.get_num_threads())
+    session = ort_session(path, torch.get_num_threads())
     feed = {"x": x.float().cpu().contiguous().numpy()}
-    session.run(None, feed)
-    times = []
+    return lambda: session.run(None, feed)
+
+
+def interleaved_ms(runners: dict[str, Callable[[], None]], repeats: int = 5) -> dict[str, float]:
+    """Median ms of each runner, timed in rounds that call every runner once (after one warm-up call each),
+    so a burst of load on a shared machine slows all candidates alike instead of one."""
+    times: dict[str, list[float]] = {name: [] for name in runners}
+    for run in runners.values():
+        run()
     for _ in range(repeats):
-        start = time.perf_counter()
-        session.run(None, feed)
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
+        for name, run in runners.items():
+            start = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - start)
+    return {name: 1e3 * statistics.median(t) for name, t in times.items()}
 
 
 def measured_choice(module: CompConv2d, norm: Optional[nn.BatchNorm2d], x: torch.Tensor, runtime: str,
@@ -108,8 +112,10 @@ def measured_choice(module: CompConv2d, norm: Optional[nn.BatchNorm2d], x: torch
     candidates = {"chain": nn.Sequential(module, norm).eval() if norm is not None else module}
     for form in ("lowrank", "dense"):
         candidates[form] = build_form(module, norm, form).to(memory_format=fmt).eval()
-    timer = time_ort_ms if runtime == "ort" else time_ms
-    times = {form: timer(candidate, x) for form, candidate in candidates.items()}
+    with tempfile.TemporaryDirectory() as folder:
+        runners = {form: ort_runner(candidate, x, folder) if runtime == "ort" else torch_runner(candidate, x)
+                   for form, candidate in candidates.items()}
+        times = interleaved_ms(runners)
     choice = min(times, key=times.get)
     cache.put(key, choice)
     return choice, times
