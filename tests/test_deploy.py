@@ -311,3 +311,23 @@ def test_identity_channels_that_are_one_slice_are_views_in_every_form(kernel):
     reloaded = copy.deepcopy(layer)
     reloaded.load_state_dict(shuffled.state_dict())
     torch.testing.assert_close(reloaded(permuted), want)
+
+
+@torch.no_grad()
+def test_deployed_layers_pickled_without_their_slices_recompute_them():
+    """A whole model pickled by a version before the slices existed still runs after torch.load."""
+    import io
+
+    model = timm.create_model("resnet50_compconv128", num_classes=10).eval()
+    deploy(model)
+    x = torch.randn(1, 3, 64, 64)
+    want = model(x)
+    for module in model.modules():
+        for name in ("identity_slice", "input_slices"):
+            module.__dict__.pop(name, None)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert any(getattr(m, "identity_slice", None) for m in loaded.modules())
+    torch.testing.assert_close(loaded(x), want)

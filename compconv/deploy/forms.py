@@ -82,6 +82,11 @@ class LowRankConv2d(nn.Module):
         super()._load_from_state_dict(*args, **kwargs)
         self.index_changed()
 
+    def __setstate__(self, state: dict) -> None:  # a module pickled before identity_slice existed
+        super().__setstate__(state)
+        if "identity_slice" not in self.__dict__:
+            self.index_changed()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b = self.first(x)
         index = self.identity_index
@@ -145,6 +150,11 @@ class DeployedCompConv2d(CompConv2d):
     def _load_from_state_dict(self, *args, **kwargs) -> None:
         super()._load_from_state_dict(*args, **kwargs)
         self.index_changed()
+
+    def __setstate__(self, state: dict) -> None:  # a module pickled before input_slices existed
+        super().__setstate__(state)
+        if "input_slices" not in self.__dict__:
+            self.index_changed()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # deploy leaves these layers in the chain form
         parts = self.parts(x)
