@@ -53,7 +53,26 @@ def channel_slice(index: torch.Tensor) -> Optional[Tuple[int, int, int]]:
     return values[0], values[-1] + 1, step
 
 
-class LowRankConv2d(nn.Module):
+class _SlicesOfIndex:
+    """Keeps a deployed layer's slices (derived from its index buffer by ``index_changed``) in step with the
+    buffer when a state dict is loaded or a module pickled before the slices existed is unpickled."""
+
+    _slices_attribute = ""
+
+    def index_changed(self) -> None:
+        raise NotImplementedError
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self.index_changed()
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        if self._slices_attribute not in self.__dict__:
+            self.index_changed()
+
+
+class LowRankConv2d(_SlicesOfIndex, nn.Module):
     """``y = V · [U x ; x[identity channels]] + bias``: a 1x1 CompConv (+ BatchNorm) in two convs.
 
     Args:
@@ -64,6 +83,7 @@ class LowRankConv2d(nn.Module):
 
     identity_index: Optional[torch.Tensor]
     identity_slice: Optional[Tuple[int, int, int]]  # identity_index as one slice (channel_slice), if it is one
+    _slices_attribute = "identity_slice"
 
     def __init__(self, first: nn.Conv2d, identity_index: Optional[torch.Tensor], second: nn.Conv2d) -> None:
         super().__init__()
@@ -78,31 +98,17 @@ class LowRankConv2d(nn.Module):
         index = self.identity_index
         self.identity_slice = channel_slice(index) if index is not None else None
 
-    def _load_from_state_dict(self, *args, **kwargs) -> None:
-        super()._load_from_state_dict(*args, **kwargs)
-        self.index_changed()
-
-    def __setstate__(self, state: dict) -> None:  # a module pickled before identity_slice existed
-        super().__setstate__(state)
-        if "identity_slice" not in self.__dict__:
-            self.index_changed()
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b = self.first(x)
         index = self.identity_index
         if index is not None:
             cut = self.identity_slice
-            if cut is not None:
-                a = x[:, cut[0]:cut[1]:cut[2]]
-            elif torch.jit.is_scripting():
-                a = x.index_select(1, index)
-            else:
-                a = gather_channels(x, index)
+            a = x[:, cut[0]:cut[1]:cut[2]] if cut is not None else gather_channels(x, index)
             b = torch.cat([b, a[:, :, ::self.stride[0], ::self.stride[1]]], dim=1)
         return self.second(b)
 
 
-class DeployedCompConv2d(CompConv2d):
+class DeployedCompConv2d(_SlicesOfIndex, CompConv2d):
     """A :class:`CompConv2d` as deploy leaves it (built by :func:`permute_input` and :func:`absorb_norm`).
 
     - Its input channels may arrive permuted (an upstream shuffle folded into it): original channel ``o``
@@ -119,6 +125,7 @@ class DeployedCompConv2d(CompConv2d):
     out_scale: Optional[torch.Tensor]
     out_shift: Optional[torch.Tensor]
     input_slices: Dict[int, Tuple[int, int, int]]  # identity part's start -> its permuted channels as one slice
+    _slices_attribute = "input_slices"
 
     @classmethod
     def from_compconv(cls, conv: CompConv2d) -> "DeployedCompConv2d":
@@ -147,15 +154,6 @@ class DeployedCompConv2d(CompConv2d):
                 if cut is not None:
                     self.input_slices[start] = cut
 
-    def _load_from_state_dict(self, *args, **kwargs) -> None:
-        super()._load_from_state_dict(*args, **kwargs)
-        self.index_changed()
-
-    def __setstate__(self, state: dict) -> None:  # a module pickled before input_slices existed
-        super().__setstate__(state)
-        if "input_slices" not in self.__dict__:
-            self.index_changed()
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # deploy leaves these layers in the chain form
         parts = self.parts(x)
         scale, shift = self.out_scale, self.out_shift
@@ -175,8 +173,6 @@ class DeployedCompConv2d(CompConv2d):
         if start in self.input_slices:
             cut = self.input_slices[start]
             return self.sample_identity(x[:, cut[0]:cut[1]:cut[2]], like)
-        if torch.jit.is_scripting():
-            return self.sample_identity(x.index_select(1, index[start:stop]), like)
         return self.sample_identity(gather_channels(x, index[start:stop]), like)
 
 

@@ -6,7 +6,6 @@ calls to time each geometry once); nothing is cached at module level.
 
 from __future__ import annotations
 
-import os
 import statistics
 import tempfile
 import time
@@ -75,9 +74,8 @@ def torch_runner(module: nn.Module, x: torch.Tensor) -> Callable[[], None]:
     return run
 
 
-def ort_runner(module: nn.Module, x: torch.Tensor, folder: str) -> Callable[[], None]:
-    """A run of ``module`` exported (TorchScript exporter: fast, and exact for every form) in ONNX Runtime."""
-    path = f"{folder}/layer{len(os.listdir(folder))}.onnx"
+def ort_runner(module: nn.Module, x: torch.Tensor, path: str) -> Callable[[], None]:
+    """A run of ``module`` exported to ``path`` (TorchScript exporter: fast, and exact for every form) in ONNX Runtime."""
     with torch.no_grad():
         torch.onnx.export(module.float().cpu(), (x.float().cpu().contiguous(),), path, dynamo=False,
                           input_names=["x"])
@@ -113,7 +111,8 @@ def measured_choice(module: CompConv2d, norm: Optional[nn.BatchNorm2d], x: torch
     for form in ("lowrank", "dense"):
         candidates[form] = build_form(module, norm, form).to(memory_format=fmt).eval()
     with tempfile.TemporaryDirectory() as folder:
-        runners = {form: ort_runner(candidate, x, folder) if runtime == "ort" else torch_runner(candidate, x)
+        runners = {form: ort_runner(candidate, x, f"{folder}/{form}.onnx") if runtime == "ort"
+                   else torch_runner(candidate, x)
                    for form, candidate in candidates.items()}
         times = interleaved_ms(runners)
     choice = min(times, key=times.get)
