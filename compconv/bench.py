@@ -439,6 +439,20 @@ def per_layer_train_table(name: str, batch: int, img_size: int, device: torch.de
     return "\n".join(rows)
 
 
+# environment variables that change how fast a CPU run is without changing the command: the memory allocator
+# (glibc's mmap/trim thresholds, a preloaded jemalloc/tcmalloc, PyTorch's transparent huge pages) and threading
+TIMING_ENVIRONMENT = ("THP_MEM_ALLOC_ENABLE", "LD_PRELOAD", "MALLOC_CONF", "OMP_NUM_THREADS", "KMP_AFFINITY",
+                      "DNNL_DEFAULT_FPMATH_MODE")
+
+
+def timing_environment() -> str:
+    """The variables of :data:`TIMING_ENVIRONMENT` (and ``MALLOC_*_``, glibc's tunables) set in this process, as a
+    shell prefix (``"THP_MEM_ALLOC_ENABLE=1 "``); empty when none is set. Written before the command in a results
+    file's header, so the command there reproduces the run."""
+    names = sorted(n for n in os.environ if n in TIMING_ENVIRONMENT or (n.startswith("MALLOC_") and n.endswith("_")))
+    return "".join(f"{name}={os.environ[name]} " for name in names)
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -493,7 +507,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("autocast precisions are for GPUs here; use --precision fp32 on the CPU")
 
     costs: dict = {}
-    command = "python -m compconv.bench " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = timing_environment() + "python -m compconv.bench " + " ".join(argv if argv is not None else sys.argv[1:])
     header = [
         f"# Benchmark: {', '.join(names)}",
         "",

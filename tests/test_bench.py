@@ -102,3 +102,14 @@ def test_paired_ratio_is_the_median_of_per_repeat_ratios():
     assert paired_ratio(model, reference) == (2.0, 2.0, 2.0)
     assert paired_ratio([3.0, 1.0, 2.0], [1.0, 1.0, 1.0]) == (2.0, 1.5, 2.5)
     assert paired_ratio([3.0], [2.0]) == (1.5, 1.5, 1.5)
+
+
+def test_timing_environment_is_written_before_the_command(monkeypatch):
+    for name in list(bench.os.environ):
+        if name in bench.TIMING_ENVIRONMENT or name.startswith("MALLOC_"):
+            monkeypatch.delenv(name)
+    assert bench.timing_environment() == ""
+    monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", "1")
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "4294967296")
+    monkeypatch.setenv("MALLOC_ARENA_NOT_A_TUNABLE", "x")  # glibc's tunables end in "_"
+    assert bench.timing_environment() == "MALLOC_MMAP_THRESHOLD_=4294967296 THP_MEM_ALLOC_ENABLE=1 "
