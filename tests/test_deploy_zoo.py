@@ -13,7 +13,7 @@ from torch import nn
 
 import compconv
 from compconv import deploy
-from compconv.deploy import DeployError, DeployedCompConv2d, forms, tolerance_for
+from compconv.deploy import ROUNDING_SHARE, DeployError, DeployedCompConv2d, forms, rounding_error, tolerance_for
 from zoo import EXPORTED, ZOO, prepared
 
 FAST = ["preact_cifar", "two_consumers", "shared_conv", "tv_resnet18"]
@@ -157,3 +157,56 @@ def test_deploy_forms_are_pure_functions_of_the_layer():
     assert torch.equal(conv.convs[0].weight, weight) and isinstance(dense, nn.Conv2d)
     with pytest.raises(ValueError, match="form must be"):
         forms.build_form(conv, None, "chain")
+
+
+class Cancelling(nn.Module):
+    """Output ``(1e4 h + 1) - 1e4 h + 1e-3 h``: float32 rounds ``1e4 h + 1`` to steps of about 1e-3, so rounding
+    alone moves the output by 1e-4 to 1e-3 of its size (float64: 1e-12)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)  # the patcher keeps a stem conv
+        self.conv = nn.Conv2d(16, 64, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(64)
+
+    def forward(self, x):
+        h = self.bn(self.conv(self.stem(x)))
+        return (h * 1e4 + 1.0) - h * 1e4 + h * 1e-3
+
+
+@torch.no_grad()
+def test_a_model_its_own_rounding_moves_is_refused_unless_the_tolerance_allows_it():
+    torch.manual_seed(0)
+    model = Cancelling()
+    compconv.patch(model, c0=16)
+    model.eval()
+    assert any(isinstance(m, compconv.CompConv2d) for m in model.modules())
+    x = torch.randn(2, 3, 16, 16)
+    rounding = rounding_error(model, x)
+    assert rounding > 1e-4  # the float64 copy disagrees with float32 by more than deploy's whole tolerance
+    snapshot = _snapshot(model)
+    with pytest.raises(DeployError, match="rounding alone moves them.*deploy it in float64"):
+        deploy(model, x)
+    assert _same(model, snapshot)
+    # the same model in float64 is exact to its rounding, and deploys
+    report = deploy(copy.deepcopy(model).double(), x.double())
+    assert report.rounding_error is None and report.max_error < 1e-9
+    # a tolerance the model's rounding fits in accepts it, and says what rounding was measured
+    report = deploy(model, x, tolerance=rounding / ROUNDING_SHARE * 1.01)
+    assert report.rounding_error == pytest.approx(rounding)
+
+
+@torch.no_grad()
+def test_rounding_is_measured_only_where_it_can_be():
+    model = timm.create_model("resnet18_compconv128", num_classes=10).eval()
+    x = torch.randn(1, 3, 32, 32)
+    assert rounding_error(model, x) < 1e-5
+    assert rounding_error(model.bfloat16(), x.bfloat16()) is None  # half precision: not measured
+
+    class Float32Only(nn.Module):  # an operator without a float64 kernel
+        def forward(self, x):
+            if x.dtype != torch.float32:
+                raise RuntimeError("float32 only")
+            return x
+
+    assert rounding_error(Float32Only(), x) is None

@@ -110,6 +110,9 @@ ZOO = {
     "tv_shufflenet_v2_x0_5": lambda: torchvision.models.shufflenet_v2_x0_5(num_classes=10),
     "tv_googlenet": lambda: torchvision.models.googlenet(num_classes=10, aux_logits=False, init_weights=True),
     "tv_squeezenet1_0": lambda: torchvision.models.squeezenet1_0(num_classes=10),
+    # prepared as above, its float32 outputs are 6e-5 from float64 at 160x160 and 9e-2 at 224x224: any exact fold
+    # passed the check on one input and differed by 2e-2 on the next, until deploy measured the model's rounding
+    "timm_resnetrs50": lambda: timm.create_model("resnetrs50", num_classes=10),
 }
 # export_onnx is tested on these (each export takes 10-130 s here); scripts/deploy_zoo.py exports them all
 EXPORTED = [*list(ZOO)[:13], "timm_repvgg_a0", "tv_shufflenet_v2_x0_5"]

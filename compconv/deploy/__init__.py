@@ -2,7 +2,10 @@
 
 ``deploy(model, example_input=None)`` works on a copy of ``model`` and swaps the result in only when
 the copy's outputs equal the model's (:func:`check_outputs`); otherwise it raises :class:`DeployError`
-naming the first layer whose output differs, and ``model`` is left as it was. On the copy:
+naming the first layer whose output differs, and ``model`` is left as it was. A float32 model whose own
+outputs move under rounding by more than a quarter of the tolerance (:func:`rounding_error`, against a float64
+copy) is refused first: exact folds reassociate sums, and such a model amplifies that into differences that
+pass the check on one input and not on the next. On the copy:
 
 1. ``CompConv2d.reparameterize()`` folds each inner BatchNorm (``inner_norm``) into its conv (timm's
    per-module convention, so ``timm.utils.reparameterize_model`` does this step too);
@@ -42,9 +45,12 @@ from .timing import RUNTIMES, ChoiceCache, measured_choice, rule_choice
 
 __all__ = ["ChoiceCache", "DeployError", "DeployReport", "DeployedCompConv2d", "LayerChoice", "LowRankConv2d",
            "ReparameterizableStage", "build_form", "check_outputs", "deploy", "form_macs", "rule_choice",
-           "tolerance_for"]
+           "rounding_error", "tolerance_for"]
 
 RTOL_FP32, RTOL_HALF = 1e-4, 2e-2  # largest |deployed - original| accepted, relative to max |original output|
+# deploy refuses an fp32 model whose own outputs move by more than this share of the tolerance under rounding alone
+# (against a float64 copy): an exact fold then differs from the model by the model's rounding amplified, input by input
+ROUNDING_SHARE = 0.25
 
 
 class DeployError(RuntimeError):
@@ -84,6 +90,7 @@ class DeployReport:
     trace_error: Optional[str] = None
     max_error: Optional[float] = None  # of the check, relative to max |output|
     tolerance: Optional[float] = None
+    rounding_error: Optional[float] = None  # the model's own fp32 outputs against float64 (None: not measured)
 
     def forms(self) -> dict[str, int]:
         return {form: sum(c.form == form for c in self.layers) for form in FORMS}
@@ -143,6 +150,23 @@ def default_input(model: nn.Module) -> torch.Tensor:
         size = (first.in_channels, 64, 64)
     generator = torch.Generator().manual_seed(0)
     return torch.randn(1, *size, generator=generator).to(device, dtype)
+
+
+@torch.no_grad()
+def rounding_error(model: nn.Module, x: torch.Tensor) -> Optional[float]:
+    """How far ``model``'s float32 outputs on ``x[:1]`` are from a float64 copy's (relative to max |output|): the
+    model's own sensitivity to rounding, which any exact rewrite of it (a fold reassociates sums) inherits.
+
+    None where it is not measured: ``x`` is not float32, or the model does not run in float64.
+    """
+    if x.dtype != torch.float32:
+        return None
+    sample = x[:1]
+    try:
+        exact = copy.deepcopy(model).double()(sample.double())
+    except Exception:  # e.g. an operator without a float64 kernel: nothing to compare with
+        return None
+    return _relative_error(model(sample), exact)
 
 
 @torch.no_grad()
@@ -230,7 +254,9 @@ def deploy(model: nn.Module, example_input: Optional[torch.Tensor] = None, runti
         ``report.left_table()`` the folds not proven by the dataflow.
 
     Raises:
-        DeployError: the deployed copy's outputs differ from ``model``'s; ``model`` is unchanged.
+        DeployError: the deployed copy's outputs differ from ``model``'s, or (float32) the model's own outputs
+            move by more than ``ROUNDING_SHARE`` of the tolerance under rounding (:func:`rounding_error`), so
+            equality could not be promised beyond the checked input; ``model`` is unchanged.
     """
     if runtime not in RUNTIMES:
         raise ValueError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")
@@ -238,9 +264,17 @@ def deploy(model: nn.Module, example_input: Optional[torch.Tensor] = None, runti
     model.eval()
     try:
         x = example_input if example_input is not None else default_input(model)
+        tolerance = tolerance if tolerance is not None else tolerance_for(x.dtype)
+        rounding = rounding_error(model, x)
+        if rounding is not None and rounding > ROUNDING_SHARE * tolerance:
+            raise DeployError(
+                f"the model's own float32 outputs are {rounding:.2g} (relative) from a float64 copy's on this input, "
+                f"more than {ROUNDING_SHARE:g} of the tolerance {tolerance:.2g}: rounding alone moves them, so no exact "
+                f"rewrite can promise equality within the tolerance on other inputs. The model was not changed; deploy "
+                f"it in float64, or pass tolerance >= {rounding / ROUNDING_SHARE:.2g} to accept differences of that order")
         candidate = copy.deepcopy(model)
         report = _deploy_copy(candidate, example_input, runtime, cache or ChoiceCache())
-        report.tolerance = tolerance if tolerance is not None else tolerance_for(x.dtype)
+        report.tolerance, report.rounding_error = tolerance, rounding
         report.max_error = check_outputs(model, candidate, x, report.tolerance, report)
     except BaseException:
         for module, training in modes.items():
