@@ -4,6 +4,8 @@ to non-trivial values, then eval()."""
 
 from __future__ import annotations
 
+from functools import partial
+
 import timm
 import torch
 import torch.nn.functional as F
@@ -118,11 +120,29 @@ ZOO = {
 EXPORTED = [*list(ZOO)[:13], "timm_repvgg_a0", "tv_shufflenet_v2_x0_5"]
 
 
+# A wider sweep for `scripts/deploy_zoo.py --set extra` (deploy in both runtimes; not run by the tests): blocks the
+# zoo lacks (split attention, selective kernels, ECA, attention hybrids, GroupNorm, normaliser-free nets, ...)
+EXTRA_TIMM = ["resnest14d", "skresnet18", "gernet_s", "rexnet_100", "mixnet_s", "tinynet_a", "resnet18d", "resnet26t",
+              "selecsls42b", "ese_vovnet19b_dw", "cs3darknet_s", "lcnet_050", "hardcorenas_a", "efficientvit_b0",
+              "mobilevit_xxs", "edgenext_xx_small", "inception_v3", "regnetz_005", "ecaresnet26t", "sebotnet33ts_256",
+              "nf_resnet26", "poolformer_s12", "halonet26t", "mobilenetv4_conv_small", "ghostnetv2_100", "vgg11_bn",
+              "bat_resnext26ts", "resnet50_gn", "fbnetc_100", "spnasnet_100", "dm_nfnet_f0", "tf_efficientnetv2_b0",
+              "crossvit_tiny_240", "levit_128s", "coat_lite_tiny", "convmixer_768_32"]
+EXTRA_TORCHVISION = ["mobilenet_v2", "mnasnet0_5", "resnext50_32x4d", "densenet121", "convnext_tiny", "alexnet", "vgg11",
+                     "wide_resnet50_2", "mobilenet_v3_small", "regnet_y_400mf"]
+EXTRA = {**{f"timm_{n}": partial(timm.create_model, n, num_classes=10) for n in EXTRA_TIMM},
+         **{f"tv_{n}": partial(getattr(torchvision.models, n), num_classes=10) for n in EXTRA_TORCHVISION}}
+# the input side each model needs (default 64)
+SIZES = {"timm_sebotnet33ts_256": 256, "timm_halonet26t": 256, "timm_bat_resnext26ts": 256, "timm_crossvit_tiny_240": 240,
+         "timm_levit_128s": 224, "timm_coat_lite_tiny": 224, "timm_inception_v3": 96}
+
+
 @torch.no_grad()
 def prepared(name: str, seed: int = 0, size: int = 64) -> nn.Module:
-    """``ZOO[name]`` patched with CompConv128 and given moved statistics and non-trivial norm affines, in eval."""
+    """``ZOO[name]`` (or ``EXTRA[name]``) patched with CompConv128 and given moved statistics and non-trivial norm
+    affines, in eval."""
     torch.manual_seed(seed)
-    model = ZOO[name]()
+    model = {**ZOO, **EXTRA}[name]()
     compconv.patch(model, c0=128)
     model.train()
     for _ in range(3):
