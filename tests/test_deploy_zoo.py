@@ -9,6 +9,7 @@ import importlib
 import pytest
 import timm
 import torch
+import torchvision
 from torch import nn
 
 import compconv
@@ -210,3 +211,14 @@ def test_rounding_is_measured_only_where_it_can_be():
             return x
 
     assert rounding_error(Float32Only(), x) is None
+
+
+@torch.no_grad()
+def test_a_model_that_does_not_run_on_the_check_input_is_refused_with_the_fix():
+    model = torchvision.models.inception_v3(num_classes=10, aux_logits=False, init_weights=True)
+    compconv.patch(model, c0=128)
+    model.eval()
+    snapshot = _snapshot(model)
+    with pytest.raises(DeployError, match=r"does not run on an input of shape \(1, 3, 64, 64\).*pass example_input"):
+        deploy(model)  # torchvision models carry no input size: deploy tries 64x64, too small for inception
+    assert _same(model, snapshot)

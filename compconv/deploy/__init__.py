@@ -157,16 +157,18 @@ def rounding_error(model: nn.Module, x: torch.Tensor) -> Optional[float]:
     """How far ``model``'s float32 outputs on ``x[:1]`` are from a float64 copy's (relative to max |output|): the
     model's own sensitivity to rounding, which any exact rewrite of it (a fold reassociates sums) inherits.
 
-    None where it is not measured: ``x`` is not float32, or the model does not run in float64.
+    None where it is not measured: ``x`` is not float32, the model does not run on it (:func:`check_outputs`
+    says so), or it does not run in float64.
     """
     if x.dtype != torch.float32:
         return None
     sample = x[:1]
     try:
+        got = model(sample)
         exact = copy.deepcopy(model).double()(sample.double())
     except Exception:  # e.g. an operator without a float64 kernel: nothing to compare with
         return None
-    return _relative_error(model(sample), exact)
+    return _relative_error(got, exact)
 
 
 @torch.no_grad()
