@@ -54,13 +54,11 @@ def channel_slice(index: torch.Tensor) -> Optional[Tuple[int, int, int]]:
 
 
 class _SlicesOfIndex:
-    """Keeps a deployed layer's slices (derived from its index buffer by ``index_changed``) in step with the
-    buffer when a state dict is loaded or a module pickled before the slices existed is unpickled."""
+    """Keeps a deployed layer's slices in step with its index buffer when a state dict is loaded or a module
+    pickled before the slices existed is unpickled. The layer class defines ``index_changed()`` (derives the
+    slices from the buffer) and names the attribute it sets in ``_slices_attribute``."""
 
     _slices_attribute = ""
-
-    def index_changed(self) -> None:
-        raise NotImplementedError
 
     def _load_from_state_dict(self, *args, **kwargs) -> None:
         super()._load_from_state_dict(*args, **kwargs)
