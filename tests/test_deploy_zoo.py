@@ -145,7 +145,10 @@ def test_timm_reparameterize_model_gives_the_deployed_form():
     deployed = copy.deepcopy(model)
     report = deploy(deployed)
     assert _relative(fused(x), reference) <= 1e-4
-    assert [(n, type(m)) for n, m in fused.named_modules()] == [(n, type(m)) for n, m in deployed.named_modules()]
+    # by class name: a block whose residual sum deploy fused is a GraphModule, whose class is made per instance
+    assert ([(n, type(m).__name__) for n, m in fused.named_modules()]
+            == [(n, type(m).__name__) for n, m in deployed.named_modules()])
+    assert report.residual_sums
     assert report.forms()["dense"] == 15 and report.shuffles_folded > 0
     assert any(isinstance(m, DeployedCompConv2d) for m in fused.modules())
     assert type(model.layer1[0].conv1) is compconv.CompConv2d  # reparameterize_model works on a copy

@@ -40,11 +40,12 @@ from torch.utils._pytree import tree_flatten, tree_map
 from ..layers import CompConv2d
 from .forms import FORMS, DeployedCompConv2d, LowRankConv2d, absorb_norm, build_form, fold_shuffle, form_macs, \
     permute_input, pointwise
-from .graph import Site, analyse
+from .graph import Site, analyse, trace
+from .residual import DonatingSequential, ResidualConv2d, fuse_residual_sums
 from .timing import RUNTIMES, ChoiceCache, measured_choice, rule_choice
 
-__all__ = ["ChoiceCache", "DeployError", "DeployReport", "DeployedCompConv2d", "LayerChoice", "LowRankConv2d",
-           "ReparameterizableStage", "build_form", "check_outputs", "deploy", "form_macs", "rule_choice",
+__all__ = ["ChoiceCache", "DeployError", "DeployReport", "DeployedCompConv2d", "DonatingSequential", "LayerChoice",
+           "LowRankConv2d", "ReparameterizableStage", "ResidualConv2d", "build_form", "check_outputs", "deploy", "form_macs", "rule_choice",
            "rounding_error", "tolerance_for"]
 
 RTOL_FP32, RTOL_HALF = 1e-4, 2e-2  # largest |deployed - original| accepted, relative to max |original output|
@@ -86,6 +87,8 @@ class DeployReport:
     shuffle_folds: list[tuple[str, ...]] = field(default_factory=list)  # (conv, norm, *per-channel ops, consumer)
     norms_absorbed: list[tuple[str, str]] = field(default_factory=list)  # (chain-form conv, the norm it applies)
     norm_of: dict[str, Optional[str]] = field(default_factory=dict)  # each CompConv layer -> the BatchNorm after it
+    residual_sums: list[str] = field(default_factory=list)  # convs that write their residual sum into the shortcut
+    residual_left: dict[str, str] = field(default_factory=dict)  # convs feeding a residual sum left as is, and why
     traced: bool = True
     trace_error: Optional[str] = None
     max_error: Optional[float] = None  # of the check, relative to max |output|
@@ -109,7 +112,8 @@ class DeployReport:
         traced = "" if self.traced else f", not traceable ({self.trace_error}): per-module forms only"
         return (f"DeployReport({self.norms_folded} inner norms folded, {self.biases_folded} biases folded, "
                 f"{self.shuffles_folded} shuffles folded, {len(self.norms_absorbed)} norms applied in chain layers' "
-                f"assembly, forms {self.forms()}, {len(self.left)} folds left out"
+                f"assembly, {len(self.residual_sums)} residual sums written into their shortcut, forms {self.forms()}, "
+                f"{len(self.left)} folds left out"
                 f"{traced}, max rel. error {self.max_error:.2g} <= {self.tolerance:.2g})"
                 if self.max_error is not None else f"DeployReport(unchecked, forms {self.forms()})")
 
@@ -198,6 +202,7 @@ def _first_difference(original: nn.Module, deployed: nn.Module, x: torch.Tensor,
                                                                             if c.norm and c.form != "chain"}
         permuted |= {name for fold in report.shuffle_folds for name in fold[:-1]}
         permuted |= {name for pair in report.norms_absorbed for name in pair}
+        permuted |= {name for conv in report.residual_sums for name in (conv, conv + ".second")}  # output: the sum
     permuted_outputs: set[int] = set()
     alive = []  # tracked outputs stay referenced, so their ids are not reused by later tensors
 
@@ -354,14 +359,17 @@ def _deploy_copy(model: nn.Module, example_input: Optional[torch.Tensor], runtim
                 model.set_submodule(name, absorb_norm(conv, model.get_submodule(site.norm)).eval())
                 model.set_submodule(site.norm, nn.Identity())
                 report.norms_absorbed.append((name, site.norm))
+        if report.traced:
+            report.residual_sums, report.residual_left = fuse_residual_sums(model, trace)
     return report
 
 
-class ReparameterizableStage(nn.Sequential):
+class ReparameterizableStage(DonatingSequential):
     """An ``nn.Sequential`` stage of a registered CompConv model (ResNet ``layerN``, VGG ``features``) whose
     ``reparameterize()`` runs :func:`deploy` on it, so ``timm.utils.reparameterize_model`` (timm's
     ``benchmark.py --reparam``, ``onnx_export.py --reparam``) reaches the deployed form. The stage is
-    checked on a random 64x64 input with its first conv's channels."""
+    checked on a random 64x64 input with its first conv's channels. As a :class:`DonatingSequential` it can
+    hand its blocks their inputs, so the stage deployed alone writes its residual sums in place too."""
 
     def reparameterize(self) -> DeployReport:
         return deploy(self)

@@ -96,14 +96,18 @@ class LowRankConv2d(_SlicesOfIndex, nn.Module):
         index = self.identity_index
         self.identity_slice = channel_slice(index) if index is not None else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def mix(self, x: torch.Tensor) -> torch.Tensor:
+        """``[U x ; x[identity channels]]``, the second conv's input."""
         b = self.first(x)
         index = self.identity_index
         if index is not None:
             cut = self.identity_slice
             a = x[:, cut[0]:cut[1]:cut[2]] if cut is not None else gather_channels(x, index)
             b = torch.cat([b, a[:, :, ::self.stride[0], ::self.stride[1]]], dim=1)
-        return self.second(b)
+        return b
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.second(self.mix(x))
 
 
 class DeployedCompConv2d(_SlicesOfIndex, CompConv2d):

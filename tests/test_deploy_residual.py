@@ -1,0 +1,199 @@
+"""deploy's residual sums written into the shortcut: equal outputs, in place only where the dataflow proves nothing
+reads the shortcut afterwards, out of place everywhere else (blocks called alone, hooks, autograd, graph capture)."""
+
+import copy
+import io
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from compconv import deploy
+from compconv.deploy import DonatingSequential, ResidualConv2d
+from compconv.deploy.residual import ResidualLowRankConv2d
+
+
+class _InPlaceSums(TorchDispatchMode):
+    """Counts the in-place conv + sum calls of a forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if "_convolution_pointwise_" in str(func):
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _randomise_norms(model):
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.2, 0.2)
+            module.running_var.uniform_(0.8, 1.2)
+            module.weight.data.uniform_(0.8, 1.2)
+            module.bias.data.uniform_(-0.1, 0.1)
+
+
+def _close(got, want):
+    """Equal within deploy's tolerance: 1e-4 of the largest |value|."""
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+
+
+def _deployed(name="resnet50_compconv128"):
+    torch.manual_seed(0)
+    model = timm.create_model(name, num_classes=10)
+    _randomise_norms(model)
+    model.eval().to(memory_format=torch.channels_last)
+    original = copy.deepcopy(model)
+    report = deploy(model)
+    return original, model, report
+
+
+@pytest.mark.parametrize("stride, kernel, channels_last, relu", [(1, 1, True, True), (2, 1, True, True),
+                                                                  (1, 3, False, False), (2, 3, False, True)])
+@torch.no_grad()
+def test_residual_conv_equals_conv_plus_shortcut_in_place_and_out_of_place(stride, kernel, channels_last, relu):
+    conv = nn.Conv2d(8, 16, kernel, stride, kernel // 2)
+    fused = ResidualConv2d.from_conv(conv, relu)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(2, 8, 10, 10).to(memory_format=fmt)
+    shortcut = torch.randn_like(conv(x)).to(memory_format=fmt)
+    want = conv(x) + shortcut
+    want = want.relu() if relu else want
+    kept = shortcut.clone()
+    torch.testing.assert_close(fused(x, shortcut, False), want)
+    assert torch.equal(shortcut, kept)  # not owned: the shortcut is untouched
+    got = fused(x, shortcut, True)
+    torch.testing.assert_close(got, want)
+    assert got.data_ptr() == shortcut.data_ptr()  # owned: written into the shortcut
+    torch.testing.assert_close(fused(x), conv(x))  # one argument: the plain conv
+
+
+def test_residual_conv_sums_out_of_place_under_autograd():
+    conv = nn.Conv2d(4, 4, 1)
+    fused = ResidualConv2d.from_conv(conv, True)
+    x, shortcut = torch.randn(1, 4, 5, 5, requires_grad=True), torch.randn(1, 4, 5, 5)
+    y = fused(x, shortcut, True)
+    assert y.data_ptr() != shortcut.data_ptr()
+    y.sum().backward()
+    assert x.grad is not None
+
+
+@torch.no_grad()
+def test_deployed_resnet_writes_its_sums_in_place_and_keeps_outputs():
+    original, model, report = _deployed()
+    # the sums after a dense or low-rank conv (a chain-form layer is no plain conv): the first block of each stage
+    # into the tensor it made, the others into their input
+    assert len(report.residual_sums) >= 12 and not report.residual_left
+    assert all(isinstance(model.get_submodule(name), (ResidualConv2d, ResidualLowRankConv2d))
+               for name in report.residual_sums)
+    assert all(isinstance(model.get_submodule(name.split(".")[0]), DonatingSequential) for name in report.residual_sums)
+    x = torch.randn(2, 3, 64, 64).to(memory_format=torch.channels_last)
+    with _InPlaceSums() as mode:
+        got = model(x)
+    assert mode.count == len(report.residual_sums)
+    torch.testing.assert_close(got, original(x), rtol=1e-4, atol=1e-4)
+    assert report.max_error <= report.tolerance
+
+
+@torch.no_grad()
+def test_fused_blocks_never_write_into_what_others_hold():
+    original, model, _ = _deployed()
+    x = torch.randn(2, 3, 64, 64).to(memory_format=torch.channels_last)
+    # a block called alone sums out of place: the caller's tensor is untouched
+    block_input = original.layer1[:1](original.maxpool(original.act1(original.bn1(original.conv1(x)))))
+    kept = block_input.clone()
+    with _InPlaceSums() as mode:
+        _close(model.layer1[1](block_input), original.layer1[1](kept))
+    assert mode.count == 0 and torch.equal(block_input, kept)
+    # timm's forward_intermediates hands out every stage's output
+    want = original.forward_intermediates(x, intermediates_only=True)
+    got = model.forward_intermediates(x, intermediates_only=True)
+    for g, w in zip(got, want):
+        _close(g, w)
+    # a forward hook keeping the outputs of each block: in place would change them after the hook ran
+    kept_outputs = {"original": [], "deployed": []}
+    for key, net in (("original", original), ("deployed", model)):
+        for block in net.layer2:
+            block.register_forward_hook(lambda m, a, out, key=key: kept_outputs[key].append(out))
+        net(x)
+    assert len(kept_outputs["deployed"]) == len(kept_outputs["original"]) == 4
+    for g, w in zip(kept_outputs["deployed"], kept_outputs["original"]):
+        _close(g, w)
+
+
+class _Block(nn.Module):
+    def __init__(self, mode):
+        super().__init__()
+        self.mode = mode
+        self.conv1, self.conv2 = nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 1)
+
+    def forward(self, x):
+        if self.mode == "reads_conv_input":  # conv(x) + x: the conv reads the memory it would write
+            return F.relu(self.conv2(x) + x)
+        y = self.conv2(F.relu(self.conv1(x)))
+        if self.mode == "reads_after":  # the shortcut is read again after the sum
+            return (y + x) * x
+        if self.mode == "returns_shortcut":
+            return y + x, x
+        return F.relu(y + x)
+
+
+class _KeepsBuffer(nn.Module):
+    """Returns a view of its own buffer: the next block's input is not the stage's to give."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("state", torch.randn(1, 8, 6, 6))
+
+    def forward(self, x):
+        return self.state.expand_as(x)
+
+
+@pytest.mark.parametrize("stage, fused, reason", [
+    (lambda: nn.Sequential(nn.Conv2d(8, 8, 1), _Block("plain"), _Block("plain")), 2, None),
+    (lambda: nn.Sequential(_Block("plain")), 0, "stage hands it"),  # the stage's input: its caller may hold it
+    (lambda: nn.Sequential(nn.Conv2d(8, 8, 1), _Block("reads_after")), 0, "after the sum"),
+    (lambda: nn.Sequential(nn.Conv2d(8, 8, 1), _Block("reads_conv_input")), 0, "conv reads"),
+    (lambda: nn.Sequential(nn.Conv2d(8, 8, 1), _Block("returns_shortcut")), 0, "returns the shortcut"),
+    (lambda: nn.Sequential(nn.Conv2d(8, 8, 1), _KeepsBuffer(), _Block("plain")), 0, "stage hands it"),
+])
+@torch.no_grad()
+def test_sums_are_fused_only_where_the_dataflow_proves_the_shortcut_private(stage, fused, reason):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), stage()).eval()
+    original = copy.deepcopy(model)
+    x = torch.randn(2, 3, 6, 6)
+    report = deploy(model, x)
+    assert len(report.residual_sums) == fused
+    if reason:
+        assert any(reason in why for why in report.residual_left.values()), report.residual_left
+    want, got = original(x), model(x)
+    for g, w in zip(got if isinstance(got, tuple) else [got], want if isinstance(want, tuple) else [want]):
+        torch.testing.assert_close(g, w)
+
+
+@torch.no_grad()
+def test_fused_model_pickles_copies_scripts_compiles_and_exports():
+    original, model, report = _deployed()
+    x = torch.randn(1, 3, 64, 64).to(memory_format=torch.channels_last)
+    want = original(x)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    for net in (loaded, copy.deepcopy(model)):
+        with _InPlaceSums() as mode:
+            torch.testing.assert_close(net(x), want, rtol=1e-4, atol=1e-4)
+        assert mode.count == len(report.residual_sums)
+    torch.testing.assert_close(torch.jit.script(copy.deepcopy(model))(x), want, rtol=1e-4, atol=1e-4)
+    compiled = torch.compile(copy.deepcopy(model), backend="aot_eager")
+    torch.testing.assert_close(compiled(x), want, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(torch.export.export(model, (x,)).module()(x), want, rtol=1e-4, atol=1e-4)
+    fresh = timm.create_model("resnet50_compconv128", num_classes=10)
+    deploy(fresh)
+    fresh.load_state_dict(model.state_dict())  # the state dict keys are those of a deployed model
