@@ -193,7 +193,29 @@ def test_fused_model_pickles_copies_scripts_compiles_and_exports():
     torch.testing.assert_close(torch.jit.script(copy.deepcopy(model))(x), want, rtol=1e-4, atol=1e-4)
     compiled = torch.compile(copy.deepcopy(model), backend="aot_eager")
     torch.testing.assert_close(compiled(x), want, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(torch.export.export(model, (x,)).module()(x), want, rtol=1e-4, atol=1e-4)
+    exported = torch.export.export(model, (x,))
+    assert not any("mkldnn" in str(node.target) for node in exported.graph.nodes)  # runs anywhere: the plain sum
+    torch.testing.assert_close(exported.module()(x), want, rtol=1e-4, atol=1e-4)
+    traced = torch.jit.trace(copy.deepcopy(model), x)
+    assert "mkldnn" not in str(traced.inlined_graph)
+    torch.testing.assert_close(traced(x), want, rtol=1e-4, atol=1e-4)
     fresh = timm.create_model("resnet50_compconv128", num_classes=10)
     deploy(fresh)
     fresh.load_state_dict(model.state_dict())  # the state dict keys are those of a deployed model
+
+
+@torch.no_grad()
+def test_torch_compile_captures_the_whole_model_with_plain_sums():
+    original, model, report = _deployed()
+    graphs = []
+
+    def recording_backend(gm, example_inputs):
+        graphs.append(gm.graph)
+        return gm.forward
+
+    x = torch.randn(1, 3, 64, 64).to(memory_format=torch.channels_last)
+    torch._dynamo.reset()
+    got = torch.compile(model, backend=recording_backend, fullgraph=True)(x)
+    assert len(graphs) == 1 and report.residual_sums
+    assert not any("mkldnn" in str(node.target) for node in graphs[0].nodes)
+    torch.testing.assert_close(got, original(x), rtol=1e-4, atol=1e-4)
