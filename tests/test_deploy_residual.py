@@ -205,6 +205,30 @@ def test_fused_model_pickles_copies_scripts_compiles_and_exports():
 
 
 @torch.no_grad()
+def test_fused_blocks_keep_every_submodule_name_and_class():
+    import importlib
+
+    deploy_module = importlib.import_module("compconv.deploy")
+    _, model, report = _deployed()
+    unfused = timm.create_model("resnet50_compconv128", num_classes=10).eval()
+    real = deploy_module.fuse_residual_sums
+    deploy_module.fuse_residual_sums = lambda m, t: ([], {})
+    try:
+        deploy(unfused)
+    finally:
+        deploy_module.fuse_residual_sums = real
+    fused_blocks = {".".join(name.split(".")[:2]) for name in report.residual_sums}
+    got = {n: type(m).__name__ for n, m in model.named_modules() if n and n not in fused_blocks}
+    want = {n: type(m).__name__ for n, m in unfused.named_modules() if n and n not in fused_blocks}
+    renamed = {"Conv2d": "ResidualConv2d", "LowRankConv2d": "ResidualLowRankConv2d",
+               "ReparameterizableStage": "ReparameterizableStage"}
+    assert got.keys() == want.keys()
+    for name in got:  # the fused convs change class; everything else keeps it (downsample stays a Sequential)
+        assert got[name] == want[name] or (name in report.residual_sums and got[name] == renamed[want[name]]), name
+    model.get_submodule("layer1.0.downsample.1")
+
+
+@torch.no_grad()
 def test_torch_compile_captures_the_whole_model_with_plain_sums():
     original, model, report = _deployed()
     graphs = []

@@ -340,9 +340,8 @@ def _rewrite(block: nn.Module, graph: fx.Graph, found: list) -> fx.GraphModule:
             graph.erase_node(add)
     graph.lint()
     rewritten = fx.GraphModule(block, graph, class_name=f"{type(block).__name__}Fused")
-    for name, child in block.named_children():  # modules the forward does not call keep their place
-        if not hasattr(rewritten, name):
-            rewritten.add_module(name, child)
+    for name, child in block.named_children():  # the block's own submodules (FX keeps only those called, under
+        rewritten.add_module(name, child)        # bare parents), so every module keeps its name and class
     for name, tensor in list(block._parameters.items()) + list(block._buffers.items()):
         if not hasattr(rewritten, name):
             setattr(rewritten, name, tensor)
