@@ -45,8 +45,8 @@ from .residual import DonatingSequential, ResidualConv2d, fuse_residual_sums
 from .timing import RUNTIMES, ChoiceCache, measured_choice, rule_choice
 
 __all__ = ["ChoiceCache", "DeployError", "DeployReport", "DeployedCompConv2d", "DonatingSequential", "LayerChoice",
-           "LowRankConv2d", "ReparameterizableStage", "ResidualConv2d", "build_form", "check_outputs", "deploy", "form_macs", "rule_choice",
-           "rounding_error", "tolerance_for"]
+           "LowRankConv2d", "ReparameterizableStage", "ResidualConv2d", "build_form", "check_outputs", "deploy",
+           "form_macs", "rule_choice", "rounding_error", "tolerance_for"]
 
 RTOL_FP32, RTOL_HALF = 1e-4, 2e-2  # largest |deployed - original| accepted, relative to max |original output|
 # deploy refuses an fp32 model whose own outputs move by more than this share of the tolerance under rounding alone

@@ -43,7 +43,8 @@ from torch.nn.modules import module as module_hooks
 from ..layers import CompConv2d, in_graph_capture
 from .forms import DeployedCompConv2d, LowRankConv2d
 
-__all__ = ["DonatingSequential", "ResidualConv2d", "ResidualLowRankConv2d", "ResidualSite", "find_sites", "fuse_residual_sums"]
+__all__ = ["DonatingSequential", "ResidualConv2d", "ResidualLowRankConv2d", "ResidualSite", "find_sites",
+           "fuse_residual_sums"]
 
 
 def _hooked(module: nn.Module) -> bool:
@@ -360,7 +361,8 @@ def fuse_residual_sums(model: nn.Module, tracer: Callable[[nn.Module], fx.Graph]
         The fused convs' names, and the convs feeding a residual sum that were left, with the reason.
     """
     fused, left = [], {}
-    stages = [(name, m) for name, m in model.named_modules() if _is_stage(m) and (name or isinstance(m, DonatingSequential))]
+    stages = [(name, m) for name, m in model.named_modules()
+              if _is_stage(m) and (name or isinstance(m, DonatingSequential))]  # the root only if it can donate
     for stage_name, stage in stages:
         prefix = f"{stage_name}." if stage_name else ""
         plans, kinds = {}, []
@@ -375,15 +377,16 @@ def fuse_residual_sums(model: nn.Module, tracer: Callable[[nn.Module], fx.Graph]
                 continue
             found, why = find_sites(block, graph)
             left.update({f"{prefix}{index}.{conv}": reason for conv, reason in why.items()})
+            one_input = sum(n.op == "placeholder" for n in graph.nodes) == 1
             if any(site.donated for *_, site in found) and not (
-                    index >= 1 and sum(n.op == "placeholder" for n in graph.nodes) == 1 and _hands_fresh(kinds, index - 1)):
+                    index >= 1 and one_input and _hands_fresh(kinds, index - 1)):
                 for *_, site in found:
                     if site.donated:
                         left[f"{prefix}{index}.{site.conv}"] = (
                             "the shortcut is the block's input, and the stage hands it a tensor others may hold (the "
                             "stage's input, or what the previous block did not make)")
                 found = [f for f in found if not f[-1].donated]
-            if found and sum(n.op == "placeholder" for n in graph.nodes) == 1:
+            if found and one_input:
                 plans[index] = (graph, found)
         if not plans:
             continue
