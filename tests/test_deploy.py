@@ -8,18 +8,11 @@ import timm
 import torch
 from torch import nn
 
+from helpers import randomise_norms
+
 from compconv import CompConv2d, deploy
 from compconv.deploy import DeployedCompConv2d, DeployError, LowRankConv2d, build_form, form_macs, rule_choice
 from compconv.deploy.forms import permute_input
-
-
-def _randomise_norms(model):
-    for module in model.modules():
-        if isinstance(module, nn.BatchNorm2d):
-            module.running_mean.uniform_(-0.2, 0.2)
-            module.running_var.uniform_(0.8, 1.2)
-            module.weight.data.uniform_(0.8, 1.2)
-            module.bias.data.uniform_(-0.1, 0.1)
 
 
 def _close(got, want):
@@ -37,7 +30,7 @@ def _close(got, want):
 @torch.no_grad()
 def test_deploy_keeps_eval_outputs(name, options, norms, forms, timed):  # timed in PyTorch
     model = timm.create_model(name, num_classes=10, compconv=options)
-    _randomise_norms(model)
+    randomise_norms(model)
     model.eval()
     x = torch.randn(2, 3, 64, 64)
     reference = model(x)
@@ -58,7 +51,7 @@ def test_deploy_keeps_eval_outputs(name, options, norms, forms, timed):  # timed
 def test_pointwise_forms_equal_compconv_with_norm_and_permuted_input(form, c_in, c_out, stride, depth):
     conv = CompConv2d(c_in, c_out, 1, stride, bias=True, depth=depth, inner_norm=True).double()
     norm = nn.BatchNorm2d(c_out).double()
-    _randomise_norms(nn.Sequential(conv, norm))
+    randomise_norms(nn.Sequential(conv, norm))
     reference = nn.Sequential(conv, norm).eval()
     conv.reparameterize()
     x = torch.randn(2, c_in, 9, 9, dtype=torch.double)
@@ -112,7 +105,7 @@ class _ConvNorm(nn.Module):
 @torch.no_grad()
 def test_deploy_folds_output_bias_into_following_norm():
     block = _ConvNorm()
-    _randomise_norms(block)
+    randomise_norms(block)
     block.eval()
     x = torch.randn(1, 64, 6, 6)
     reference = block(x)
@@ -122,7 +115,7 @@ def test_deploy_folds_output_bias_into_following_norm():
 
 def test_timm_reparameterize_model_folds_inner_norms():
     model = timm.create_model("resnet18_compconv128", num_classes=5, compconv={"inner_norm": True}).eval()
-    _randomise_norms(model)
+    randomise_norms(model)
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         reference = model(x)
@@ -148,7 +141,7 @@ def test_deployed_model_compiles_scripts_and_exports():
 def test_deploy_for_onnx_runtime_times_forms_there_and_keeps_outputs():
     pytest.importorskip("onnxruntime")
     model = timm.create_model("resnet18_compconv128", num_classes=10).eval()
-    _randomise_norms(model)
+    randomise_norms(model)
     x = torch.randn(2, 3, 64, 64)
     reference = model(x)
     report = deploy(model, x, runtime="ort")
@@ -184,7 +177,7 @@ def test_chain_layer_applying_its_norm_equals_layer_then_norm_in_every_runtime(k
     conv = CompConv2d(64, 64, kernel, stride, padding=kernel // 2, bias=False, depth=depth)
     norm = nn.BatchNorm2d(64)
     reference = nn.Sequential(conv, norm)
-    _randomise_norms(reference)
+    randomise_norms(reference)
     reference.eval()
     x = torch.randn(2, 64, 12, 12).to(memory_format=torch.channels_last)
     want = reference(x)
@@ -202,7 +195,7 @@ def test_chain_layer_applying_its_norm_equals_layer_then_norm_in_every_runtime(k
 @torch.no_grad()
 def test_deploy_applies_norms_in_chain_layers_for_pytorch_only():
     model = timm.create_model("resnet50_compconv128", num_classes=10)
-    _randomise_norms(model)
+    randomise_norms(model)
     model.eval()
     x = torch.randn(2, 3, 64, 64)
     reference = model(x)
@@ -230,7 +223,7 @@ def test_a_wrong_absorbed_norm_is_refused_and_the_model_is_untouched(monkeypatch
 
     monkeypatch.setattr(importlib.import_module("compconv.deploy"), "absorb_norm", forgets_the_shift)
     model = timm.create_model("resnet18_compconv128", num_classes=10)
-    _randomise_norms(model)
+    randomise_norms(model)
     model.eval()
     state = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(DeployError, match="The model was not changed"):

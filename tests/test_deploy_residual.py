@@ -11,6 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from helpers import randomise_norms
+
 from compconv import deploy
 from compconv.deploy import DonatingSequential, ResidualConv2d
 from compconv.deploy.residual import ResidualLowRankConv2d
@@ -29,15 +31,6 @@ class _InPlaceSums(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def _randomise_norms(model):
-    for module in model.modules():
-        if isinstance(module, nn.BatchNorm2d):
-            module.running_mean.uniform_(-0.2, 0.2)
-            module.running_var.uniform_(0.8, 1.2)
-            module.weight.data.uniform_(0.8, 1.2)
-            module.bias.data.uniform_(-0.1, 0.1)
-
-
 def _close(got, want):
     """Equal within deploy's tolerance: 1e-4 of the largest |value|."""
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
@@ -46,7 +39,7 @@ def _close(got, want):
 def _deployed(name="resnet50_compconv128"):
     torch.manual_seed(0)
     model = timm.create_model(name, num_classes=10)
-    _randomise_norms(model)
+    randomise_norms(model)
     model.eval().to(memory_format=torch.channels_last)
     original = copy.deepcopy(model)
     report = deploy(model)

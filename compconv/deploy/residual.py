@@ -159,7 +159,6 @@ class ResidualSite:
 
     conv: str  # the conv module, relative to the block (for a low-rank form its second conv is fused)
     donated: bool  # the shortcut is the block's input (handed over by a DonatingSequential)
-    relu: bool
 
 
 _ADDS = (operator.add, torch.add)
@@ -286,7 +285,7 @@ def find_sites(block: nn.Module, graph: fx.Graph) -> tuple[list[tuple[fx.Node, f
                 left[conv.target] = reason
                 break
             relu = _relu_after(add, modules)
-            found.append((conv, add, relu, shortcut, ResidualSite(conv.target, donated, relu is not None)))
+            found.append((conv, add, relu, shortcut, ResidualSite(conv.target, donated)))
             break
     return found, left
 
