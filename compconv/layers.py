@@ -35,7 +35,12 @@ def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
     if groups == 1:
         return x
     n, c, h, w = x.shape
-    return x.view(n, groups, c // groups, h, w).transpose(1, 2).reshape(n, c, h, w)
+    if x.is_contiguous() or not x.is_contiguous(memory_format=torch.channels_last):
+        return x.view(n, groups, c // groups, h, w).transpose(1, 2).reshape(n, c, h, w)
+    # channels_last stays channels_last (a reshape of the NCHW view would return NCHW, and a compiled
+    # graph would run the layers after it, and any sum with a channels_last tensor, in mixed layouts)
+    nhwc = x.permute(0, 2, 3, 1)
+    return nhwc.view(n, h, w, groups, c // groups).transpose(3, 4).reshape(n, h, w, c).permute(0, 3, 1, 2)
 
 
 def concat_shuffle(parts: List[torch.Tensor], groups: int) -> torch.Tensor:

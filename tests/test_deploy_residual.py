@@ -221,18 +221,61 @@ def test_fused_blocks_keep_every_submodule_name_and_class():
     model.get_submodule("layer1.0.downsample.1")
 
 
-@torch.no_grad()
-def test_torch_compile_captures_the_whole_model_with_plain_sums():
-    original, model, report = _deployed()
+def _dynamo_graph(model, x):
+    """The single graph dynamo records for ``model(x)`` (``fullgraph``: no graph break), and the output."""
     graphs = []
 
     def recording_backend(gm, example_inputs):
         graphs.append(gm.graph)
         return gm.forward
 
-    x = torch.randn(1, 3, 64, 64).to(memory_format=torch.channels_last)
     torch._dynamo.reset()
     got = torch.compile(model, backend=recording_backend, fullgraph=True)(x)
-    assert len(graphs) == 1 and report.residual_sums
-    assert not any("mkldnn" in str(node.target) for node in graphs[0].nodes)
-    torch.testing.assert_close(got, original(x), rtol=1e-4, atol=1e-4)
+    assert len(graphs) == 1
+    return [str(node.target) for node in graphs[0].nodes if node.op == "call_function"], got
+
+
+def test_torch_compile_captures_the_whole_model_with_onednn_convs_at_the_sums():
+    original, model, report = _deployed()
+    x = torch.randn(1, 3, 64, 64).to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        want = original(x)
+        targets, got = _dynamo_graph(model, x)
+    # inference on channels_last fp32 CPU: each fused sum's conv is oneDNN's functional conv, which inductor's
+    # passes fuse with the sum and ReLU; the in-place op itself is never in a captured graph
+    assert targets.count("mkldnn._convolution_pointwise") == len(report.residual_sums) > 0
+    assert not any("_convolution_pointwise_" in t for t in targets)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    # otherwise plain aten convs: a model in NCHW, and graphs that autograd records
+    with torch.no_grad():
+        targets, got = _dynamo_graph(copy.deepcopy(model).to(memory_format=torch.contiguous_format), x.contiguous())
+    assert not any("mkldnn" in t for t in targets)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    targets, got = _dynamo_graph(model, x)
+    assert not any("mkldnn" in t for t in targets)
+    torch.testing.assert_close(got.detach(), want, rtol=1e-4, atol=1e-4)
+
+
+@torch.no_grad()
+def test_inductor_writes_the_sums_in_place_only_into_what_its_graph_owns():
+    from torch._inductor.utils import run_and_get_code
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.Sequential(nn.Conv2d(8, 8, 1), *[_Block("plain") for _ in range(3)]))
+    model = model.eval().to(memory_format=torch.channels_last)
+    original = copy.deepcopy(model)
+    x = torch.randn(2, 3, 6, 6).to(memory_format=torch.channels_last)
+    assert len(deploy(model, x).residual_sums) == 3
+    torch._dynamo.reset()
+    got, code = run_and_get_code(torch.compile(model), x)
+    torch.testing.assert_close(got, original(x))
+    assert "\n".join(code).count("mkldnn._convolution_pointwise_.binary(") == 3
+    # a block compiled alone: its input is the caller's, so inductor sums out of place and leaves it untouched
+    block_input = original[1][:2](original[0](x))
+    kept = block_input.clone()
+    torch._dynamo.reset()
+    got, code = run_and_get_code(torch.compile(model[1][2]), block_input)
+    torch.testing.assert_close(got, original[1][2](kept))
+    assert torch.equal(block_input, kept)
+    code = "\n".join(code)
+    assert "mkldnn._convolution_pointwise.binary(" in code and "_convolution_pointwise_.binary(" not in code

@@ -58,6 +58,15 @@ def test_output_matches_conv_shape_for_common_resnet_geometries():
         assert CompConv2d(c_in, c_out, k, s, p, bias=False)(x).shape == nn.Conv2d(c_in, c_out, k, s, p)(x).shape
 
 
+@pytest.mark.parametrize("shape", [(2, 12, 5, 7), (2, 12, 1, 1)])
+def test_channel_shuffle_keeps_the_memory_format(shape):
+    x = torch.randn(*shape)
+    want = x.view(shape[0], 3, 4, *shape[2:]).transpose(1, 2).reshape(shape)
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        got = channel_shuffle(x.to(memory_format=fmt), 3)
+        assert torch.equal(got, want) and got.is_contiguous(memory_format=fmt)
+
+
 def _shuffled_positions(module):
     """Output channel of each concatenated (pre-shuffle) channel."""
     index = torch.arange(module.out_channels, dtype=torch.float32).view(1, -1, 1, 1)

@@ -83,17 +83,36 @@ class ResidualConv2d(nn.Conv2d):
                 return torch.ops.mkldnn._convolution_pointwise_.binary(
                     shortcut, x, self.weight, self.bias, list(self.padding), list(self.stride), list(self.dilation),
                     self.groups, "add", 1.0, "relu" if self.relu else None, [], "")
+            if self._inductor_fuses(x, shortcut):
+                # inductor's oneDNN passes fuse this conv with the sum and ReLU, in place where its own
+                # graph proves the shortcut dead (they match the oneDNN conv op, not aten.convolution)
+                y = torch.ops.mkldnn._convolution_pointwise(x, self.weight, self.bias, list(self.padding),
+                                                            list(self.stride), list(self.dilation), self.groups,
+                                                            "none", [], "")
+                y = y + shortcut
+                return torch.relu(y) if self.relu else y
         y = self._conv_forward(x, self.weight, self.bias) + shortcut
         return torch.relu(y) if self.relu else y
 
-    def _in_place_ok(self, x: torch.Tensor, shortcut: torch.Tensor) -> bool:
+    def _onednn_fp32(self, x: torch.Tensor, shortcut: torch.Tensor) -> bool:
+        """Float32 CPU tensors without autograd or autocast, that oneDNN's fused conv ops take."""
         if (x.device.type != "cpu" or x.dtype != torch.float32 or shortcut.dtype != torch.float32
                 or shortcut.device.type != "cpu" or x.dim() != 4 or not torch._C._has_mkldnn
-                or not isinstance(self.padding, tuple)):
+                or not isinstance(self.padding, tuple) or self.padding_mode != "zeros"):
             return False
-        if not torch.backends.mkldnn.enabled:
+        if not torch.backends.mkldnn.enabled or torch.is_autocast_enabled("cpu"):
             return False
-        if torch.is_grad_enabled() and (x.requires_grad or shortcut.requires_grad or self.weight.requires_grad):
+        return not (torch.is_grad_enabled()
+                    and (x.requires_grad or shortcut.requires_grad or self.weight.requires_grad))
+
+    def _inductor_fuses(self, x: torch.Tensor, shortcut: torch.Tensor) -> bool:
+        """``torch.compile`` (not export) records a channels_last fp32 CPU inference graph."""
+        return (torch.compiler.is_compiling() and not torch.compiler.is_exporting()
+                and self._onednn_fp32(x, shortcut) and x.is_contiguous(memory_format=torch.channels_last)
+                and shortcut.is_contiguous(memory_format=torch.channels_last))
+
+    def _in_place_ok(self, x: torch.Tensor, shortcut: torch.Tensor) -> bool:
+        if not self._onednn_fp32(x, shortcut):
             return False
         n, _, h, w = x.shape
         out_hw = [(size + 2 * p - d * (k - 1) - 1) // s + 1 for size, p, d, k, s in
