@@ -24,10 +24,14 @@ dict) whose forward takes ``(x, owned=False)`` and calls the conv as ``conv(x, s
 becomes a :class:`DonatingSequential`, which passes ``owned=True`` when no forward hook (global, or on a
 module of the block or of the block before it) could have kept a reference to the shortcut. A block called
 alone therefore sums out of place. At run time a :class:`ResidualConv2d` writes in place only in eager
-mode, on float32 CPU tensors, without autograd; otherwise, and under graph capture (``torch.compile``,
-``torch.export``, ``torch.onnx.export``, FX, ``jit.trace``, TorchScript), it computes
-``relu(conv(x) + shortcut)``: dynamo has no fake kernel for the in-place oneDNN op and would break the graph
-there (and with its graph breaks, the whole-model gain under ``torch.compile`` measured 0.996x).
+mode, on float32 CPU tensors, without autograd; otherwise, and under graph capture (``torch.export``,
+``torch.onnx.export``, FX, ``jit.trace``, TorchScript), it computes ``relu(conv(x) + shortcut)``.
+
+Under ``torch.compile`` (inference on channels_last float32 CPU tensors) it computes the same with oneDNN's
+functional ``mkldnn._convolution_pointwise``: inductor's oneDNN passes match that op (not
+``aten.convolution``) followed by the sum and ReLU, fuse the three, and write in place where inductor's own
+graph proves the shortcut dead (never into a graph input). The in-place op itself has no fake kernel, so
+calling it would break dynamo's graph at every sum (measured 0.996x).
 """
 
 
