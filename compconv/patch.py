@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import fnmatch
+import functools
+import inspect
+import re
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
@@ -91,8 +94,33 @@ def default_exclude(model: nn.Module) -> tuple[str, ...]:
     return tuple(patterns)
 
 
+def _parent(model: nn.Module, name: str) -> nn.Module:
+    parent_name = name.rpartition(".")[0]
+    return model.get_submodule(parent_name) if parent_name else model
+
+
 def _matches(name: str, patterns: Iterable[str]) -> bool:
     return any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
+
+
+@functools.lru_cache(maxsize=None)
+def _parameters_read(owner: type) -> frozenset[str]:
+    """Attributes ``a`` whose ``self.a.weight`` or ``self.a.bias`` a ``forward*`` method of ``owner`` (not
+    ``nn.Module``'s own) reads, e.g. for a device or dtype: a CompConv there would fail the model's forward.
+    Initialisers (``reset_parameters``, ``zero_init_last``) ran when the model was built, before the patch."""
+    read = set()
+    for cls in owner.__mro__:
+        if cls.__module__.startswith("torch.nn") or cls is object:
+            continue
+        for name, member in vars(cls).items():
+            if not name.startswith("forward") or not inspect.isfunction(member):
+                continue
+            try:
+                source = inspect.getsource(member)
+            except (OSError, TypeError):  # defined in a REPL or built: nothing to read
+                continue
+            read.update(re.findall(r"self\.(\w+)\.(?:weight|bias)\b", source))
+    return frozenset(read)
 
 
 def _skip_reason(module: nn.Conv2d, min_in_channels: int) -> str:
@@ -126,7 +154,8 @@ def patch(
 
     A conv is eligible when it is exactly ``nn.Conv2d`` (not a subclass with its own forward),
     has ``groups == 1``, ``in_channels >= min_in_channels`` (so the RGB stem stays plain), zero
-    padding, matches ``include`` (if given) and does not match ``exclude``. The classifier
+    padding, matches ``include`` (if given), does not match ``exclude`` and is not read as ``.weight`` or
+    ``.bias`` by its parent's ``forward`` (a CompConv has several convs, so that read would fail). The classifier
     (timm ``pretrained_cfg['classifier']``) and VGG's ``pre_logits`` convs are excluded by default.
 
     Args:
@@ -163,6 +192,8 @@ def patch(
             report.skipped.append(SkippedLayer(name, "excluded (classifier or exclude pattern)"))
         elif reason := _skip_reason(module, min_in_channels):
             report.skipped.append(SkippedLayer(name, reason))
+        elif name.rpartition(".")[2] in _parameters_read(type(_parent(model, name))):
+            report.skipped.append(SkippedLayer(name, f"{type(_parent(model, name)).__name__} reads its .weight or .bias"))
         else:
             targets.append((name, module))
 
@@ -170,8 +201,7 @@ def patch(
         bias = conv.bias is not None
         layer_plan = plan_fn(conv.in_channels, conv.out_channels, conv.kernel_size, bias=bias, options=opts)
         if layer_plan.depth > 0:  # depth 0 keeps the original conv and its weights
-            parent_name, _, attr = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
+            parent, attr = _parent(model, name), name.rpartition(".")[2]
             # each layer is planned once: the module is built from the plan the report holds
             sizing = {"plan": layer_plan} if module_cls is CompConv2d else {"options": opts}
             new = module_cls(

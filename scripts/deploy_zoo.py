@@ -34,6 +34,11 @@ from compconv.onnxrt import ort_session  # noqa: E402
 SIZE = 64
 
 
+def _first_clause(error: Exception) -> str:
+    """The reason a DeployError gives, up to its first comma: short enough for a table cell, never cut mid-word."""
+    return str(error).splitlines()[0].split(", ")[0]
+
+
 def _relative(got: torch.Tensor, want: torch.Tensor) -> float:
     return float((got - want).abs().max() / want.abs().max())
 
@@ -58,7 +63,7 @@ def row(name: str, export: bool = True) -> list[str]:
             deploy(model, runtime=runtime)
             cells.append(_verdict(_relative(model(x), want)))
         except DeployError as error:
-            cells.append(f"refused ({str(error).splitlines()[0][:80]})")
+            cells.append(f"refused ({_first_clause(error)})")
         except Exception as error:  # a bug: reported, not hidden
             cells.append(f"error {type(error).__name__}")
     if not export:
@@ -71,7 +76,7 @@ def row(name: str, export: bool = True) -> list[str]:
             got = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
             cells.append(_verdict(_relative(got, want)))
         except DeployError as error:
-            cells.append(f"refused ({str(error).splitlines()[0][:80]})")
+            cells.append(f"refused ({_first_clause(error)})")
         except Exception as error:
             cells.append(f"error {type(error).__name__}")
     return cells

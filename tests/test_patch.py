@@ -63,6 +63,27 @@ def test_skips_grouped_and_subclassed_convs_with_reasons():
     assert isinstance(model[2], CompConv2d)
 
 
+class _ReadsWeight(nn.Module):
+    """As timm's edgenext positional encoding: the forward reads a conv's ``.weight`` for its dtype."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj, self.body = nn.Conv2d(32, 32, 1), nn.Conv2d(32, 32, 3, padding=1)
+        nn.init.zeros_(self.body.weight)  # an initialiser reading .weight does not stop the patch
+
+    def forward(self, x):
+        return self.body(x) + self.proj(x.to(self.proj.weight.dtype))
+
+
+def test_convs_whose_weight_the_forward_reads_are_left_with_a_reason():
+    model = nn.Sequential(_ReadsWeight())
+    report = compconv.patch(model)
+    reasons = {s.name: s.reason for s in report.skipped}
+    assert "_ReadsWeight reads its .weight or .bias" in reasons["0.proj"]
+    assert type(model[0].proj) is nn.Conv2d and isinstance(model[0].body, CompConv2d)
+    assert model(torch.randn(1, 32, 8, 8)).shape == (1, 32, 8, 8)
+
+
 def test_patching_twice_leaves_compconv_internals_alone():
     model = timm.create_model("resnet18", num_classes=10)
     first = compconv.patch(model)
