@@ -36,11 +36,12 @@ def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
         return x
     n, c, h, w = x.shape
     if not torch.jit.is_scripting():
-        if (not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
-                and not torch.jit.is_tracing() and not torch.compiler.is_exporting()):
+        if (not torch.jit.is_tracing() and not torch.compiler.is_exporting()
+                and not torch.fx._symbolic_trace.is_fx_symbolic_tracing()
+                and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)):
             # channels_last stays channels_last (the reshape below returns NCHW, and a compiled graph would run
-            # the layers after it, and any sum with a channels_last tensor, in mixed layouts); an exported graph
-            # has no memory format, and takes the fewest ops
+            # the layers after it, and any sum with a channels_last tensor, in mixed layouts); an exported or
+            # FX graph has no memory format, and takes the fewest ops
             nhwc = x.permute(0, 2, 3, 1)
             return nhwc.view(n, h, w, groups, c // groups).transpose(3, 4).reshape(n, h, w, c).permute(0, 3, 1, 2)
     return x.view(n, groups, c // groups, h, w).transpose(1, 2).reshape(n, c, h, w)
