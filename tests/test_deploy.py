@@ -210,6 +210,46 @@ def test_deploy_applies_norms_in_chain_layers_for_pytorch_only():
     assert deploy(ort_model, runtime="ort").norms_absorbed == []
 
 
+class _PlainConvNorms(nn.Module):
+    """Plain convs before norms: one foldable, one whose output has two users, one norm called twice, one norm
+    subclass that also applies an activation (as timm's BatchNormAct2d)."""
+
+    class _NormAct(nn.BatchNorm2d):
+        def forward(self, x):
+            return super().forward(x).relu()
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.stem_bn = nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.branch, self.branch_bn = nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8)
+        self.twice, self.shared_bn = nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8)
+        self.last, self.last_bn = nn.Conv2d(8, 8, 1), self._NormAct(8)
+
+    def forward(self, x):
+        x = self.stem_bn(self.stem(x)).relu()
+        y = self.branch(x)
+        x = self.branch_bn(y) + y
+        x = self.shared_bn(self.shared_bn(self.twice(x)))
+        return self.last_bn(self.last(x))
+
+
+@torch.no_grad()
+def test_deploy_folds_a_norm_into_a_plain_conv_only_where_the_dataflow_proves_it():
+    torch.manual_seed(0)
+    model = _PlainConvNorms()
+    randomise_norms(model)
+    model.eval()
+    x = torch.randn(2, 3, 8, 8)
+    want, ort_model = model(x), copy.deepcopy(model)
+    report = deploy(model, x)
+    assert report.plain_norms_folded == [("stem", "stem_bn")]
+    assert isinstance(model.stem_bn, nn.Identity) and model.stem.bias is not None
+    assert type(model.branch_bn) is nn.BatchNorm2d and type(model.shared_bn) is nn.BatchNorm2d
+    assert type(model.last_bn) is _PlainConvNorms._NormAct
+    _close(model(x), want)
+    assert deploy(ort_model, runtime="ort").plain_norms_folded == []  # ONNX Runtime folds these itself
+
+
 @torch.no_grad()
 def test_a_wrong_absorbed_norm_is_refused_and_the_model_is_untouched(monkeypatch):
     from compconv.deploy import forms

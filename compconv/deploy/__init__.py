@@ -10,7 +10,9 @@ pass the check on one input and not on the next. On the copy:
 1. ``CompConv2d.reparameterize()`` folds each inner BatchNorm (``inner_norm``) into its conv (timm's
    per-module convention, so ``timm.utils.reparameterize_model`` does this step too);
 2. the model is traced with ``torch.fx`` (:mod:`compconv.deploy.graph`); a CompConv whose only user is
-   a ``BatchNorm2d`` has its output bias moved into the norm's statistics;
+   a ``BatchNorm2d`` has its output bias moved into the norm's statistics; for PyTorch, a plain ``nn.Conv2d``
+   whose only user is a ``BatchNorm2d`` (the stem's) absorbs it (``fuse_conv_bn_eval``; ONNX Runtime does
+   this itself);
 3. every 1x1 CompConv (with that norm, if the graph proves one) is an affine map of rank at most
    ``C_prim + identity channels`` and becomes the fastest of ``dense`` (one conv with bias), ``lowrank``
    (:class:`LowRankConv2d`) or ``chain`` (as trained) — timed on its real input in the runtime it will
@@ -35,12 +37,13 @@ from typing import Any, Optional
 
 import torch
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 from torch.utils._pytree import tree_flatten, tree_map
 
 from ..layers import CompConv2d
 from .forms import FORMS, DeployedCompConv2d, LowRankConv2d, absorb_norm, build_form, fold_shuffle, form_macs, \
     permute_input, pointwise
-from .graph import Site, analyse, trace
+from .graph import Site, analyse, plain_conv_norms, trace
 from .residual import DonatingSequential, ResidualConv2d, fuse_residual_sums
 from .timing import RUNTIMES, ChoiceCache, measured_choice, rule_choice
 
@@ -87,6 +90,7 @@ class DeployReport:
     shuffle_folds: list[tuple[str, ...]] = field(default_factory=list)  # (conv, norm, *per-channel ops, consumer)
     norms_absorbed: list[tuple[str, str]] = field(default_factory=list)  # (chain-form conv, the norm it applies)
     norm_of: dict[str, Optional[str]] = field(default_factory=dict)  # each CompConv layer -> the BatchNorm after it
+    plain_norms_folded: list[tuple[str, str]] = field(default_factory=list)  # (plain nn.Conv2d, its BatchNorm2d)
     residual_sums: list[str] = field(default_factory=list)  # convs that write their residual sum into the shortcut
     residual_left: dict[str, str] = field(default_factory=dict)  # convs feeding a residual sum left as is, and why
     traced: bool = True
@@ -111,7 +115,8 @@ class DeployReport:
     def __str__(self) -> str:
         traced = "" if self.traced else f", not traceable ({self.trace_error}): per-module forms only"
         return (f"DeployReport({self.norms_folded} inner norms folded, {self.biases_folded} biases folded, "
-                f"{self.shuffles_folded} shuffles folded, {len(self.norms_absorbed)} norms applied in chain layers' "
+                f"{self.shuffles_folded} shuffles folded, {len(self.plain_norms_folded)} norms folded into plain convs, "
+                f"{len(self.norms_absorbed)} norms applied in chain layers' "
                 f"assembly, {len(self.residual_sums)} residual sums written into their shortcut, forms {self.forms()}, "
                 f"{len(self.left)} folds left out"
                 f"{traced}, max rel. error {self.max_error:.2g} <= {self.tolerance:.2g})"
@@ -202,6 +207,7 @@ def _first_difference(original: nn.Module, deployed: nn.Module, x: torch.Tensor,
                                                                             if c.norm and c.form != "chain"}
         permuted |= {name for fold in report.shuffle_folds for name in fold[:-1]}
         permuted |= {name for pair in report.norms_absorbed for name in pair}
+        permuted |= {conv for conv, _ in report.plain_norms_folded}  # output: the norm's
         permuted |= {name for conv in report.residual_sums for name in (conv, conv + ".second")}  # output: the sum
     permuted_outputs: set[int] = set()
     alive = []  # tracked outputs stay referenced, so their ids are not reused by later tensors
@@ -300,7 +306,13 @@ def _deploy_copy(model: nn.Module, example_input: Optional[torch.Tensor], runtim
             report.norms_folded += module.reparameterize()
             module.pointwise_form = "chain"  # deploy chooses (and times) each layer's form itself
     try:
-        sites = analyse(model)
+        graph = trace(model)
+        sites = analyse(model, graph)
+        if runtime == "torch":  # ONNX Runtime folds these itself
+            for conv, norm in plain_conv_norms(model, graph):
+                model.set_submodule(conv, fuse_conv_bn_eval(model.get_submodule(conv), model.get_submodule(norm)))
+                model.set_submodule(norm, nn.Identity())
+                report.plain_norms_folded.append((conv, norm))
     except Exception as error:  # untraceable: per-module forms only
         report.traced, report.trace_error = False, f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
         sites = {n: Site(n, norm_reason="not traced", consumer_reason="not traced")

@@ -26,7 +26,7 @@ from torch import fx, nn
 from ..layers import CompConv2d
 from .forms import LowRankConv2d
 
-__all__ = ["Site", "analyse"]
+__all__ = ["Site", "analyse", "plain_conv_norms"]
 
 _PER_CHANNEL_MODULES = (nn.Identity, nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.LeakyReLU, nn.ELU, nn.Hardswish,
                         nn.Mish, nn.Dropout, nn.Dropout2d, nn.MaxPool2d, nn.AvgPool2d)
@@ -98,13 +98,32 @@ def _describe(node: fx.Node, modules: dict[str, nn.Module]) -> str:
     return f"{node.op} {node.target}"
 
 
-def analyse(model: nn.Module) -> dict[str, Site]:
-    """A :class:`Site` for every CompConv layer the traced ``model`` calls, by module name.
+def plain_conv_norms(model: nn.Module, graph: fx.Graph) -> list[tuple[str, str]]:
+    """``(conv, norm)`` for each plain ``nn.Conv2d`` (exactly that class) whose only user is an eval-foldable
+    ``nn.BatchNorm2d`` (exactly that class, with running statistics), each called once: the norm is an affine
+    map of the conv's output alone, so it folds into the conv's weight and bias."""
+    modules = dict(model.named_modules())
+    calls = Counter(node.target for node in graph.nodes if node.op == "call_module")
+    pairs = []
+    for node in graph.nodes:
+        if node.op != "call_module" or type(modules[node.target]) is not nn.Conv2d or calls[node.target] > 1:
+            continue
+        user, _ = _only_user(node)
+        norm = modules.get(user.target) if user is not None and user.op == "call_module" else None
+        if (type(norm) is nn.BatchNorm2d and calls[user.target] == 1 and user.args == (node,) and not user.kwargs
+                and norm.track_running_stats and norm.running_mean is not None):
+            pairs.append((node.target, user.target))
+    return pairs
+
+
+def analyse(model: nn.Module, graph: Optional[fx.Graph] = None) -> dict[str, Site]:
+    """A :class:`Site` for every CompConv layer the traced ``model`` calls (``graph``: its trace, or traced
+    here), by module name.
 
     Raises:
         Exception: whatever ``torch.fx`` raises for a model it cannot trace.
     """
-    graph = trace(model)
+    graph = graph if graph is not None else trace(model)
     modules = dict(model.named_modules())
     calls = Counter(node.target for node in graph.nodes if node.op == "call_module")
     sites: dict[str, Site] = {}
