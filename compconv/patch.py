@@ -192,8 +192,8 @@ def patch(
             report.skipped.append(SkippedLayer(name, "excluded (classifier or exclude pattern)"))
         elif reason := _skip_reason(module, min_in_channels):
             report.skipped.append(SkippedLayer(name, reason))
-        elif name.rpartition(".")[2] in _parameters_read(type(_parent(model, name))):
-            report.skipped.append(SkippedLayer(name, f"{type(_parent(model, name)).__name__} reads its .weight or .bias"))
+        elif name.rpartition(".")[2] in _parameters_read(owner := type(_parent(model, name))):
+            report.skipped.append(SkippedLayer(name, f"{owner.__name__} reads its .weight or .bias"))
         else:
             targets.append((name, module))
 

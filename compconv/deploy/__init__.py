@@ -115,8 +115,8 @@ class DeployReport:
     def __str__(self) -> str:
         traced = "" if self.traced else f", not traceable ({self.trace_error}): per-module forms only"
         return (f"DeployReport({self.norms_folded} inner norms folded, {self.biases_folded} biases folded, "
-                f"{self.shuffles_folded} shuffles folded, {len(self.plain_norms_folded)} norms folded into plain convs, "
-                f"{len(self.norms_absorbed)} norms applied in chain layers' "
+                f"{self.shuffles_folded} shuffles folded, {len(self.plain_norms_folded)} norms folded into plain "
+                f"convs, {len(self.norms_absorbed)} norms applied in chain layers' "
                 f"assembly, {len(self.residual_sums)} residual sums written into their shortcut, forms {self.forms()}, "
                 f"{len(self.left)} folds left out"
                 f"{traced}, max rel. error {self.max_error:.2g} <= {self.tolerance:.2g})"
@@ -308,15 +308,15 @@ def _deploy_copy(model: nn.Module, example_input: Optional[torch.Tensor], runtim
     try:
         graph = trace(model)
         sites = analyse(model, graph)
-        if runtime == "torch":  # ONNX Runtime folds these itself
-            for conv, norm in plain_conv_norms(model, graph):
-                model.set_submodule(conv, fuse_conv_bn_eval(model.get_submodule(conv), model.get_submodule(norm)))
-                model.set_submodule(norm, nn.Identity())
-                report.plain_norms_folded.append((conv, norm))
     except Exception as error:  # untraceable: per-module forms only
         report.traced, report.trace_error = False, f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
         sites = {n: Site(n, norm_reason="not traced", consumer_reason="not traced")
                  for n, m in model.named_modules() if isinstance(m, CompConv2d)}
+    if report.traced and runtime == "torch":  # ONNX Runtime folds these itself
+        for conv, norm in plain_conv_norms(model, graph):
+            model.set_submodule(conv, fuse_conv_bn_eval(model.get_submodule(conv), model.get_submodule(norm)))
+            model.set_submodule(norm, nn.Identity())
+            report.plain_norms_folded.append((conv, norm))
 
     inputs: dict[str, torch.Tensor] = {}
     if example_input is not None:
