@@ -156,6 +156,25 @@ def test_timm_reparameterize_model_gives_the_deployed_form():
     assert type(model.layer1[0].conv1) is compconv.CompConv2d  # reparameterize_model works on a copy
 
 
+@torch.no_grad()
+def test_timm_reparameterize_model_in_benchmark_scripts_order():
+    """timm's benchmark.py reparameterizes the model as create_model returns it (training mode) and calls eval()
+    after; the stages deploy in eval all the same, and the model's eval outputs are kept."""
+    model = timm.create_model("resnet50_compconv128", num_classes=10)
+    assert model.training
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.running_var.uniform_(0.5, 2.0)
+            module.bias.uniform_(-0.2, 0.2)
+    reference = copy.deepcopy(model).eval()
+    fused = timm.utils.reparameterize_model(model)
+    assert fused.training and not fused.layer1.training
+    fused.eval()
+    x = torch.randn(2, 3, 64, 64)
+    assert _relative(fused(x), reference(x)) <= 1e-4
+    assert any(isinstance(m, DeployedCompConv2d) for m in fused.modules())
+
+
 def test_deploy_forms_are_pure_functions_of_the_layer():
     conv = compconv.CompConv2d(256, 64, 1, depth=2, bias=False).double().eval()
     weight = conv.convs[0].weight.clone()
