@@ -1,8 +1,9 @@
 """timm registrations of CompConv models: ``timm.create_model('resnet50_compconv128')`` after ``import compconv``.
 
-Each variant is a tiny registered function that builds the plain timm architecture and patches
-it with :func:`compconv.patch`. Baselines keep their plain timm names (``resnet50``, ``vgg16``).
-CompConv options other than C_0 are passed as ``compconv={"tail": "dense", ...}``.
+Every variant is one row of :data:`MODELS` (name, timm base, method, options, docstring), registered
+through :func:`register_variant`: a function that builds the plain timm architecture and patches it
+with :func:`compconv.patch`. Baselines keep their plain timm names (``resnet50``, ``vgg16``). CompConv
+options other than C_0 are passed as ``compconv={"tail": "dense", ...}``.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from .patch import patch
 
 __all__: list[str] = []  # filled by register_model
 _VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {}  # CompConv model name -> (timm base, its CompConv options)
+_GHOST_PAPER = "arXiv:1911.11907"
+default_cfgs: dict[str, Any] = {}  # filled by register_variant; timm reads it by this name
 
 
 def _cfg(**kwargs: Any) -> dict[str, Any]:
@@ -35,15 +38,6 @@ def _cfg(**kwargs: Any) -> dict[str, Any]:
 
 
 _VGG = {"first_conv": "features.0", "classifier": "head.fc", "pool_size": (7, 7)}  # as timm's vgg16
-default_cfgs = generate_default_cfgs({
-    **{f"resnet50_compconv{c0}": _cfg() for c0 in (32, 64, 128, 256, 512)},
-    "resnet18_compconv128": _cfg(),
-    "resnet34_compconv128": _cfg(),
-    "resnet101_compconv128": _cfg(),
-    "vgg16_compconv128": _cfg(**_VGG),
-    "vgg16_bn_compconv128": _cfg(**_VGG),
-    "resnet50_ghost": _cfg(paper_ids="arXiv:1911.11907"),
-})
 
 
 def _create_patched(variant: str, base: str, pretrained: bool, method: str, options: dict[str, Any],
@@ -56,9 +50,7 @@ def _create_patched(variant: str, base: str, pretrained: bool, method: str, opti
     for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
         kwargs.pop(key, None)
     model = timm.create_model(base, pretrained=False, **kwargs)
-    registered = timm.models.get_pretrained_cfg(variant)
-    cfg = registered.to_dict() if registered is not None else _cfg()
-    model.pretrained_cfg = model.default_cfg = cfg
+    model.pretrained_cfg = model.default_cfg = timm.models.get_pretrained_cfg(variant).to_dict()
     model.compconv_report = patch(model, method=method, **options)
     if method == "compconv":
         _reparameterizable_stages(model)
@@ -74,27 +66,63 @@ def _reparameterizable_stages(model: nn.Module) -> None:
             setattr(model, name, ReparameterizableStage(OrderedDict(child.named_children())))
 
 
-def _create_compconv(variant: str, base: str, c0: int, pretrained: bool = False,
-                     compconv: dict[str, Any] | None = None, **kwargs: Any) -> nn.Module:
-    defaults = variant_options(variant) or CompConvOptions(c0=c0).as_dict()
-    options = CompConvOptions.from_mapping({**defaults, **(compconv or {})}).as_dict()
-    return _create_patched(variant, base, pretrained, "compconv", options, **kwargs)
+def register_variant(name: str, base: str, method: str = "compconv", doc: str = "", **options: Any) -> None:
+    """Registers ``name`` with timm as the timm model ``base`` patched by ``method`` with these options.
 
-
-def register_compconv_variant(name: str, base: str, **options: Any) -> None:
-    """Registers ``name`` with timm as ``base`` patched with these CompConv options (e.g.
-    ``register_compconv_variant("resnet50_compconv128_dense", "resnet50", c0=128, tail="dense")``);
-    the entry points then offer it as ``model=name`` with its options in full."""
-    _VARIANTS[name] = (base, CompConvOptions.from_mapping(options).as_dict())
+    A CompConv variant (``register_variant("resnet50_compconv128_dense", "resnet50", c0=128, tail="dense")``)
+    takes ``compconv={...}`` overrides at ``timm.create_model``; a Ghost variant takes ``ghost={...}``. The
+    entry points offer every registered variant as ``model=name``, a CompConv one with its options in full.
+    """
+    if method == "compconv":
+        options = CompConvOptions.from_mapping(options).as_dict()
+        _VARIANTS[name] = (base, options)
+    paper = _GHOST_PAPER if method == "ghost" else "arXiv:2106.10486"
+    cfg = _cfg(paper_ids=paper, **(_VGG if base.startswith("vgg") else {}))
+    default_cfgs.update(generate_default_cfgs({name: cfg}))  # timm's register_model reads the module's cfgs
 
     def create(pretrained: bool = False, **kwargs: Any) -> nn.Module:
-        return _create_compconv(name, base, _VARIANTS[name][1]["c0"], pretrained, **kwargs)
+        overrides = kwargs.pop(method, None) or {}
+        if method == "compconv":
+            chosen = CompConvOptions.from_mapping({**_VARIANTS[name][1], **overrides}).as_dict()
+        else:
+            chosen = {**options, **overrides}
+        return _create_patched(name, base, pretrained, method, chosen, **kwargs)
 
     create.__name__ = name
+    create.__qualname__ = name
     create.__module__ = __name__
-    create.__doc__ = f"{base} with CompConv options {_VARIANTS[name][1]}."
+    create.__doc__ = doc or f"{base} patched by {method} with options {options}."
     globals()[name] = create
-    timm.models.register_model(create)
+    register_model(create)
+
+
+# The registry: (name, timm base, method, options, docstring). A new variant is one row.
+MODELS: tuple[tuple[str, str, str, dict[str, Any], str], ...] = (
+    ("resnet18_compconv64", "resnet18", "compconv", {"c0": 64}, "ResNet-18 with CompConv64."),
+    ("resnet18_compconv128", "resnet18", "compconv", {"c0": 128},
+     "ResNet-18 with CompConv128 in place of every conv with C_in >= 16."),
+    ("resnet18_compconv256", "resnet18", "compconv", {"c0": 256}, "ResNet-18 with CompConv256."),
+    ("resnet34_compconv128", "resnet34", "compconv", {"c0": 128}, "ResNet-34 with CompConv128."),
+    ("resnet50_compconv32", "resnet50", "compconv", {"c0": 32},
+     "ResNet-50 with CompConv32 (strongest compression of the family)."),
+    ("resnet50_compconv64", "resnet50", "compconv", {"c0": 64}, "ResNet-50 with CompConv64."),
+    ("resnet50_compconv128", "resnet50", "compconv", {"c0": 128},
+     "ResNet-50 with CompConv128, the paper's recommended setting."),
+    ("resnet50_compconv256", "resnet50", "compconv", {"c0": 256}, "ResNet-50 with CompConv256."),
+    ("resnet50_compconv512", "resnet50", "compconv", {"c0": 512},
+     "ResNet-50 with CompConv512 (lightest compression of the family)."),
+    ("resnet101_compconv128", "resnet101", "compconv", {"c0": 128}, "ResNet-101 with CompConv128."),
+    ("vgg16_compconv128", "vgg16", "compconv", {"c0": 128},
+     "VGG-16 with CompConv128 in its feature convs (fc6/fc7 in ``pre_logits`` stay dense)."),
+    ("vgg16_bn_compconv128", "vgg16_bn", "compconv", {"c0": 128}, "VGG-16-BN with CompConv128."),
+    ("resnet18_ghost", "resnet18", "ghost", {},
+     "ResNet-18 with Ghost modules (ratio 2, depthwise 3x3 cheap op): the peer of ``resnet18_compconv128``."),
+    ("resnet50_ghost", "resnet50", "ghost", {},
+     "ResNet-50 with Ghost modules (ratio 2, depthwise 3x3 cheap op) in place of every conv with C_in >= 16: the "
+     "peer CompConv is benchmarked against. Options: ``ghost={'ratio': 2, 'dw_size': 3}``."),
+)
+for _name, _base, _method, _options, _doc in MODELS:
+    register_variant(_name, _base, _method, _doc, **_options)
 
 
 def variant_options(name: str) -> dict[str, Any] | None:
@@ -118,80 +146,6 @@ def model_label(name: str, compconv: dict[str, Any] | None) -> str:
     options = CompConvOptions.from_mapping({**defaults, **compconv}).as_dict()
     changed = [f"{key}_{value}" for key, value in options.items() if defaults.get(key) != value]
     return "-".join([name, *changed])
-
-
-@register_model
-def resnet18_compconv128(pretrained: bool = False, **kwargs: Any) -> nn.Module:
-    """ResNet-18 with CompConv128 in place of every conv with C_in >= 16."""
-    return _create_compconv("resnet18_compconv128", "resnet18", 128, pretrained, **kwargs)
-
-
-@register_model
-def resnet34_compconv128(pretrained: bool = False, **kwargs: Any) -> nn.Module:
-    """ResNet-34 with CompConv128."""
-    return _create_compconv("resnet34_compconv128", "resnet34", 128, pretrained, **kwargs)
-
-
-@register_model
-def resnet50_compconv32(pretrained: bool = False, **kwargs: Any) -> nn.Module:
-    """ResNet-50 with CompConv32 (strongest compression of the family)."""
-    return _create_compconv("resnet50_compconv32", "resnet50", 32, pretrained, **kwargs)
-
-
-@register_model
-def resnet50_compconv64(pretrained: bool = False, **kwargs: Any) -> nn.Module:
-    """ResNet-50 with CompConv64."""
-    return _create_compconv("resnet50_compconv64", "resnet50", 64, pretrained, **kwargs)
-
-
-@register_model
-def resnet50_compconv128(pretrained: bool = False, **kwargs: Any) -> nn.Module:
-    """ResNet-50 with CompConv128, the paper's recommended setting."""
-    return _create_compconv("resnet50_compconv128", "resnet50", 128, pretrained, **kwargs)
-
-
-@register_model
-def resnet50_compconv256(pretrained: bool = False, **kwargs: Any) -> nn.Module:
-    """ResNet-50 with CompConv256."""
-    return _create_compconv("resnet50_compconv256", "resnet50", 256, pretrained, **kwargs)
-
-
-@register_model
-def resnet50_compconv512(pretrained: bool = False, **kwargs: Any) -> nn.Module:
-    """ResNet-50 with CompConv512 (lightest compression of the family)."""
-    return _create_compconv("resnet50_compconv512", "resnet50", 512, pretrained, **kwargs)
-
-
-@register_model
-def resnet101_compconv128(pretrained: bool = False, **kwargs: Any) -> nn.Module:
-    """ResNet-101 with CompConv128."""
-    return _create_compconv("resnet101_compconv128", "resnet101", 128, pretrained, **kwargs)
-
-
-@register_model
-def vgg16_compconv128(pretrained: bool = False, **kwargs: Any) -> nn.Module:
-    """VGG-16 with CompConv128 in its feature convs (fc6/fc7 in ``pre_logits`` stay dense)."""
-    return _create_compconv("vgg16_compconv128", "vgg16", 128, pretrained, **kwargs)
-
-
-@register_model
-def vgg16_bn_compconv128(pretrained: bool = False, **kwargs: Any) -> nn.Module:
-    """VGG-16-BN with CompConv128."""
-    return _create_compconv("vgg16_bn_compconv128", "vgg16_bn", 128, pretrained, **kwargs)
-
-
-@register_model
-def resnet50_ghost(pretrained: bool = False, ghost: dict[str, Any] | None = None, **kwargs: Any) -> nn.Module:
-    """ResNet-50 with Ghost modules (ratio 2, depthwise 3x3 cheap op) in place of every conv with C_in >= 16:
-    the peer CompConv is benchmarked against. Options: ``ghost={"ratio": 2, "dw_size": 3}``."""
-    return _create_patched("resnet50_ghost", "resnet50", pretrained, "ghost", dict(ghost or {}), **kwargs)
-
-
-_VARIANTS.update({name: (base, CompConvOptions(c0=c0).as_dict()) for name, base, c0 in (
-    *((f"resnet50_compconv{c0}", "resnet50", c0) for c0 in (32, 64, 128, 256, 512)),
-    ("resnet18_compconv128", "resnet18", 128), ("resnet34_compconv128", "resnet34", 128),
-    ("resnet101_compconv128", "resnet101", 128), ("vgg16_compconv128", "vgg16", 128),
-    ("vgg16_bn_compconv128", "vgg16_bn", 128))})
 
 
 def compconv_model_names() -> list[str]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import timm
 import torch
 
-from compconv.models import model_label, register_compconv_variant, variant_options
+from compconv.models import model_label, register_variant, variant_options
 from compconv.train import TrainConfig, run_classification
 from compconv.train.config import DataConfig, LoggerConfig, ModelConfig, TrainerConfig, model_options
 from helpers import summary
@@ -21,7 +21,7 @@ def test_model_label_names_the_options_that_differ():
 
 
 def test_a_suffixed_variant_is_an_option_with_its_own_options():
-    register_compconv_variant("resnet18_compconv128_dense", "resnet18", c0=128, tail="dense")
+    register_variant("resnet18_compconv128_dense", "resnet18", c0=128, tail="dense")
     option = model_options()["resnet18_compconv128_dense"]
     assert option["compconv"]["tail"] == "dense" and option["compconv"]["c0"] == 128
     assert variant_options("resnet18_compconv128_dense")["tail"] == "dense"

@@ -208,6 +208,10 @@ class TrainerConfig:
         log_interval: Steps between the loop's host syncs: progress-bar loss, non-finite check, stop agreement.
         sync_bn: ``nn.SyncBatchNorm`` under DDP on GPUs.
         sync_debug: CUDA: raise on any host sync inside a training step (``scripts/gpu_check.sh``).
+        threads: ``torch.set_num_threads`` for this process (CPU intra-op threads); null keeps torch's default.
+            Results are bitwise repeatable on one CPU kind only at a fixed thread count.
+        stop_after_epoch: End the run after this epoch (checkpoint and summary written) without changing its
+            schedule, which still spans ``epochs``: a long run's epoch k can be re-checked in k epochs.
         check_training_forms: Before training, one forward + backward of a batch of two at the training input
             size with CompConv's factorised training forms and one as Figure 2 is written must agree (outputs,
             input and parameter gradients within 1e-2 relative; fp32); otherwise the run stops with an error.
@@ -231,13 +235,18 @@ class TrainerConfig:
     sync_bn: bool = False
     sync_debug: bool = False
     check_training_forms: bool = True
+    threads: Optional[int] = None
+    stop_after_epoch: Optional[int] = None
 
     def __post_init__(self) -> None:
-        for key in ("epochs", "clip_grad", "max_train_steps", "max_eval_steps", "log_interval"):
+        for key in ("epochs", "clip_grad", "max_train_steps", "max_eval_steps", "log_interval", "threads",
+                    "stop_after_epoch"):
             check_positive(f"trainer.{key}", getattr(self, key))
         check_choice("trainer.device", self.device, ("auto", "cpu", "cuda"))
         check_choice("trainer.amp", self.amp, ("auto", "off", "bf16", "fp16"))
         check_fraction("trainer.label_smoothing", self.label_smoothing, closed_high=False)
+        if self.stop_after_epoch is not None and self.stop_after_epoch > self.epochs:
+            raise ConfigError(f"trainer.stop_after_epoch={self.stop_after_epoch} is past trainer.epochs={self.epochs}")
         if self.ema_decay is not None and not 0 < self.ema_decay < 1:
             raise ConfigError(f"trainer.ema_decay={self.ema_decay} must be in (0, 1) or null")
 

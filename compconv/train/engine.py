@@ -170,8 +170,9 @@ def fit(state: TrainState, task: Task, cfg, rt: Runtime, train_loader) -> dict[s
     if cfg.trainer.eval_only:
         return _finish(state, task, cfg, rt, logger, eval_only=task.evaluate(state.net))
     started = time.perf_counter()
+    last_epoch = cfg.trainer.stop_after_epoch or cfg.trainer.epochs
     with StopRequest() as stop:
-        while state.epoch < cfg.trainer.epochs:
+        while state.epoch < last_epoch:
             train_metrics = train_one_epoch(state, train_loader, task, cfg, rt, stop)
             if train_metrics is None:
                 save_state(state, cfg, rt)
@@ -224,7 +225,7 @@ def _finish(state: TrainState, task: Task, cfg, rt: Runtime, logger, eval_only: 
     summary = {
         "model": run_label(cfg), "model_name": cfg.model.name, **task.summary_fields, **task.final_metrics(final),
         f"best_{task.key_metric}": state.best if state.history else None,
-        "seed": cfg.seed, "epochs": state.epoch, "global_batch": cfg.data.batch_size * rt.dist.world_size,
+        "seed": cfg.seed, "epochs": state.epoch, "schedule_epochs": cfg.trainer.epochs, "global_batch": cfg.data.batch_size * rt.dist.world_size,
         "world_size": rt.dist.world_size, "images_per_s": last.get("train/images_per_s"),
         "peak_mem_mb": peak_memory_mb(rt.device), "train_seconds": train_seconds,
         "device": torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else platform.processor() or "cpu",

@@ -76,6 +76,8 @@ def setup_runtime(cfg) -> Runtime:
     wants_cuda = cfg.trainer.device == "cuda" or (cfg.trainer.device == "auto" and torch.cuda.is_available())
     ctx = init_distributed("cuda" if wants_cuda else "cpu")
     device = resolve_device(cfg.trainer.device, ctx)
+    if cfg.trainer.threads:
+        torch.set_num_threads(cfg.trainer.threads)
     torch.manual_seed(cfg.seed + ctx.rank)
     random.seed(cfg.seed + ctx.rank)
     if cfg.trainer.deterministic:

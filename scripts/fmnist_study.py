@@ -1,0 +1,268 @@
+#!/usr/bin/env python
+"""Runs the Fashion-MNIST study (CPU): the pilot, the study's runs, safe to stop and run again.
+
+Each run is ``train_cls.py experiment=fmnist_study`` with one model, variant, seed and epoch count in its own
+directory under ``--runs`` (checkpoints stay there, git-ignored). A run whose summary says it finished is
+skipped; an unfinished one resumes from its last checkpoint (``trainer.resume=auto``). When a run finishes,
+its per-epoch log goes to ``results/fashion_mnist_study/<run>.csv`` and its row to
+``results/fashion_mnist_study.csv`` (both can be committed as they come in); then
+``scripts/fmnist_study_table.py`` makes the tables and plots.
+
+Usage:
+    python scripts/fmnist_study.py --plan pilot,cpu --hours 2     # stops starting runs after 2 h, and
+                                                                   # checkpoints the running ones at 2 h
+    python scripts/fmnist_study.py --plan cpu --dry-run            # prints the runs and their state
+
+``--lanes 2`` (the default) trains two runs at once with one thread each: on 2 cores that beats one run
+with two threads, since each run's data pipeline is single-threaded Python.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BASELINE = "resnet18"
+FAMILY = ("resnet18", "resnet18_compconv64", "resnet18_compconv128", "resnet18_compconv256", "resnet18_ghost")
+ABLATIONS = ("tail=dense", "tail_kernel=3", "shuffle=false", "inner_norm=true")  # at C0=128
+ROW_FIELDS = ("run", "model", "variant", "seed", "epochs", "train_images", "top1", "top5", "params", "macs",
+              "threads", "images_per_s", "train_seconds", "device", "torch", "finished", "commit", "command", "log")
+
+
+@dataclass(frozen=True)
+class Run:
+    model: str
+    seed: int
+    epochs: int
+    variant: str = ""  # one CompConv option that differs from the model's own, e.g. "tail=dense"
+
+    @property
+    def name(self) -> str:
+        variant = f"-{self.variant.replace('=', '_')}" if self.variant else ""
+        return f"{self.model}{variant}_s{self.seed}_e{self.epochs}"
+
+    def command(self, runs: Path, threads: int, extra: list[str] = ()) -> list[str]:
+        overrides = [f"model.compconv.{self.variant}"] if self.variant else []
+        return ["python", "train_cls.py", "experiment=fmnist_study", "logger=none", f"model={self.model}",
+                *overrides, f"seed={self.seed}", f"trainer.epochs={self.epochs}", f"trainer.threads={threads}",
+                *extra, f"hydra.run.dir={runs / self.name}"]
+
+
+def plan_runs(plans: list[str], epochs: int) -> list[Run]:
+    """The runs of the named plans, longest first within the pilot, without repeats."""
+    runs: list[Run] = []
+    for plan in plans:
+        if plan == "pilot":  # the budget run, twice the budget, and CompConv128 at the budget
+            runs += [Run(BASELINE, 0, 2 * epochs), Run(BASELINE, 0, epochs), Run("resnet18_compconv128", 0, epochs)]
+        elif plan == "cpu":
+            runs += [Run(model, seed, epochs) for seed in range(3) for model in FAMILY]
+            runs += [Run("resnet18_compconv128", seed, epochs, option) for seed in range(2) for option in ABLATIONS]
+        elif plan == "r50":
+            runs += [Run(model, seed, epochs) for seed in range(3) for model in ("resnet50", "resnet50_compconv128")]
+        else:
+            raise SystemExit(f"error: unknown plan {plan!r}; choose from pilot, cpu, r50")
+    return list(dict.fromkeys(runs))
+
+
+def read_summary(run_dir: Path) -> dict | None:
+    try:
+        return json.loads((run_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def finished(summary: dict | None) -> bool:
+    return bool(summary) and summary.get("epochs") == summary.get("schedule_epochs") and bool(summary.get("history"))
+
+
+def git_commit() -> str:
+    head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "compconv", "configs",
+                            "train_cls.py"], cwd=ROOT, capture_output=True, text=True)
+    return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "cpu"
+
+
+def write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def record(run: Run, run_dir: Path, summary: dict, results: Path, threads: int, lock: threading.Lock) -> None:
+    """Writes the run's per-epoch log and its row of the study CSV (replacing an older row of the same run)."""
+    log = results / "fashion_mnist_study" / f"{run.name}.csv"
+    lines = ["epoch,val_top1,val_top5,val_loss,train_top1,train_loss,lr,images_per_s"]
+    for h in summary["history"]:
+        lines.append(",".join(f"{h.get(k, ''):.6g}" if isinstance(h.get(k), float) else str(h.get(k, ""))
+                              for k in ("epoch", "val/top1", "val/top5", "val/loss", "train/top1", "train/loss",
+                                        "lr", "train/images_per_s")))
+    write_atomic(log, "\n".join(lines) + "\n")
+    meta = json.loads((run_dir / "study.json").read_text())
+    row = {
+        "run": run.name, "model": run.model, "variant": run.variant, "seed": run.seed, "epochs": summary["epochs"],
+        "train_images": summary["train_images"], "top1": summary["top1"], "top5": summary["top5"],
+        "params": summary["params"], "macs": summary["macs"], "threads": meta["threads"],
+        "images_per_s": summary.get("images_per_s"), "train_seconds": meta.get("train_seconds"),
+        "device": meta.get("device") if summary["device"] in ("cpu", "") else summary["device"], "torch": summary["torch"], "finished": meta["finished"],
+        "commit": meta["commit"], "command": meta["command"], "log": f"{results.name}/fashion_mnist_study/{log.name}",
+    }
+    table = results / "fashion_mnist_study.csv"
+    with lock:
+        rows = []
+        if table.exists():
+            with table.open(newline="") as f:
+                rows = [r for r in csv.DictReader(f) if r["run"] != run.name]
+        rows.append({k: row[k] for k in ROW_FIELDS})
+        rows.sort(key=lambda r: r["run"])
+        from io import StringIO
+        out = StringIO()
+        writer = csv.DictWriter(out, fieldnames=ROW_FIELDS, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+        write_atomic(table, out.getvalue())
+
+
+class Study:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.deadline = time.time() + args.hours * 3600 if args.hours else None
+        self.lock = threading.Lock()
+        self.stopping = threading.Event()
+        self.children: set[subprocess.Popen] = set()
+        self.failed: list[str] = []
+
+    def stop(self, *_: object) -> None:
+        self.stopping.set()
+        for child in list(self.children):
+            if child.poll() is None:
+                child.send_signal(signal.SIGTERM)  # the trainer checkpoints, then exits
+
+    def train(self, run: Run) -> None:
+        args = self.args
+        run_dir = args.runs / run.name
+        summary = read_summary(run_dir)
+        if finished(summary):  # recorded again: idempotent, and heals a record that an interruption cut short
+            record(run, run_dir, summary, args.results, args.threads, self.lock)
+            return
+        run_dir.mkdir(parents=True, exist_ok=True)
+        meta_path = run_dir / "study.json"
+        command = run.command(args.runs.relative_to(ROOT) if args.runs.is_relative_to(ROOT) else args.runs,
+                              args.threads, args.extra)
+        meta = json.loads(meta_path.read_text()) if meta_path.exists() else {
+            "commit": git_commit(), "command": shlex.join(command), "threads": args.threads, "train_seconds": 0.0,
+            "device": cpu_name()}
+        if meta["command"] != shlex.join(command):
+            print(f"error: {run_dir} was started as `{meta['command']}`; remove it to start again", file=sys.stderr)
+            self.failed.append(run.name)
+            return
+        commit = git_commit()
+        if commit != meta["commit"].split("..")[-1]:
+            meta["commit"] = f"{meta['commit']}..{commit}"  # resumed at another commit: say so
+        write_atomic(meta_path, json.dumps(meta, indent=2) + "\n")
+        print(f"[{time.strftime('%H:%M:%S')}] start {run.name}", flush=True)
+        started = time.time()
+        with (run_dir / "train.log").open("a") as log:
+            child = subprocess.Popen([sys.executable, *command[1:]], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+            self.children.add(child)
+            code = child.wait()
+            self.children.discard(child)
+        meta["train_seconds"] = round(meta["train_seconds"] + time.time() - started, 1)
+        summary = read_summary(run_dir)
+        if code == 0 and finished(summary):
+            meta["finished"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+            write_atomic(meta_path, json.dumps(meta, indent=2) + "\n")
+            record(run, run_dir, summary, args.results, args.threads, self.lock)
+            print(f"[{time.strftime('%H:%M:%S')}] done  {run.name}: top-1 {summary['top1']:.2f}", flush=True)
+        elif self.stopping.is_set():
+            write_atomic(meta_path, json.dumps(meta, indent=2) + "\n")
+            print(f"[{time.strftime('%H:%M:%S')}] paused {run.name} (checkpointed; run again to resume)", flush=True)
+        else:
+            write_atomic(meta_path, json.dumps(meta, indent=2) + "\n")
+            print(f"error: {run.name} exited with {code}; see {run_dir / 'train.log'}", file=sys.stderr, flush=True)
+            self.failed.append(run.name)
+
+    def lane(self, queue: list[Run]) -> None:
+        while not self.stopping.is_set():
+            if self.deadline and time.time() >= self.deadline:
+                return
+            with self.lock:
+                if not queue:
+                    return
+                run = queue.pop(0)
+            try:
+                self.train(run)
+            except Exception as error:  # one broken run must not stop the others
+                print(f"error: {run.name}: {type(error).__name__}: {error}", file=sys.stderr, flush=True)
+                self.failed.append(run.name)
+
+    def run(self, runs: list[Run]) -> int:
+        queue = list(runs)
+        lanes = [threading.Thread(target=self.lane, args=(queue,)) for _ in range(self.args.lanes)]
+        for lane in lanes:
+            lane.start()
+        while any(lane.is_alive() for lane in lanes):
+            if self.deadline and time.time() >= self.deadline and not self.stopping.is_set():
+                print(f"[{time.strftime('%H:%M:%S')}] --hours {self.args.hours} reached: checkpointing", flush=True)
+                self.stop()
+            time.sleep(1)
+        if self.failed:
+            print(f"error: {len(self.failed)} run(s) failed: {', '.join(self.failed)}", file=sys.stderr)
+            return 1
+        return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--plan", default="pilot,cpu", help="comma-separated: pilot, cpu, r50")
+    parser.add_argument("--epochs", type=int, default=10, help="the epoch budget (the pilot also runs twice it)")
+    parser.add_argument("--hours", type=float, default=None, help="stop (checkpointed) after this many hours")
+    parser.add_argument("--lanes", type=int, default=2, help="runs trained at once")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads per run (default: cores / lanes)")
+    parser.add_argument("--only", default=None, help="only runs whose name contains this")
+    parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "fmnist_study")
+    parser.add_argument("--results", type=Path, default=ROOT / "results")
+    parser.add_argument("--extra", nargs="*", default=[], help="further train_cls.py overrides (small test runs)")
+    parser.add_argument("--dry-run", action="store_true", help="print each run and its state, run nothing")
+    args = parser.parse_args(argv)
+    if args.lanes < 1 or args.epochs < 1 or (args.hours is not None and args.hours <= 0):
+        parser.error("--lanes, --epochs and --hours must be positive")
+    args.threads = args.threads or max(1, (os.cpu_count() or 1) // args.lanes)
+    args.runs, args.results = args.runs.resolve(), args.results.resolve()
+    runs = [r for r in plan_runs(args.plan.split(","), args.epochs) if not args.only or args.only in r.name]
+    if args.dry_run:
+        for run in runs:
+            summary = read_summary(args.runs / run.name)
+            state = "finished" if finished(summary) else \
+                "started" if (args.runs / run.name / "last.pt").exists() else "to run"
+            print(f"{run.name:48s} {state}")
+        return 0
+    study = Study(args)
+    signal.signal(signal.SIGTERM, study.stop)
+    signal.signal(signal.SIGINT, study.stop)
+    return study.run(runs)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
