@@ -13,7 +13,7 @@ import sys
 from typing import Any, Callable
 
 from .data import DataError, UnreadableImageError
-from .fastpath import TrainingFormError
+from .efficient import TrainingFormError
 from .io import StorageError, storage_errno
 from .train.checkpoint import CheckpointError, CheckpointMismatchError, kept_checkpoint
 from .train.config import DETECTION_DATASETS, ConfigError, model_options

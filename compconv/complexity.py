@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from .fastpath import figure2_forms
+from .efficient import figure2_forms
 
 from .ghost import GhostConv2d
 from .layers import CompConv2d

@@ -1,9 +1,10 @@
 """CompConv2d: a drop-in replacement for ``nn.Conv2d`` (Zhang et al., CVPR-W 2021, Figure 2).
 
-The forward is Figure 2 in a handful of tensor ops: the dependent convolutions, identity slices
-(views of the input), one concatenation and the channel shuffle. Every branch in it depends on
-the module's fixed geometry, never on a tensor, so it runs the same in eager PyTorch, under
-``torch.compile(fullgraph=True)``, ``torch.jit.script``, ``torch.fx`` and both ONNX exporters.
+The forward is Figure 2 as written: the dependent convolutions, identity slices (views of the input),
+one concatenation and the channel shuffle, plus the bias. It has no runtime check: every branch depends
+on the module's fixed geometry, so eager PyTorch, ``torch.compile``, ``torch.jit.script``, ``torch.fx``,
+``torch.export`` and both ONNX exporters take it as written. The training fast path, with the same
+parameters, is :class:`compconv.efficient.EfficientCompConv2d`, chosen when the model is built.
 """
 
 
@@ -16,18 +17,11 @@ from timm.layers import to_2tuple
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
-from .fastpath import (ConcatShuffle, IdentitySlices, assemble, compiled_concat_shuffle, compiling_training_graph,
-                       pointwise_forward, training_form)
 from .options import CompConvOptions
 from .sizing import CompConvPlan
 from .sizing import plan as plan_layer
 
-__all__ = ["CompConv2d", "channel_shuffle", "concat_shuffle", "create_conv2d", "identity_sampling", "shuffle_source"]
-
-
-def in_graph_capture() -> bool:
-    """True while a tracer or compiler records the graph (jit.trace, FX, dynamo, torch.export, ONNX)."""
-    return torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.fx._symbolic_trace.is_fx_symbolic_tracing()
+__all__ = ["CompConv2d", "channel_shuffle", "create_conv2d", "identity_sampling", "shuffle_source"]
 
 
 def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
@@ -35,39 +29,7 @@ def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
     if groups == 1:
         return x
     n, c, h, w = x.shape
-    if not torch.jit.is_scripting():
-        if (not torch.jit.is_tracing() and not torch.compiler.is_exporting()
-                and not torch.fx._symbolic_trace.is_fx_symbolic_tracing()
-                and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)):
-            # channels_last stays channels_last (the reshape below returns NCHW, and a compiled graph would run
-            # the layers after it, and any sum with a channels_last tensor, in mixed layouts); an exported or
-            # FX graph has no memory format, and takes the fewest ops
-            nhwc = x.permute(0, 2, 3, 1)
-            return nhwc.view(n, h, w, groups, c // groups).transpose(3, 4).reshape(n, h, w, c).permute(0, 3, 1, 2)
     return x.view(n, groups, c // groups, h, w).transpose(1, 2).reshape(n, c, h, w)
-
-
-def concat_shuffle(parts: List[torch.Tensor], groups: int) -> torch.Tensor:
-    """``channel_shuffle(torch.cat(parts, 1), groups)``, computed with one copy in eager mode.
-
-    ``torch.compile`` of a training step calls it as one operator
-    (:func:`compconv.fastpath.compiled_concat_shuffle`); inference graphs and the other graph captures
-    (TorchScript, FX, torch.export, ONNX) record the plain concatenation and reshape/transpose, which
-    compilers fuse. Eager PyTorch would copy twice (cat, then the shuffle)
-    and lose channels_last (a reshape returns NCHW); there each part is copied once, straight to its
-    shuffled channels of an output in the memory format of ``parts[0]``, and under autograd the
-    backward hands each part a view of the output gradient (:class:`compconv.fastpath.ConcatShuffle`).
-    """
-    if not torch.jit.is_scripting():
-        if groups > 1 and compiling_training_graph():
-            return compiled_concat_shuffle(parts, groups)  # training; inference graphs fuse the plain ops
-        if not in_graph_capture():
-            if groups == 1:
-                return torch.cat(parts, dim=1)
-            if torch.is_grad_enabled() and any(part.requires_grad for part in parts):
-                return ConcatShuffle.apply(groups, *parts)
-            return assemble(parts, groups)
-    return channel_shuffle(torch.cat(parts, dim=1), groups)
 
 
 def shuffle_source(channels: int, groups: int) -> torch.Tensor:
@@ -217,14 +179,7 @@ class CompConv2d(nn.Module):
             self.kernel_size, self.padding, self.dilation)
         self.identity_padded = any(self.identity_pad)
         self.shuffle_groups = plan.shuffle_groups
-        # 1x1 layers without inner norms may run in a factorised form (same function and gradients, compconv.fastpath)
-        self.pointwise_form = plan.options.pointwise_form if self._is_pointwise() else "chain"
         self.reset_parameters()
-
-    def _is_pointwise(self) -> bool:
-        tail = self.plan.tail
-        return (self.kernel_size == (1, 1) and self.padding == (0, 0) and not self.plan.options.inner_norm
-                and (tail is None or tail.kernel_size == (1, 1)))
 
     def reset_parameters(self) -> None:
         # As timm and torchvision initialise the convs of ResNet/VGG, so patched models train like baselines.
@@ -249,11 +204,6 @@ class CompConv2d(nn.Module):
 
     def identities(self, x: torch.Tensor, like: torch.Tensor) -> List[torch.Tensor]:
         """The identity parts ``[A(d-1), ..., A1]``: slices of ``x`` sampled at ``like``'s grid."""
-        if not torch.jit.is_scripting():
-            if (not in_graph_capture() and type(self).identity is CompConv2d.identity and not self.identity_padded
-                    and self.identity_starts and torch.is_grad_enabled() and x.requires_grad):
-                # one autograd node whose input gradient keeps x's memory format (compconv.fastpath)
-                return list(IdentitySlices.apply(self, like.shape[-2:], x))
         return [self.identity(x, start, stop, like) for start, stop in zip(self.identity_starts, self.identity_stops)]
 
     def parts(self, x: torch.Tensor) -> List[torch.Tensor]:
@@ -272,17 +222,8 @@ class CompConv2d(nn.Module):
             out.append(self.tail_norm(self.tail(b[:, :self.tail_in])))
         return out
 
-    def form_for(self, x: torch.Tensor) -> str:
-        """The form this layer computes in for input ``x``: ``chain``, ``lowrank`` or ``dense`` (choice 10)."""
-        return training_form(self, x) if self.pointwise_form == "auto" else self.pointwise_form
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not torch.jit.is_scripting():
-            if self.pointwise_form != "chain" and not torch.fx._symbolic_trace.is_fx_symbolic_tracing():
-                form = self.form_for(x)
-                if form != "chain":  # the same function and gradients, fewer passes (compconv.fastpath)
-                    return pointwise_forward(self, x, form)
-        y = concat_shuffle(self.parts(x), self.shuffle_groups)
+        y = channel_shuffle(torch.cat(self.parts(x), dim=1), self.shuffle_groups)
         if self.bias is not None:
             y = y + self.bias.view(1, -1, 1, 1)
         return y
@@ -303,6 +244,18 @@ class CompConv2d(nn.Module):
             self.tail_norm = nn.Identity()
             folded += 1
         return folded
+
+    def fuse(self) -> nn.Module:
+        """The layer's exact inference form (timm's ``fuse()`` convention, which
+        ``timm.utils.reparameterize_model`` calls): inner norms folded and, for a 1x1 layer, the form
+        :func:`compconv.deploy.rule_choice` picks, checked against this layer by :func:`compconv.deploy`
+        (which raises :class:`compconv.deploy.DeployError` rather than return a different function).
+        Folds that need the layer's neighbours (its BatchNorm, the shuffle) are :func:`compconv.deploy`'s."""
+        from .deploy import deploy  # deploy builds on this module
+
+        holder = nn.Sequential(self)
+        deploy(holder, tolerance=None)
+        return holder[0]
 
     def extra_repr(self) -> str:
         text = f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}"
@@ -331,8 +284,26 @@ def create_conv2d(
     options: CompConvOptions | None = None,
     **option_overrides: Any,
 ) -> nn.Module:
-    """Factory that returns a :class:`CompConv2d`, or a plain ``nn.Conv2d`` when the planned depth is 0."""
+    """Factory that returns a CompConv layer, or a plain ``nn.Conv2d`` when the planned depth is 0.
+
+    The layer is the training fast path :class:`compconv.efficient.EfficientCompConv2d` unless the option
+    ``efficient=False`` is set or timm builds a scriptable or exportable model (``timm.create_model(...,
+    scriptable=True)`` / ``exportable=True``, as ``timm.layers.create_act`` does for its activations);
+    then it is the plain :class:`CompConv2d`. Both have the same parameters and compute the same function.
+    """
     layer_plan = plan_layer(in_channels, out_channels, kernel_size, bias=bias, options=options, **option_overrides)
     if layer_plan.depth == 0:
         return nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation, bias=bias)
-    return CompConv2d(in_channels, out_channels, kernel_size, stride, padding, dilation, bias=bias, plan=layer_plan)
+    return compconv_class(layer_plan.options)(in_channels, out_channels, kernel_size, stride, padding, dilation,
+                                              bias=bias, plan=layer_plan)
+
+
+def compconv_class(options: CompConvOptions) -> type:
+    """The CompConv class to build: the fast path, or the plain module (see :func:`create_conv2d`)."""
+    from timm.layers import is_exportable, is_scriptable
+
+    from .efficient import EfficientCompConv2d  # the fast path subclasses this module's CompConv2d
+
+    if options.efficient and not (is_scriptable() or is_exportable()):
+        return EfficientCompConv2d
+    return CompConv2d

@@ -8,7 +8,6 @@ options other than C_0 are passed as ``compconv={"tail": "dense", ...}``.
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from typing import Any
 
 import timm
@@ -16,8 +15,6 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import generate_default_cfgs, register_model
 from torch import nn
 
-from .deploy import ReparameterizableStage
-from .layers import CompConv2d
 from .options import CompConvOptions
 from .patch import patch
 
@@ -52,18 +49,7 @@ def _create_patched(variant: str, base: str, pretrained: bool, method: str, opti
     model = timm.create_model(base, pretrained=False, **kwargs)
     model.pretrained_cfg = model.default_cfg = timm.models.get_pretrained_cfg(variant).to_dict()
     model.compconv_report = patch(model, method=method, **options)
-    if method == "compconv":
-        _reparameterizable_stages(model)
     return model
-
-
-def _reparameterizable_stages(model: nn.Module) -> None:
-    """Makes each top-level ``nn.Sequential`` holding CompConv layers (ResNet ``layerN``, VGG ``features``) a
-    :class:`ReparameterizableStage`, so ``timm.utils.reparameterize_model`` deploys it. Keys, parameters and
-    forward are those of the Sequential."""
-    for name, child in list(model.named_children()):
-        if type(child) is nn.Sequential and any(isinstance(m, CompConv2d) for m in child.modules()):
-            setattr(model, name, ReparameterizableStage(OrderedDict(child.named_children())))
 
 
 def register_variant(name: str, base: str, method: str = "compconv", doc: str = "", **options: Any) -> None:

@@ -14,8 +14,7 @@ MAX_DEPTH = 3
 class CompConvOptions:
     """Options that decide how a convolution is replaced by a CompConv module.
 
-    Every field is one of the choices listed in ``shared/compconv-method.md``; the defaults are
-    the project's defaults.
+    Every field is one of the choices described in ``docs/method.md``; the defaults are the project's.
 
     Args:
         c0: Model-level constant C_0 of the adaptive depth rule (paper, Eq. 6). CompConv128 uses 128.
@@ -26,11 +25,13 @@ class CompConvOptions:
         tail_kernel: Kernel size of the tail op; ``None`` uses the replaced layer's kernel.
         shuffle: Apply the channel shuffle block to the concatenated output.
         inner_norm: Insert BatchNorm after every internal convolution (off in the paper's figure).
-        pointwise_form: How a 1x1 layer computes outside FX tracing (the function and the gradients are
-            Figure 2's either way): ``"chain"`` runs Figure 2 as written; ``"lowrank"`` runs two 1x1 convs,
-            ``[U; S]`` then the composed ``V`` (:func:`compconv.fastpath.factorised_weights`); ``"dense"`` one
-            1x1 conv with ``V [U; S]``; ``"auto"`` (default) picks per layer and input as
-            :func:`compconv.fastpath.training_form` measured fastest.
+        pointwise_form: How a 1x1 layer of the fast path computes (the function and the gradients are Figure
+            2's either way): ``"chain"`` runs Figure 2 as written; ``"lowrank"`` runs two 1x1 convs, ``[U; S]``
+            then the composed ``V`` (:func:`compconv.pointwise.factorised_weights`); ``"dense"`` one 1x1 conv
+            with ``V [U; S]``; ``"auto"`` (default) picks per layer and input as
+            :func:`compconv.efficient.training_form` measured fastest.
+        efficient: Build the training fast path :class:`compconv.efficient.EfficientCompConv2d` (default);
+            False builds the plain :class:`compconv.CompConv2d`. Same parameters, same function.
         c_prim_divisor: Round C_prim up to a multiple of this (as timm/MobileNet/GhostNet round widths with
             ``make_divisible``); the parts beyond C_out are dropped from A0 as Eq. 5's truncation does. 1
             (default) keeps the paper's widths.
@@ -44,6 +45,7 @@ class CompConvOptions:
     inner_norm: bool = False
     pointwise_form: str = "auto"
     c_prim_divisor: int = 1
+    efficient: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.c0, bool) or not isinstance(self.c0, int) or self.c0 < 1:
@@ -58,10 +60,9 @@ class CompConvOptions:
             isinstance(self.tail_kernel, bool) or not isinstance(self.tail_kernel, int) or self.tail_kernel < 1
         ):
             raise ValueError(f"tail_kernel must be null (use the layer's kernel) or a positive integer, got {self.tail_kernel!r}")
-        if not isinstance(self.shuffle, bool):
-            raise ValueError(f"shuffle must be true or false, got {self.shuffle!r}")
-        if not isinstance(self.inner_norm, bool):
-            raise ValueError(f"inner_norm must be true or false, got {self.inner_norm!r}")
+        for flag in ("shuffle", "inner_norm", "efficient"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ValueError(f"{flag} must be true or false, got {getattr(self, flag)!r}")
         if isinstance(self.c_prim_divisor, bool) or not isinstance(self.c_prim_divisor, int) or self.c_prim_divisor < 1:
             raise ValueError(f"c_prim_divisor must be a positive integer (1 keeps the paper's widths), got "
                              f"{self.c_prim_divisor!r}")

@@ -12,7 +12,7 @@ from typing import Any, Iterable
 from torch import nn
 
 from .ghost import GhostConv2d, GhostOptions, GhostPlan, ghost_plan
-from .layers import CompConv2d
+from .layers import CompConv2d, compconv_class
 from .options import CompConvOptions
 from .sizing import CompConvPlan, plan
 
@@ -166,6 +166,8 @@ def patch(
         exclude: fnmatch patterns of module names to leave alone (default: :func:`default_exclude`).
         min_in_channels: Smallest C_in that is replaced.
         options: CompConv options; keyword overrides (``tail="dense"``, ``depth=2``...) apply on top.
+            ``efficient=False`` builds the plain :class:`CompConv2d` instead of the training fast path
+            (:func:`compconv.layers.compconv_class`).
 
     Returns:
         A :class:`PatchReport` with one row per replaced layer and the skipped convs with reasons.
@@ -204,7 +206,8 @@ def patch(
             parent, attr = _parent(model, name), name.rpartition(".")[2]
             # each layer is planned once: the module is built from the plan the report holds
             sizing = {"plan": layer_plan} if module_cls is CompConv2d else {"options": opts}
-            new = module_cls(
+            layer_cls = compconv_class(opts) if module_cls is CompConv2d else module_cls
+            new = layer_cls(
                 conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
                 bias=bias, device=conv.weight.device, dtype=conv.weight.dtype, **sizing,
             )

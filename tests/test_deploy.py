@@ -156,7 +156,7 @@ def test_deploy_for_onnx_runtime_times_forms_there_and_keeps_outputs():
 @pytest.mark.parametrize("channels_last", [True, False])
 @torch.no_grad()
 def test_assemble_with_a_norms_affine_equals_shuffle_of_cat_then_affine(monkeypatch, in_copy, groups, channels_last):
-    from compconv import fastpath
+    from compconv import efficient as fastpath
     from compconv.layers import channel_shuffle
 
     monkeypatch.setattr(fastpath, "AFFINE_IN_COPY_MIN_ELEMENTS", 1 if in_copy else 1 << 40)

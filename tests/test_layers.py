@@ -8,7 +8,7 @@ from torch import nn
 
 from compconv import CompConv2d, channel_shuffle, create_conv2d
 from compconv.complexity import count_macs
-from compconv.fastpath import figure2_forms
+from compconv.efficient import EfficientCompConv2d, figure2_forms, shuffle_keeping_format
 
 
 def literal(module, x):
@@ -37,8 +37,8 @@ def geometries(draw):
 @given(geometries())
 def test_shape_macs_params_match_plain_conv_and_plan(g):
     args = (g["c_in"], g["c_out"], g["k"], g["stride"], g["padding"], g["dilation"])
-    module = CompConv2d(*args, bias=g["bias"], depth=g["depth"], tail=g["tail"], tail_kernel=g["tail_kernel"],
-                        inner_norm=g["inner_norm"], shuffle=g["shuffle"]).eval()
+    module = EfficientCompConv2d(*args, bias=g["bias"], depth=g["depth"], tail=g["tail"],
+                                 tail_kernel=g["tail_kernel"], inner_norm=g["inner_norm"], shuffle=g["shuffle"]).eval()
     x = torch.randn(2, g["c_in"], g["size"], g["size"] + 1)
     y = module(x)
     expected = nn.Conv2d(*args, bias=g["bias"])(x)
@@ -63,7 +63,8 @@ def test_channel_shuffle_keeps_the_memory_format(shape):
     x = torch.randn(*shape)
     want = x.view(shape[0], 3, 4, *shape[2:]).transpose(1, 2).reshape(shape)
     for fmt in (torch.contiguous_format, torch.channels_last):
-        got = channel_shuffle(x.to(memory_format=fmt), 3)
+        assert torch.equal(channel_shuffle(x.to(memory_format=fmt), 3), want)  # the plain form: any layout
+        got = shuffle_keeping_format(x.to(memory_format=fmt), 3)
         assert torch.equal(got, want) and got.is_contiguous(memory_format=fmt)
 
 
@@ -97,7 +98,7 @@ def test_identity_parts_copy_the_chosen_input_channels(k, stride, padding, sampl
 
 @pytest.mark.parametrize("depth", [1, 2, 3])
 def test_channels_last_matches_and_stays_channels_last(depth):
-    module = CompConv2d(96, 128, 3, 2, 1, bias=True, depth=depth)
+    module = EfficientCompConv2d(96, 128, 3, 2, 1, bias=True, depth=depth)
     x = torch.randn(2, 96, 9, 9)
     y = module(x.to(memory_format=torch.channels_last))
     assert y.is_contiguous(memory_format=torch.channels_last)

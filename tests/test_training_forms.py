@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from compconv import CompConv2d, channel_shuffle
-from compconv.fastpath import TrainingFormError, check_training_forms, composed_weight, dense_pays, \
+from compconv.efficient import EfficientCompConv2d, TrainingFormError, check_training_forms, composed_weight, dense_pays, \
     factorised_weights, figure2_forms, training_form, unshuffle_views
 
 
@@ -51,7 +51,7 @@ def layers(draw):
 
 
 def _build(g):
-    return CompConv2d(g["c_in"], g["c_out"], g["k"], g["stride"], g["padding"], g["dilation"], bias=g["bias"],
+    return EfficientCompConv2d(g["c_in"], g["c_out"], g["k"], g["stride"], g["padding"], g["dilation"], bias=g["bias"],
                       depth=g["depth"], tail=g["tail"], tail_kernel=g["tail_kernel"], inner_norm=g["inner_norm"],
                       shuffle=g["shuffle"], pointwise_form=g["pointwise_form"]).double()
 
@@ -77,18 +77,18 @@ def test_training_path_equals_the_literal_form(g):
 
 
 def test_dense_form_is_taken_where_it_pays_and_only_for_pointwise_layers():
-    deep = CompConv2d(256, 64, 1, bias=False, depth=2)
+    deep = EfficientCompConv2d(256, 64, 1, bias=False, depth=2)
     assert deep.pointwise_form == "auto"
     assert dense_pays(deep, torch.empty(1, 256, 56, 56)) and not dense_pays(deep, torch.empty(1, 256, 14, 14))
-    assert not dense_pays(CompConv2d(64, 256, 1, bias=False), torch.empty(1, 64, 7, 7))
-    expand = CompConv2d(256, 1024, 1, bias=False, depth=2)  # ResNet-50 layer 3's conv3: the chain keeps > half the MACs
+    assert not dense_pays(EfficientCompConv2d(64, 256, 1, bias=False), torch.empty(1, 64, 7, 7))
+    expand = EfficientCompConv2d(256, 1024, 1, bias=False, depth=2)  # ResNet-50 layer 3's conv3: the chain keeps > half the MACs
     assert expand.plan.macs_ratio >= 0.5 and deep.plan.macs_ratio < 0.5
     assert dense_pays(expand, torch.empty(1, 256, 14, 14)) and not dense_pays(expand, torch.empty(1, 256, 7, 7))
-    assert CompConv2d(64, 64, 3, padding=1).pointwise_form == "chain"
-    assert CompConv2d(256, 64, 1, inner_norm=True).pointwise_form == "chain"
-    with figure2_forms(nn.Sequential(deep)):
-        assert deep.pointwise_form == "chain"
-    assert deep.pointwise_form == "auto"
+    assert EfficientCompConv2d(64, 64, 3, padding=1).pointwise_form == "chain"
+    assert EfficientCompConv2d(256, 64, 1, inner_norm=True).pointwise_form == "chain"
+    with figure2_forms(nn.Sequential(deep)):  # the plain module, as Figure 2 is written
+        assert type(deep) is CompConv2d
+    assert type(deep) is EfficientCompConv2d and deep.pointwise_form == "auto"
 
 
 def test_unshuffle_views_are_views_of_the_output_gradient():
@@ -101,19 +101,19 @@ def test_unshuffle_views_are_views_of_the_output_gradient():
 
 
 def test_training_form_rule():
-    assert training_form(CompConv2d(256, 64, 1, depth=2), torch.empty(1, 256, 7, 7)) == "lowrank"
-    assert training_form(CompConv2d(2048, 512, 1), torch.empty(1, 2048, 7, 7)) == "lowrank"
+    assert training_form(EfficientCompConv2d(256, 64, 1, depth=2), torch.empty(1, 256, 7, 7)) == "lowrank"
+    assert training_form(EfficientCompConv2d(2048, 512, 1), torch.empty(1, 2048, 7, 7)) == "lowrank"
     # d = 1 with a depthwise tail: a GEMM and a scale, memory-bound where the output is large
-    assert training_form(CompConv2d(64, 256, 1), torch.empty(1, 64, 14, 14)) == "lowrank"
-    assert training_form(CompConv2d(64, 256, 1), torch.empty(1, 64, 28, 28)) == "lowrank"
-    assert training_form(CompConv2d(64, 256, 1), torch.empty(1, 64, 56, 56)) == "dense"
-    assert training_form(CompConv2d(64, 256, 1, tail="dense"), torch.empty(1, 64, 56, 56)) == "dense"
+    assert training_form(EfficientCompConv2d(64, 256, 1), torch.empty(1, 64, 14, 14)) == "lowrank"
+    assert training_form(EfficientCompConv2d(64, 256, 1), torch.empty(1, 64, 28, 28)) == "lowrank"
+    assert training_form(EfficientCompConv2d(64, 256, 1), torch.empty(1, 64, 56, 56)) == "dense"
+    assert training_form(EfficientCompConv2d(64, 256, 1, tail="dense"), torch.empty(1, 64, 56, 56)) == "dense"
 
 
 @pytest.mark.parametrize("stride, dilation", [(1, 1), (2, 1), (1, 2)])
 def test_chain_input_gradient_keeps_channels_last(stride, dilation):
     # autograd's slice backward would hand back an NCHW gradient, slowing every norm/activation upstream
-    conv = CompConv2d(64, 96, 3, stride, dilation, dilation, depth=3).double()
+    conv = EfficientCompConv2d(64, 96, 3, stride, dilation, dilation, depth=3).double()
     assert conv.identity_starts and not conv.identity_padded
     x = torch.randn(2, 64, 9, 9, dtype=torch.double).to(memory_format=torch.channels_last).requires_grad_(True)
     out = conv(x)
@@ -125,7 +125,7 @@ def test_chain_input_gradient_keeps_channels_last(stride, dilation):
 
 @pytest.mark.parametrize("compiled", [False, True])
 def test_concat_shuffle_promotes_dtypes_as_torch_cat_does(compiled):
-    from compconv.layers import concat_shuffle
+    from compconv.efficient import concat_shuffle
     a = torch.randn(2, 4, 3, 3, requires_grad=True)
     b = torch.randn(2, 4, 3, 3, dtype=torch.bfloat16, requires_grad=True)
     want = channel_shuffle(torch.cat([a, b], 1), 2)
@@ -137,7 +137,7 @@ def test_concat_shuffle_promotes_dtypes_as_torch_cat_does(compiled):
 
 
 def test_factorised_weights_shapes():
-    conv = CompConv2d(512, 128, 1, depth=3)
+    conv = EfficientCompConv2d(512, 128, 1, depth=3)
     w1, v = factorised_weights(conv)
     rank = conv.plan.c_prim + conv.plan.identity_channels
     assert w1.shape == (rank, 512) and v.shape == (128, rank)
@@ -145,7 +145,7 @@ def test_factorised_weights_shapes():
 
 
 def test_composed_weight_gives_the_plain_convs_mapping():
-    conv = CompConv2d(96, 48, 1, 2, bias=True, depth=3, tail="dense").double()
+    conv = EfficientCompConv2d(96, 48, 1, 2, bias=True, depth=3, tail="dense").double()
     x = torch.randn(1, 96, 7, 7, dtype=torch.double)
     with figure2_forms(conv):
         want = conv(x)
@@ -157,7 +157,7 @@ def test_composed_weight_gives_the_plain_convs_mapping():
 @pytest.mark.parametrize("kernel, form", [(1, "dense"), (1, "lowrank"), (1, "chain"), (3, "auto")])
 def test_compiled_fullgraph_training_step_equals_eager(kernel, form):
     torch.manual_seed(0)
-    module = CompConv2d(64, 96, kernel, padding=kernel // 2, bias=True, depth=2, pointwise_form=form)
+    module = EfficientCompConv2d(64, 96, kernel, padding=kernel // 2, bias=True, depth=2, pointwise_form=form)
     x = torch.randn(2, 64, 8, 8).to(memory_format=torch.channels_last).requires_grad_(True)
     want = module(x)
     want_grads = torch.autograd.grad(want.square().sum(), [x, *module.parameters()])
@@ -171,7 +171,7 @@ def test_compiled_fullgraph_training_step_equals_eager(kernel, form):
 @pytest.mark.slow
 def test_compile_calls_concat_shuffle_as_one_operator_and_export_records_standard_ops():
     torch.manual_seed(0)
-    module = CompConv2d(64, 96, 3, padding=1, depth=2)
+    module = EfficientCompConv2d(64, 96, 3, padding=1, depth=2)
     x = torch.randn(2, 64, 8, 8).to(memory_format=torch.channels_last).requires_grad_(True)
     targets: list[str] = []
 
@@ -199,8 +199,8 @@ from compconv import CompConv2d
 dist.init_process_group("gloo")
 rank = dist.get_rank()
 torch.manual_seed(0)
-model = nn.Sequential(CompConv2d(64, 48, 1, bias=True, depth=2), nn.ReLU(),
-                      CompConv2d(48, 32, 3, padding=1, bias=False))
+model = nn.Sequential(EfficientCompConv2d(64, 48, 1, bias=True, depth=2), nn.ReLU(),
+                      EfficientCompConv2d(48, 32, 3, padding=1, bias=False))
 net = nn.parallel.DistributedDataParallel(model)
 torch.manual_seed(1 + rank)
 net(torch.randn(2, 64, 30, 30)).square().mean().backward()  # 900 positions: the 1x1 layer trains dense
@@ -220,8 +220,8 @@ def test_ddp_gradients_equal_the_literal_form_on_the_global_batch(tmp_path):
     proc = subprocess.run(command, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     torch.manual_seed(0)
-    model = nn.Sequential(CompConv2d(64, 48, 1, bias=True, depth=2, pointwise_form="chain"), nn.ReLU(),
-                          CompConv2d(48, 32, 3, padding=1, bias=False))
+    model = nn.Sequential(EfficientCompConv2d(64, 48, 1, bias=True, depth=2, pointwise_form="chain"), nn.ReLU(),
+                          EfficientCompConv2d(48, 32, 3, padding=1, bias=False))
     losses = []
     for rank in range(2):
         torch.manual_seed(1 + rank)
@@ -247,18 +247,19 @@ def test_check_training_forms_passes_and_leaves_the_model_as_it_was():
     assert all(p.grad is None for p in model.parameters())
     assert all(torch.equal(v, stats[k]) for k, v in model.state_dict().items())  # BatchNorm statistics too
     assert torch.equal(torch.get_rng_state(), rng)
+    assert check_training_forms(nn.Sequential(EfficientCompConv2d(16, 16, 3, padding=1)), torch.randn(1, 16, 8, 8)) < 1e-6
     assert check_training_forms(nn.Sequential(CompConv2d(16, 16, 3, padding=1)), torch.randn(1, 16, 8, 8)) == 0.0
 
 
 def test_check_training_forms_names_what_differs(monkeypatch):
-    import compconv.layers
+    import compconv.efficient
 
-    forward = compconv.layers.pointwise_forward
-    monkeypatch.setattr(compconv.layers, "pointwise_forward", lambda module, x, form: 1.5 * forward(module, x, form))
-    model = nn.Sequential(CompConv2d(64, 32, 1, depth=2), nn.ReLU(), nn.Conv2d(32, 8, 1))
-    with pytest.raises(TrainingFormError, match=r"differ from Figure 2 in output 0 by 0\.5.*pointwise_form=chain"):
+    forward = compconv.efficient.pointwise_forward
+    monkeypatch.setattr(compconv.efficient, "pointwise_forward", lambda module, x, form: 1.5 * forward(module, x, form))
+    model = nn.Sequential(EfficientCompConv2d(64, 32, 1, depth=2), nn.ReLU(), nn.Conv2d(32, 8, 1))
+    with pytest.raises(TrainingFormError, match=r"differ from Figure 2 in output 0 by 0\.5.*efficient=false"):
         check_training_forms(model, torch.randn(2, 64, 8, 8))
-    monkeypatch.setattr(compconv.layers, "pointwise_forward",  # the same output, a wrong gradient
+    monkeypatch.setattr(compconv.efficient, "pointwise_forward",  # the same output, a wrong gradient
                         lambda module, x, form: forward(module, x.detach(), form))
     with pytest.raises(TrainingFormError, match="in the input's gradient"):
         check_training_forms(model, torch.randn(2, 64, 8, 8))
@@ -282,5 +283,5 @@ def test_a_run_whose_training_forms_differ_stops_with_one_error_line(tmp_path):
                           env={**env(), "PYTHONPATH": f"{patch}:{ROOT}"}, timeout=300)
     assert proc.returncode == 2, proc.stderr[-2000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "TrainingFormError" in errors[0] and "pointwise_form=chain" in errors[0], proc.stderr
+    assert len(errors) == 1 and "TrainingFormError" in errors[0] and "efficient=false" in errors[0], proc.stderr
     assert "Traceback" not in proc.stderr and not list(run.glob("*.pt"))

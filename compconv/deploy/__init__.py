@@ -40,16 +40,15 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 from torch.utils._pytree import tree_flatten, tree_map
 
+from ..efficient import EfficientCompConv2d, to_plain
 from ..layers import CompConv2d
 from .forms import FORMS, DeployedCompConv2d, LowRankConv2d, absorb_norm, build_form, fold_shuffle, form_macs, \
     permute_input, pointwise
 from .graph import Site, analyse, plain_conv_norms, trace
-from .residual import DonatingSequential, ResidualConv2d, fuse_residual_sums
 from .timing import RUNTIMES, ChoiceCache, measured_choice, rule_choice
 
-__all__ = ["ChoiceCache", "DeployError", "DeployReport", "DeployedCompConv2d", "DonatingSequential", "LayerChoice",
-           "LowRankConv2d", "ReparameterizableStage", "ResidualConv2d", "build_form", "check_outputs", "deploy",
-           "form_macs", "rule_choice", "rounding_error", "tolerance_for"]
+__all__ = ["ChoiceCache", "DeployError", "DeployReport", "DeployedCompConv2d", "LayerChoice", "LowRankConv2d",
+           "build_form", "check_outputs", "deploy", "form_macs", "rule_choice", "rounding_error", "tolerance_for"]
 
 RTOL_FP32, RTOL_HALF = 1e-4, 2e-2  # largest |deployed - original| accepted, relative to max |original output|
 # deploy refuses an fp32 model whose own outputs move by more than this share of the tolerance under rounding alone
@@ -91,8 +90,6 @@ class DeployReport:
     norms_absorbed: list[tuple[str, str]] = field(default_factory=list)  # (chain-form conv, the norm it applies)
     norm_of: dict[str, Optional[str]] = field(default_factory=dict)  # each CompConv layer -> the BatchNorm after it
     plain_norms_folded: list[tuple[str, str]] = field(default_factory=list)  # (plain nn.Conv2d, its BatchNorm2d)
-    residual_sums: list[str] = field(default_factory=list)  # convs that write their residual sum into the shortcut
-    residual_left: dict[str, str] = field(default_factory=dict)  # convs feeding a residual sum left as is, and why
     traced: bool = True
     trace_error: Optional[str] = None
     max_error: Optional[float] = None  # of the check, relative to max |output|
@@ -117,7 +114,7 @@ class DeployReport:
         return (f"DeployReport({self.norms_folded} inner norms folded, {self.biases_folded} biases folded, "
                 f"{self.shuffles_folded} shuffles folded, {len(self.plain_norms_folded)} norms folded into plain "
                 f"convs, {len(self.norms_absorbed)} norms applied in chain layers' "
-                f"assembly, {len(self.residual_sums)} residual sums written into their shortcut, forms {self.forms()}, "
+                f"assembly, forms {self.forms()}, "
                 f"{len(self.left)} folds left out"
                 f"{traced}, max rel. error {self.max_error:.2g} <= {self.tolerance:.2g})"
                 if self.max_error is not None else f"DeployReport(unchecked, forms {self.forms()})")
@@ -208,7 +205,6 @@ def _first_difference(original: nn.Module, deployed: nn.Module, x: torch.Tensor,
         permuted |= {name for fold in report.shuffle_folds for name in fold[:-1]}
         permuted |= {name for pair in report.norms_absorbed for name in pair}
         permuted |= {conv for conv, _ in report.plain_norms_folded}  # output: the norm's
-        permuted |= {name for conv in report.residual_sums for name in (conv, conv + ".second")}  # output: the sum
     permuted_outputs: set[int] = set()
     alive = []  # tracked outputs stay referenced, so their ids are not reused by later tensors
 
@@ -301,10 +297,12 @@ def deploy(model: nn.Module, example_input: Optional[torch.Tensor] = None, runti
 def _deploy_copy(model: nn.Module, example_input: Optional[torch.Tensor], runtime: str,
                  cache: ChoiceCache) -> DeployReport:
     report = DeployReport()
-    for module in model.modules():
+    for name, module in list(model.named_modules()):
+        if type(module) is EfficientCompConv2d:  # deploy chooses (and times) each layer's form itself
+            module = to_plain(module)
+            model.set_submodule(name, module)
         if isinstance(module, CompConv2d):
             report.norms_folded += module.reparameterize()
-            module.pointwise_form = "chain"  # deploy chooses (and times) each layer's form itself
     try:
         graph = trace(model)
         sites = analyse(model, graph)
@@ -371,17 +369,5 @@ def _deploy_copy(model: nn.Module, example_input: Optional[torch.Tensor], runtim
                 model.set_submodule(name, absorb_norm(conv, model.get_submodule(site.norm)).eval())
                 model.set_submodule(site.norm, nn.Identity())
                 report.norms_absorbed.append((name, site.norm))
-        if report.traced:
-            report.residual_sums, report.residual_left = fuse_residual_sums(model, trace)
     return report
 
-
-class ReparameterizableStage(DonatingSequential):
-    """An ``nn.Sequential`` stage of a registered CompConv model (ResNet ``layerN``, VGG ``features``) whose
-    ``reparameterize()`` runs :func:`deploy` on it, so ``timm.utils.reparameterize_model`` (timm's
-    ``benchmark.py --reparam``, ``onnx_export.py --reparam``) reaches the deployed form. The stage is
-    checked on a random 64x64 input with its first conv's channels. As a :class:`DonatingSequential` it can
-    hand its blocks their inputs, so the stage deployed alone writes its residual sums in place too."""
-
-    def reparameterize(self) -> DeployReport:
-        return deploy(self)

@@ -4,7 +4,7 @@ A 1x1 CompConv (no inner norms left) followed by a BatchNorm is an affine map of
 most ``C_prim + identity channels``. :func:`build_form` writes it as ``dense`` (one plain conv with
 bias) or ``lowrank`` (:class:`LowRankConv2d`: the first conv, the identity slices, one conv with bias),
 with the BatchNorm and the channel shuffle absorbed; the parts' algebra is
-:func:`compconv.fastpath.part_map`, which the training forms use too. :class:`DeployedCompConv2d` is a CompConv whose
+:func:`compconv.pointwise.part_map`, which the training forms use too. :class:`DeployedCompConv2d` is a CompConv whose
 input arrives with its channels permuted (an upstream shuffle folded into it).
 """
 
@@ -14,8 +14,9 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
-from ..fastpath import assemble, part_map
-from ..layers import CompConv2d, channel_shuffle, concat_shuffle, in_graph_capture, shuffle_source
+from ..efficient import assemble, concat_shuffle, recording_graph, shuffle_keeping_format
+from ..layers import CompConv2d, channel_shuffle, shuffle_source
+from ..pointwise import part_map
 
 __all__ = ["DeployedCompConv2d", "LowRankConv2d", "absorb_norm", "build_form", "form_macs", "fold_shuffle",
            "permute_input", "pointwise"]
@@ -30,8 +31,8 @@ def gather_channels(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     tensor then runs NCHW too, reordering for oneDNN on each call. Eager PyTorch gathers along the last
     axis of the NHWC view instead; graph captures record the plain op (compilers and exporters pick layouts).
     """
-    if not torch.jit.is_scripting():
-        if (x.dim() == 4 and not in_graph_capture() and not x.is_contiguous()
+    if not torch.jit.is_scripting():  # TorchScript compiles the plain op only
+        if (x.dim() == 4 and not recording_graph(x) and not torch.compiler.is_compiling() and not x.is_contiguous()
                 and x.is_contiguous(memory_format=torch.channels_last)):
             return x.permute(0, 2, 3, 1).index_select(3, index).permute(0, 3, 1, 2)
     return x.index_select(1, index)
@@ -160,12 +161,15 @@ class DeployedCompConv2d(_SlicesOfIndex, CompConv2d):
         parts = self.parts(x)
         scale, shift = self.out_scale, self.out_shift
         if scale is None or shift is None:
-            y = concat_shuffle(parts, self.shuffle_groups)
+            y = channel_shuffle(torch.cat(parts, dim=1), self.shuffle_groups) if torch.jit.is_scripting() else \
+                concat_shuffle(parts, self.shuffle_groups)
             return y if self.bias is None else y + self.bias.view(1, -1, 1, 1)
-        if not torch.jit.is_scripting():
-            if not in_graph_capture():
-                return assemble(parts, self.shuffle_groups, scale, shift)
-        y = channel_shuffle(torch.cat(parts, dim=1), self.shuffle_groups)
+        if torch.jit.is_scripting():  # TorchScript compiles the plain ops only
+            y = channel_shuffle(torch.cat(parts, dim=1), self.shuffle_groups)
+        elif recording_graph(x) or torch.compiler.is_compiling():
+            y = shuffle_keeping_format(torch.cat(parts, dim=1), self.shuffle_groups)
+        else:
+            return assemble(parts, self.shuffle_groups, scale, shift)
         return y * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)
 
     def identity(self, x: torch.Tensor, start: int, stop: int, like: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..fastpath import check_training_forms
+from ..efficient import check_training_forms
 from ..models import model_label
 from .checkpoint import load_newest, model_signature, resume_candidates, save_rotating
 from .config import ConfigError
@@ -146,9 +146,9 @@ def create_state(model: nn.Module, cfg, rt: Runtime, train_loader,
 
 
 def check_forms(model: nn.Module, input_size: tuple[int, int, int], rt: Runtime) -> None:
-    """:func:`compconv.fastpath.check_training_forms` on a random batch of two at ``input_size`` (a detector's
+    """:func:`compconv.efficient.check_training_forms` on a random batch of two at ``input_size`` (a detector's
     backbone: it takes a batch tensor), on the run's device and memory format; raises
-    :class:`compconv.fastpath.TrainingFormError` if a layer's training form is not Figure 2's."""
+    :class:`compconv.efficient.TrainingFormError` if a layer's training form is not Figure 2's."""
     target = getattr(model, "backbone", model)
     x = torch.randn(2, *input_size, generator=torch.Generator().manual_seed(0))
     error = check_training_forms(target, x.to(rt.device, memory_format=rt.memory_format))

@@ -1,22 +1,21 @@
-"""Training forms of :class:`compconv.CompConv2d`: Figure 2's function and gradients, less memory traffic.
+"""The training fast path of CompConv: :class:`EfficientCompConv2d`, Figure 2's function and gradients with
+fewer passes over memory. It has :class:`compconv.CompConv2d`'s parameters and state-dict keys, and
+:func:`compconv.create_conv2d` builds it unless the plain module is asked for (option ``efficient=False``,
+or a timm model created ``scriptable``/``exportable``), as timm's ``create_act`` picks its memory-efficient
+activations. Where its input is being recorded into a graph (``torch.jit.trace``, ``torch.export`` and the
+ONNX exporters, ``torch.fx``) it runs the plain forward; ``torch.jit.script`` scripts the plain module.
 
-- :class:`ConcatShuffle`: ``channel_shuffle(torch.cat(parts))`` as one autograd node. Its forward
-  writes each part once into an output of the first part's memory format; its backward hands each part
-  a *view* of the output gradient through the inverse shuffle (a strided slice of channels), where
-  autograd's in-place assembly would clone the whole output gradient once per part (``CopySlices``).
-  ``torch.compile`` sees :func:`compiled_concat_shuffle` instead, an operator it calls rather than fuses
-  (fused, the shuffle turns every per-channel reduction after it into a scalar strided gather); the other
-  graph captures (FX, export, ONNX, TorchScript) record the plain ops.
-- :class:`IdentitySlices`: the identity parts as one autograd node whose input gradient keeps the
-  input's memory format (autograd's slice backward is NCHW, which slows every norm and activation
-  backward upstream of a channels_last layer).
-- :func:`factorised_weights`: a 1x1 CompConv (no inner norms) is the linear map ``x -> V [U; S] x`` with
-  ``[U; S]`` its first conv and the identity selection and ``V`` a small product of its factors. Two
-  1x1 convs (``lowrank``: ``[U; S] x``, or below 28x28 positions ``U x`` and the identity slices, then
-  ``V``; for depth 1 with a depthwise tail, one conv and a per-channel scale written straight into the
-  shuffled order) or one with ``V [U; S]`` (``dense``) compute the same output, and
-  autograd through the products gives the same parameter gradients, in one or two GEMMs forward and
-  backward instead of a chain of memory-bound passes. :func:`training_form` decides per layer and input.
+- :class:`ConcatShuffle`: ``channel_shuffle(torch.cat(parts))`` as one autograd node. Its forward writes each
+  part once into an output of the first part's memory format; its backward hands each part a *view* of the
+  output gradient (autograd's in-place assembly would clone the whole gradient once per part).
+  ``torch.compile`` calls :func:`compiled_concat_shuffle` instead, an operator it calls rather than fuses
+  (fused, the shuffle turns every per-channel reduction after it into a scalar strided gather).
+- :class:`IdentitySlices`: the identity parts as one autograd node whose input gradient keeps the input's
+  memory format (autograd's slice backward is NCHW, which slows every norm and activation backward upstream).
+- The ``lowrank`` and ``dense`` forms of a 1x1 layer (:mod:`compconv.pointwise`): two 1x1 convs ``[U; S]``
+  and ``V``, or one with ``V [U; S]``, in one or two GEMMs instead of a chain of memory-bound passes.
+  :func:`training_form` decides per layer and input; :func:`check_training_forms` checks a model's forms
+  against the plain module before training.
 """
 
 from __future__ import annotations
@@ -27,9 +26,14 @@ from typing import Iterator, List, Optional
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-__all__ = ["ConcatShuffle", "IdentitySlices", "compiled_concat_shuffle", "compiled_unshuffle", "compiling_training_graph", "composed_weight", "dense_pays", "factorised_weights", "TrainingFormError", "check_training_forms", "figure2_forms", "part_map", "pointwise_forward",
-           "training_form", "unshuffle_views"]
+from .layers import CompConv2d, channel_shuffle
+from .pointwise import composed_weight, factorised_weights, part_map, shuffled_rows
+
+__all__ = ["ConcatShuffle", "EfficientCompConv2d", "IdentitySlices", "TrainingFormError", "assemble",
+           "check_training_forms", "compiled_concat_shuffle", "concat_shuffle", "figure2_forms", "recording_graph",
+           "shuffle_keeping_format", "training_form"]
 
 # dense_pays: train a pointwise layer through its composed weight when its output has at least this many
 # positions per image, or at least DENSE_MIN_POSITIONS_HEAVY where the chain keeps DENSE_MIN_CHAIN_SHARE or more
@@ -52,6 +56,7 @@ def _memory_format(x: torch.Tensor) -> torch.memory_format:
 def _cat_dtype(parts: List[torch.Tensor]) -> torch.dtype:
     """The dtype ``torch.cat(parts)`` returns (promoted across parts)."""
     return functools.reduce(torch.promote_types, [part.dtype for part in parts])
+
 
 
 def compiling_training_graph() -> bool:
@@ -214,129 +219,6 @@ class IdentitySlices(torch.autograd.Function):
         return None, None, grad_x
 
 
-def _times(weight: torch.Tensor, rows, columns: int) -> torch.Tensor:
-    """``weight @ rows`` where ``rows`` is a dense map (a matrix) or a selection of basis columns (a slice):
-    a selection costs a zero pad, not a product with one-hot rows."""
-    if isinstance(rows, slice):
-        return F.pad(weight, (rows.start, columns - rows.stop))
-    return weight @ rows
-
-
-def _parts_in_basis(module, first, identities: List[slice], columns: int, dtype: Optional[torch.dtype],
-                    with_bias: bool) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """The concatenated parts of a pointwise CompConv as ``M b + f`` for a basis ``b`` of ``columns`` entries in
-    which ``B(d-1)`` is ``first`` and each identity part ``A(i)`` a selection ``identities[i]``; every product
-    with a selection is a pad (see :func:`part_map` for the two bases used)."""
-    def matrix(conv: torch.nn.Conv2d) -> torch.Tensor:
-        weight = conv.weight if dtype is None else conv.weight.to(dtype)
-        return weight[:, :, 0, 0]
-
-    def bias(conv: torch.nn.Conv2d) -> torch.Tensor:
-        if conv.bias is None:
-            return torch.zeros(conv.out_channels, dtype=dtype or conv.weight.dtype, device=conv.weight.device)
-        return conv.bias if dtype is None else conv.bias.to(dtype)
-
-    like = module.convs[0].weight.to(dtype) if dtype is not None else module.convs[0].weight
-
-    def dense(rows) -> torch.Tensor:
-        if not isinstance(rows, slice):
-            return rows
-        eye = torch.eye(rows.stop - rows.start, dtype=like.dtype, device=like.device)
-        return F.pad(eye, (rows.start, columns - rows.stop))
-
-    def height(rows) -> int:
-        return rows.stop - rows.start if isinstance(rows, slice) else rows.shape[0]
-
-    b = first
-    b_bias = bias(module.convs[0]) if with_bias else None
-    rows, biases = [b], [b_bias]
-    for conv, a in zip(list(module.convs)[1:], identities):
-        weight = matrix(conv)
-        split = height(b)  # W(i) [B(i+1); A(i+1)] = W[:, :split] B(i+1) + W[:, split:] A(i+1)
-        if isinstance(b, slice) and b.stop == a.start:  # adjacent selections: W selects one run of columns
-            b_next = _times(weight, slice(b.start, a.stop), columns)
-        elif isinstance(b, slice):
-            b_next = _times(weight[:, :split], b, columns) + _times(weight[:, split:], a, columns)
-        else:
-            b_next = torch.addmm(_times(weight[:, split:], a, columns), weight[:, :split], b)
-        rows += [a, b_next]
-        if b_bias is not None:
-            b_bias = weight[:, :split] @ b_bias + bias(conv)
-            biases += [b_bias.new_zeros(height(a)), b_bias]
-        b = b_next
-    if module.tail is not None:
-        tail = module.tail
-        weight = (tail.weight if dtype is None else tail.weight.to(dtype))[:, :, 0, 0]
-        source = slice(b.start, b.start + module.tail_in) if isinstance(b, slice) else b[:module.tail_in]
-        if tail.groups != 1:  # a depthwise 1x1 tail is a per-channel scale
-            rows.append(weight[:, :1] * dense(source))
-        else:
-            rows.append(_times(weight, source, columns))
-        if b_bias is not None:
-            source_bias = b_bias[:module.tail_in]
-            biases.append((weight[:, 0] * source_bias if tail.groups != 1 else weight @ source_bias) + bias(tail))
-    return torch.cat([dense(r) for r in rows]), (torch.cat(biases) if with_bias else None)
-
-
-def part_map(module, dtype: Optional[torch.dtype] = None,
-             with_bias: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """``(M, f)``: the concatenated parts of a pointwise CompConv (before the shuffle) as ``M z + f``.
-
-    ``z = [U x; A(d-1); ...; A1]`` (rank = C_prim + identity channels) stacks the first conv's output without
-    its bias and the identity slices; each ``B(i) = W(i) [B(i+1); A(i+1)] + bias(i)`` and the tail are written
-    in terms of ``z``. The one copy of this algebra (:func:`_parts_in_basis`, which :func:`composed_weight`
-    runs in the basis ``x`` instead): the training forms (:func:`factorised_weights`) and deploy's exact forms
-    (``compconv.deploy.forms``) both read it.
-
-    Args:
-        module: A pointwise :class:`compconv.CompConv2d` (1x1 kernels, no norms left inside).
-        dtype: Compute in this dtype (deploy: float64, under ``no_grad``); default the weights' own,
-            differentiable in the module's parameters.
-        with_bias: Also return ``f`` from the internal convs' biases (which ``reparameterize()`` gives them);
-            otherwise ``f`` is None (as trained, internal convs have none).
-    """
-    c = module.plan.c_prim
-    identities, offset = [], c
-    for start, stop in zip(module.identity_starts, module.identity_stops):
-        identities.append(slice(offset, offset + stop - start))
-        offset += stop - start
-    return _parts_in_basis(module, slice(0, c), identities, offset, dtype, with_bias)
-
-
-def _shuffled_rows(matrix: torch.Tensor, groups: int) -> torch.Tensor:
-    """The rows of a concatenation's map in the shuffled order (output channel ``i * groups + j`` is
-    concatenated channel ``j * size + i``)."""
-    if groups == 1:
-        return matrix
-    return matrix.view(groups, -1, matrix.shape[1]).transpose(0, 1).reshape(-1, matrix.shape[1])
-
-
-def factorised_weights(module) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(W1, V)`` with ``module(x) == conv1x1(conv1x1(x, W1), V) + bias`` for a pointwise CompConv.
-
-    ``W1 = [U; S]`` (rank x C_in) stacks the first conv's weight and one-hot rows selecting the identity
-    channels, so ``z = W1 x = [B(d-1); A(d-1); ...; A1]``; ``V`` (C_out x rank) is :func:`part_map`'s ``M``
-    in the shuffled order. Both are differentiable in the module's parameters (the low-rank training form);
-    ``V @ W1`` is the dense weight (:func:`composed_weight` computes it without the one-hot rows).
-    """
-    first = module.convs[0].weight[:, :, 0, 0]
-    in_channels = first.shape[1]
-    selections = [F.pad(torch.eye(stop - start, dtype=first.dtype, device=first.device), (start, in_channels - stop))
-                  for start, stop in zip(module.identity_starts, module.identity_stops)]
-    w1 = torch.cat([first, *selections]) if selections else first
-    return w1, _shuffled_rows(part_map(module)[0], module.shuffle_groups)
-
-
-def composed_weight(module) -> torch.Tensor:
-    """``M`` (C_out x C_in) with ``module(x) == conv1x1(x, M) + bias`` for a pointwise CompConv, differentiable
-    in the module's parameters (the dense training form): the parts algebra run on ``x`` itself, where
-    ``B(d-1) = U`` and each identity part selects input channels."""
-    first = module.convs[0].weight[:, :, 0, 0]
-    identities = [slice(start, stop) for start, stop in zip(module.identity_starts, module.identity_stops)]
-    matrix, _ = _parts_in_basis(module, first, identities, first.shape[1], None, False)
-    return _shuffled_rows(matrix, module.shuffle_groups)
-
-
 def _scaled_tail(module) -> bool:
     """Depth 1 with a depthwise 1x1 tail: ``y = shuffle([b; w * b])`` with ``b = U x`` (``V`` is a scale)."""
     tail = module.tail
@@ -381,7 +263,7 @@ def pointwise_forward(module, x: torch.Tensor, form: str) -> torch.Tensor:
         w1, v = factorised_weights(module)
         z = F.conv2d(x, w1[:, :, None, None], None, module.stride)
     else:  # z = [U x; identity slices of x]: where the input is small, slices cost less than one-hot GEMM rows
-        v = _shuffled_rows(part_map(module)[0], module.shuffle_groups)
+        v = shuffled_rows(part_map(module)[0], module.shuffle_groups)
         b = F.conv2d(x, module.convs[0].weight, None, module.stride)
         z = torch.cat([b, *module.identities(x, b)], dim=1)
     return F.conv2d(z, v[:, :, None, None], module.bias)
@@ -415,18 +297,102 @@ def dense_pays(module, x: torch.Tensor) -> bool:
     return positions >= DENSE_MIN_POSITIONS_HEAVY and module.plan.macs_ratio >= DENSE_MIN_CHAIN_SHARE
 
 
+
+
+def recording_graph(x: torch.Tensor) -> bool:
+    """True while ``x`` is being recorded into a graph rather than computed: ``torch.jit.trace``, ``torch.export``
+    (and the ONNX exporters built on either), ``torch.fx`` symbolic tracing. Such graphs hold the plain ops."""
+    return torch.jit.is_tracing() or torch.compiler.is_exporting() or isinstance(x, torch.fx.Proxy)
+
+
+def shuffle_keeping_format(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """:func:`compconv.layers.channel_shuffle` that returns channels_last for a channels_last input (the plain
+    reshape returns NCHW, and every layer after it, and any sum with a channels_last tensor, would run in
+    mixed layouts)."""
+    if groups == 1 or recording_graph(x) or x.is_contiguous() or not x.is_contiguous(memory_format=torch.channels_last):
+        return channel_shuffle(x, groups)
+    n, c, h, w = x.shape
+    nhwc = x.permute(0, 2, 3, 1)
+    return nhwc.view(n, h, w, groups, c // groups).transpose(3, 4).reshape(n, h, w, c).permute(0, 3, 1, 2)
+
+
+def concat_shuffle(parts: List[torch.Tensor], groups: int) -> torch.Tensor:
+    """``channel_shuffle(torch.cat(parts, 1), groups)`` with one copy, in ``parts[0]``'s memory format.
+
+    Eager: :func:`assemble` (:class:`ConcatShuffle` under autograd). A ``torch.compile`` training graph calls
+    :func:`compiled_concat_shuffle`; an inference graph records the plain ops, which the compiler fuses.
+    """
+    if torch.compiler.is_compiling() or recording_graph(parts[0]):
+        if groups > 1 and compiling_training_graph():
+            return compiled_concat_shuffle(parts, groups)
+        return shuffle_keeping_format(torch.cat(parts, dim=1), groups)
+    if groups == 1:
+        return torch.cat(parts, dim=1)
+    if torch.is_grad_enabled() and any(part.requires_grad for part in parts):
+        return ConcatShuffle.apply(groups, *parts)
+    return assemble(parts, groups)
+
+
+class EfficientCompConv2d(CompConv2d):
+    """:class:`compconv.CompConv2d` with the training fast path (see the module doc); same arguments.
+
+    Attributes:
+        pointwise_form: ``auto``, ``lowrank``, ``dense`` or ``chain`` for a 1x1 layer without inner norms (the
+            option of that name), ``chain`` for every other layer.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        tail = self.plan.tail
+        pointwise = (self.kernel_size == (1, 1) and self.padding == (0, 0) and not self.plan.options.inner_norm
+                     and (tail is None or tail.kernel_size == (1, 1)))
+        self.pointwise_form = self.plan.options.pointwise_form if pointwise else "chain"
+
+    def __prepare_scriptable__(self) -> CompConv2d:
+        """``torch.jit.script`` compiles the plain module (same parameters, same function)."""
+        return to_plain(self)
+
+    def form_for(self, x: torch.Tensor) -> str:
+        """The form this layer computes in for input ``x``: ``chain``, ``lowrank`` or ``dense``."""
+        return training_form(self, x) if self.pointwise_form == "auto" else self.pointwise_form
+
+    def identities(self, x: torch.Tensor, like: torch.Tensor) -> List[torch.Tensor]:
+        if (self.identity_starts and not self.identity_padded and torch.is_grad_enabled() and x.requires_grad
+                and not torch.compiler.is_compiling()):
+            return list(IdentitySlices.apply(self, like.shape[-2:], x))
+        return super().identities(x, like)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if recording_graph(x):
+            return super().forward(x)
+        if self.pointwise_form != "chain":
+            form = self.form_for(x)
+            if form != "chain":  # the same function and gradients, fewer passes
+                return pointwise_forward(self, x, form)
+        y = concat_shuffle(self.parts(x), self.shuffle_groups)
+        return y if self.bias is None else y + self.bias.view(1, -1, 1, 1)
+
+
+def to_plain(module: CompConv2d) -> CompConv2d:
+    """A plain :class:`compconv.CompConv2d` sharing ``module``'s parameters, buffers and hooks."""
+    plain = CompConv2d.__new__(CompConv2d)
+    plain.__dict__.update({k: v for k, v in module.__dict__.items() if k != "pointwise_form"})
+    return plain
+
+
 @contextmanager
-def figure2_forms(model: torch.nn.Module) -> Iterator[None]:
-    """Runs every CompConv of ``model`` as Figure 2 is written (``pointwise_form="chain"``) inside the block:
-    what MACs accounting counts, since a dense training form computes the plain conv's MACs."""
-    saved = {m: m.pointwise_form for m in model.modules() if hasattr(m, "pointwise_form")}
+def figure2_forms(model: nn.Module) -> Iterator[None]:
+    """Runs every :class:`EfficientCompConv2d` of ``model`` as the plain :class:`compconv.CompConv2d` (Figure 2
+    as written) inside the block: what MACs accounting counts, since a dense training form computes the plain
+    conv's MACs, and the reference :func:`check_training_forms` compares with."""
+    swapped = [m for m in model.modules() if type(m) is EfficientCompConv2d]
     try:
-        for module in saved:
-            module.pointwise_form = "chain"
+        for module in swapped:
+            module.__class__ = CompConv2d
         yield
     finally:
-        for module, form in saved.items():
-            module.pointwise_form = form
+        for module in swapped:
+            module.__class__ = EfficientCompConv2d
 
 
 class TrainingFormError(RuntimeError):
@@ -444,17 +410,17 @@ def check_training_forms(model: torch.nn.Module, x: torch.Tensor, tolerance: flo
     ``tolerance``.
 
     Args:
-        model: Any model; without a CompConv in a factorised training form nothing runs.
+        model: Any model; without an :class:`EfficientCompConv2d` nothing runs.
         x: A batch as the model will see it (device, memory format); its values do not matter.
         tolerance: Largest accepted max |difference| / max |reference| of each tensor.
 
     Returns:
-        The largest relative difference found (0.0 when no layer trains in a factorised form).
+        The largest relative difference found (0.0 when no layer has the fast path).
 
     Raises:
         TrainingFormError: naming the output or the first parameter whose gradient differs.
     """
-    if not any(getattr(m, "pointwise_form", "chain") != "chain" for m in model.modules()):
+    if not any(type(m) is EfficientCompConv2d for m in model.modules()):
         return 0.0
     modes = {m: m.training for m in model.modules()}
     trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -493,6 +459,6 @@ def check_training_forms(model: torch.nn.Module, x: torch.Tensor, tolerance: flo
         if not error <= tolerance:  # NaN fails too
             raise TrainingFormError(
                 f"CompConv's training forms differ from Figure 2 in {label} by {error:.3g} (relative; tolerance "
-                f"{tolerance:g}): train with model.compconv.pointwise_form=chain and please report this model")
+                f"{tolerance:g}): train the plain module (model.compconv.efficient=false) and please report this model")
         worst = max(worst, error)
     return worst

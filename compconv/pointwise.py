@@ -1,0 +1,142 @@
+"""The 1x1 algebra of CompConv as pure functions, shared by the training forms and deploy.
+
+A 1x1 CompConv (no inner norms) is the linear map ``x -> V [U; S] x``: ``[U; S]`` stacks its first conv
+and the selection of the identity channels, ``V`` is a small product of its other factors. The training
+forms (:mod:`compconv.efficient`) compute with ``[U; S]`` and ``V`` or with their product; deploy
+(:mod:`compconv.deploy.forms`) folds BatchNorms and shuffles into them. Every function here reads the
+module's weights and returns tensors; none changes the module.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["composed_weight", "factorised_weights", "part_map", "shuffled_rows"]
+
+
+def _times(weight: torch.Tensor, rows, columns: int) -> torch.Tensor:
+    """``weight @ rows`` where ``rows`` is a dense map (a matrix) or a selection of basis columns (a slice):
+    a selection costs a zero pad, not a product with one-hot rows."""
+    if isinstance(rows, slice):
+        return F.pad(weight, (rows.start, columns - rows.stop))
+    return weight @ rows
+
+
+def _parts_in_basis(module, first, identities: List[slice], columns: int, dtype: Optional[torch.dtype],
+                    with_bias: bool) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """The concatenated parts of a pointwise CompConv as ``M b + f`` for a basis ``b`` of ``columns`` entries in
+    which ``B(d-1)`` is ``first`` and each identity part ``A(i)`` a selection ``identities[i]``; every product
+    with a selection is a pad (see :func:`part_map` for the two bases used)."""
+    def matrix(conv: torch.nn.Conv2d) -> torch.Tensor:
+        weight = conv.weight if dtype is None else conv.weight.to(dtype)
+        return weight[:, :, 0, 0]
+
+    def bias(conv: torch.nn.Conv2d) -> torch.Tensor:
+        if conv.bias is None:
+            return torch.zeros(conv.out_channels, dtype=dtype or conv.weight.dtype, device=conv.weight.device)
+        return conv.bias if dtype is None else conv.bias.to(dtype)
+
+    like = module.convs[0].weight.to(dtype) if dtype is not None else module.convs[0].weight
+
+    def dense(rows) -> torch.Tensor:
+        if not isinstance(rows, slice):
+            return rows
+        eye = torch.eye(rows.stop - rows.start, dtype=like.dtype, device=like.device)
+        return F.pad(eye, (rows.start, columns - rows.stop))
+
+    def height(rows) -> int:
+        return rows.stop - rows.start if isinstance(rows, slice) else rows.shape[0]
+
+    b = first
+    b_bias = bias(module.convs[0]) if with_bias else None
+    rows, biases = [b], [b_bias]
+    for conv, a in zip(list(module.convs)[1:], identities):
+        weight = matrix(conv)
+        split = height(b)  # W(i) [B(i+1); A(i+1)] = W[:, :split] B(i+1) + W[:, split:] A(i+1)
+        if isinstance(b, slice) and b.stop == a.start:  # adjacent selections: W selects one run of columns
+            b_next = _times(weight, slice(b.start, a.stop), columns)
+        elif isinstance(b, slice):
+            b_next = _times(weight[:, :split], b, columns) + _times(weight[:, split:], a, columns)
+        else:
+            b_next = torch.addmm(_times(weight[:, split:], a, columns), weight[:, :split], b)
+        rows += [a, b_next]
+        if b_bias is not None:
+            b_bias = weight[:, :split] @ b_bias + bias(conv)
+            biases += [b_bias.new_zeros(height(a)), b_bias]
+        b = b_next
+    if module.tail is not None:
+        tail = module.tail
+        weight = (tail.weight if dtype is None else tail.weight.to(dtype))[:, :, 0, 0]
+        source = slice(b.start, b.start + module.tail_in) if isinstance(b, slice) else b[:module.tail_in]
+        if tail.groups != 1:  # a depthwise 1x1 tail is a per-channel scale
+            rows.append(weight[:, :1] * dense(source))
+        else:
+            rows.append(_times(weight, source, columns))
+        if b_bias is not None:
+            source_bias = b_bias[:module.tail_in]
+            biases.append((weight[:, 0] * source_bias if tail.groups != 1 else weight @ source_bias) + bias(tail))
+    return torch.cat([dense(r) for r in rows]), (torch.cat(biases) if with_bias else None)
+
+
+def part_map(module, dtype: Optional[torch.dtype] = None,
+             with_bias: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """``(M, f)``: the concatenated parts of a pointwise CompConv (before the shuffle) as ``M z + f``.
+
+    ``z = [U x; A(d-1); ...; A1]`` (rank = C_prim + identity channels) stacks the first conv's output without
+    its bias and the identity slices; each ``B(i) = W(i) [B(i+1); A(i+1)] + bias(i)`` and the tail are written
+    in terms of ``z``. The one copy of this algebra (:func:`_parts_in_basis`, which :func:`composed_weight`
+    runs in the basis ``x`` instead): the training forms (:func:`factorised_weights`) and deploy's exact forms
+    (``compconv.deploy.forms``) both read it.
+
+    Args:
+        module: A pointwise :class:`compconv.CompConv2d` (1x1 kernels, no norms left inside).
+        dtype: Compute in this dtype (deploy: float64, under ``no_grad``); default the weights' own,
+            differentiable in the module's parameters.
+        with_bias: Also return ``f`` from the internal convs' biases (which ``reparameterize()`` gives them);
+            otherwise ``f`` is None (as trained, internal convs have none).
+    """
+    c = module.plan.c_prim
+    identities, offset = [], c
+    for start, stop in zip(module.identity_starts, module.identity_stops):
+        identities.append(slice(offset, offset + stop - start))
+        offset += stop - start
+    return _parts_in_basis(module, slice(0, c), identities, offset, dtype, with_bias)
+
+
+def shuffled_rows(matrix: torch.Tensor, groups: int) -> torch.Tensor:
+    """The rows of a concatenation's map in the shuffled order (output channel ``i * groups + j`` is
+    concatenated channel ``j * size + i``)."""
+    if groups == 1:
+        return matrix
+    return matrix.view(groups, -1, matrix.shape[1]).transpose(0, 1).reshape(-1, matrix.shape[1])
+
+
+def factorised_weights(module) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(W1, V)`` with ``module(x) == conv1x1(conv1x1(x, W1), V) + bias`` for a pointwise CompConv.
+
+    ``W1 = [U; S]`` (rank x C_in) stacks the first conv's weight and one-hot rows selecting the identity
+    channels, so ``z = W1 x = [B(d-1); A(d-1); ...; A1]``; ``V`` (C_out x rank) is :func:`part_map`'s ``M``
+    in the shuffled order. Both are differentiable in the module's parameters (the low-rank training form);
+    ``V @ W1`` is the dense weight (:func:`composed_weight` computes it without the one-hot rows).
+    """
+    first = module.convs[0].weight[:, :, 0, 0]
+    in_channels = first.shape[1]
+    selections = [F.pad(torch.eye(stop - start, dtype=first.dtype, device=first.device), (start, in_channels - stop))
+                  for start, stop in zip(module.identity_starts, module.identity_stops)]
+    w1 = torch.cat([first, *selections]) if selections else first
+    return w1, shuffled_rows(part_map(module)[0], module.shuffle_groups)
+
+
+def composed_weight(module) -> torch.Tensor:
+    """``M`` (C_out x C_in) with ``module(x) == conv1x1(x, M) + bias`` for a pointwise CompConv, differentiable
+    in the module's parameters (the dense training form): the parts algebra run on ``x`` itself, where
+    ``B(d-1) = U`` and each identity part selects input channels."""
+    first = module.convs[0].weight[:, :, 0, 0]
+    identities = [slice(start, stop) for start, stop in zip(module.identity_starts, module.identity_stops)]
+    matrix, _ = _parts_in_basis(module, first, identities, first.shape[1], None, False)
+    return shuffled_rows(matrix, module.shuffle_groups)
+
+
