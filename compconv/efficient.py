@@ -357,8 +357,8 @@ class EfficientCompConv2d(CompConv2d):
         return training_form(self, x) if self.pointwise_form == "auto" else self.pointwise_form
 
     def identities(self, x: torch.Tensor, like: torch.Tensor) -> List[torch.Tensor]:
-        if (self.identity_starts and not self.identity_padded and torch.is_grad_enabled() and x.requires_grad
-                and not torch.compiler.is_compiling()):
+        if (self.identity_starts and not self.identity_padded and not recording_graph(x)
+                and not torch.compiler.is_compiling() and torch.is_grad_enabled() and x.requires_grad):
             return list(IdentitySlices.apply(self, like.shape[-2:], x))
         return super().identities(x, like)
 

@@ -24,10 +24,11 @@ import timm
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from zoo import EXTRA, SIZES, ZOO, prepared  # noqa: E402  (the zoo the tests use)
 
 from compconv import deploy, export_onnx  # noqa: E402
-from compconv.bench import device_name  # noqa: E402
+from benchmark import device_name  # noqa: E402
 from compconv.deploy import DeployError, tolerance_for  # noqa: E402
 from compconv.onnxrt import ort_session  # noqa: E402
 

@@ -46,10 +46,10 @@ common=(--device "$DEVICE" --precision "$PRECISION" --img-size "$IMG" --settings
         --min-seconds "$MIN_SECONDS" --memory-settings "$MEMORY")
 
 log "1/4 benchmark: inference batch $INFER_BATCH"
-"$PY" -m compconv.bench --models resnet50,resnet50_compconv128,resnet50_compconv128+deploy,resnet50_ghost \
+"$PY" benchmark.py --models resnet50,resnet50_compconv128,resnet50_compconv128+deploy,resnet50_ghost \
   --workloads "infer:$INFER_BATCH" "${common[@]}" --out "$RAW/benchmark_infer.md"
 log "1/4 benchmark: training batch $TRAIN_BATCH"
-"$PY" -m compconv.bench --models resnet50,resnet50_compconv128,resnet50_ghost \
+"$PY" benchmark.py --models resnet50,resnet50_compconv128,resnet50_ghost \
   --workloads "train:$TRAIN_BATCH" "${common[@]}" --out "$RAW/benchmark_train.md"
 
 train=("$PY" train_cls.py model=resnet50_compconv128 "data.train_subset=$((STEPS * 128))" data.batch_size=128

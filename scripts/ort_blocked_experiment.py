@@ -27,6 +27,7 @@ import os
 import statistics
 import tempfile
 import time
+import sys
 from pathlib import Path
 from unittest import mock
 
@@ -35,8 +36,9 @@ import timm
 import torch
 from torch import nn
 
-import compconv
-from compconv.bench import device_name
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import compconv  # noqa: E402
+from benchmark import device_name  # noqa: E402
 from compconv.deploy import forms
 from compconv.onnxrt import ort_session
 

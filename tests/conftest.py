@@ -21,5 +21,5 @@ def _seed():
 def _fresh_dynamo():
     # Every test compiles from scratch: timm models share forward code objects (ResNet.forward), and
     # dynamo's per-code recompile limit would otherwise be reached after a few models in one process.
-    torch._dynamo.reset()
+    torch.compiler.reset()
     yield

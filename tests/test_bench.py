@@ -3,8 +3,11 @@
 import csv
 
 import pytest
+import torch
 
-from compconv import bench
+import benchmark as bench
+import compconv
+from scripts import bench_layers
 
 
 @pytest.mark.slow  # measures peak memory in a spawned process
@@ -12,8 +15,7 @@ def test_benchmark_writes_markdown_and_csv(tmp_path):
     out = tmp_path / "bench.md"
     assert bench.main(["--models", "resnet18,resnet18_compconv128", "--workloads", "infer:1,train:2",
                        "--settings", "eager-nchw,eager-cl", "--img-size", "32", "--repeats", "2",
-                       "--min-seconds", "0.01", "--warmup", "1", "--out", str(out), "--profile", "resnet18_compconv128",
-                       "--memory-settings", "eager-nchw"]) == 0
+                       "--min-seconds", "0.01", "--warmup", "1", "--out", str(out), "--memory-settings", "eager-nchw"]) == 0
     rows = list(csv.DictReader(open(out.with_suffix(".csv"))))
     assert len(rows) == 8 and {r["model"] for r in rows} == {"resnet18", "resnet18_compconv128"}
     for row in rows:
@@ -26,7 +28,10 @@ def test_benchmark_writes_markdown_and_csv(tmp_path):
         else:
             assert float(row["ideal_ratio"]) > 2  # resnet18 MACs / CompConv128 MACs
     text = out.read_text()
-    assert "## train, batch 2, eager-cl" in text and "convolution" in text
+    assert "## train, batch 2, eager-cl" in text
+    profile = bench_layers.profile_ops("resnet18_compconv128", bench.Workload("infer", 1), bench.Setting.parse("eager-cl"),
+                                       torch.device("cpu"), 32, "fp32")
+    assert "convolution" in profile
 
 
 def test_benchmark_rejects_bad_arguments():
@@ -53,16 +58,15 @@ def test_deploy_variants_ort_and_per_layer_table(tmp_path):
     out = tmp_path / "opt.md"
     assert bench.main(["--models", "resnet18,resnet18_compconv128+deploy", "--workloads", "infer:2",
                        "--settings", "eager-cl,ort", "--img-size", "32", "--repeats", "1", "--min-seconds", "0.01",
-                       "--warmup", "1", "--memory-settings", "none", "--per-layer", "resnet18_compconv128:2",
-                       "--out", str(out)]) == 0
-    text = out.read_text()
-    assert "## infer, batch 2, ort" in text and "## Per layer: resnet18_compconv128" in text
-    assert "| layer2.0.downsample.0 | 64->128, 1, 2 | 1 |" in text and "**all replaced layers**" in text
+                       "--warmup", "1", "--memory-settings", "none", "--out", str(out)]) == 0
+    assert "## infer, batch 2, ort" in out.read_text()
+    table = bench_layers.per_layer_table("resnet18_compconv128", 2, 32, torch.device("cpu"), repeats=1)
+    assert "| layer2.0.downsample.0 | 64->128, 1, 2 | 1 |" in table and "**all replaced layers**" in table
     with pytest.raises(ValueError, match="unknown variant"):
         bench.create_variant("resnet18_compconv128+fast")
-    rounded = bench.create_variant("resnet18_compconv128+c_prim_divisor=16+chain")
+    rounded = bench.create_variant("resnet18_compconv128+c_prim_divisor=16+plain")
     layers = [m for m in rounded.modules() if hasattr(m, "plan")]
-    assert layers and all(m.plan.c_prim % 16 == 0 and m.pointwise_form == "chain" for m in layers)
+    assert layers and all(m.plan.c_prim % 16 == 0 and type(m) is compconv.CompConv2d for m in layers)
     with pytest.raises(ValueError, match="unknown CompConv option"):
         bench.create_variant("resnet18_compconv128+bogus=1")
     with pytest.raises(ValueError, match="ort setting is inference"):
@@ -70,16 +74,14 @@ def test_deploy_variants_ort_and_per_layer_table(tmp_path):
                          "fp32")
 
 
-def test_per_layer_training_table_and_chain_variant(tmp_path):
-    import torch
-
-    table = bench.per_layer_train_table("resnet18_compconv128", 2, 32, torch.device("cpu"), repeats=1)
+def test_per_layer_training_table_and_plain_variant(tmp_path):
+    table = bench_layers.per_layer_train_table("resnet18_compconv128", 2, 32, torch.device("cpu"), repeats=1)
     lines = table.splitlines()
     assert lines[0].startswith("| layer | C_in->C_out") and lines[-1].startswith("| **all replaced layers**")
     assert any("| lowrank |" in line for line in lines) and any("| chain |" in line for line in lines)
     assert all(line.count("|") == lines[0].count("|") for line in lines)
-    chain = bench.create_variant("resnet18_compconv128+chain")
-    assert {m.pointwise_form for m in chain.modules() if hasattr(m, "pointwise_form")} == {"chain"}
+    plain = bench.create_variant("resnet18_compconv128+plain")
+    assert {type(m) for m in plain.modules() if hasattr(m, "plan")} == {compconv.CompConv2d}
 
 
 @pytest.mark.slow  # two spawned processes
@@ -94,7 +96,7 @@ def test_peak_memory_is_the_models_own():
 
 
 def test_paired_ratio_is_the_median_of_per_repeat_ratios():
-    from compconv.bench import paired_ratio
+    from benchmark import paired_ratio
 
     # a machine that slows down over the repeats: every repeat has the model at 2x, the medians of rates do not
     reference = [10.0, 5.0, 4.0, 2.0, 1.0]

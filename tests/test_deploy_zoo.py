@@ -133,7 +133,11 @@ def test_report_says_why_folds_were_left_out():
 
 
 @torch.no_grad()
-def test_timm_reparameterize_model_gives_the_deployed_form():
+def test_timm_reparameterize_model_gives_each_layer_its_inference_form():
+    """timm's convention (``fuse()`` on the module): each CompConv becomes its checked per-layer form; the folds
+    that need neighbours (norms, shuffles) are deploy()'s, so the model keeps timm's plain classes around them."""
+    from compconv.deploy import LowRankConv2d, rule_choice
+
     model = timm.create_model("resnet50_compconv128", num_classes=10).eval()
     for module in model.modules():
         if isinstance(module, nn.BatchNorm2d):
@@ -142,24 +146,23 @@ def test_timm_reparameterize_model_gives_the_deployed_form():
     x = torch.randn(2, 3, 64, 64)
     reference = model(x)
     fused = timm.utils.reparameterize_model(model)
-    deployed = copy.deepcopy(model)
-    report = deploy(deployed)
     assert _relative(fused(x), reference) <= 1e-4
-    # by class name: a block whose residual sum deploy fused is a GraphModule, whose class is made per instance;
-    # timm's path deploys the stages, so the stem's norm, which deploy folds into the stem conv, stays
-    assert report.plain_norms_folded == [("conv1", "bn1")]
-    assert ([(n, type(m).__name__) for n, m in fused.named_modules()]
-            == [(n, "BatchNorm2d" if n == "bn1" else type(m).__name__) for n, m in deployed.named_modules()])
-    assert report.residual_sums
-    assert report.forms()["dense"] == 15 and report.shuffles_folded > 0
-    assert any(isinstance(m, DeployedCompConv2d) for m in fused.modules())
-    assert type(model.layer1[0].conv1) is compconv.CompConv2d  # reparameterize_model works on a copy
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, compconv.CompConv2d)}
+    forms = {"dense": nn.Conv2d, "lowrank": LowRankConv2d, "chain": compconv.CompConv2d}
+    for name, layer in layers.items():
+        form = rule_choice(compconv.efficient.to_plain(layer)) if layer.kernel_size == (1, 1) else "chain"
+        assert type(fused.get_submodule(name)) is forms[form], name
+    assert {type(m) for m in fused.modules()} & {compconv.EfficientCompConv2d} == set()
+    assert type(fused.layer1) is nn.Sequential and isinstance(fused.bn1, nn.BatchNorm2d)
+    assert type(model.layer1[0].conv1) is compconv.EfficientCompConv2d  # reparameterize_model works on a copy
 
 
 @torch.no_grad()
 def test_timm_reparameterize_model_in_benchmark_scripts_order():
     """timm's benchmark.py reparameterizes the model as create_model returns it (training mode) and calls eval()
-    after; the stages deploy in eval all the same, and the model's eval outputs are kept."""
+    after; the model's eval outputs are kept."""
+    from compconv.deploy import LowRankConv2d
+
     model = timm.create_model("resnet50_compconv128", num_classes=10)
     assert model.training
     for module in model.modules():
@@ -168,11 +171,11 @@ def test_timm_reparameterize_model_in_benchmark_scripts_order():
             module.bias.uniform_(-0.2, 0.2)
     reference = copy.deepcopy(model).eval()
     fused = timm.utils.reparameterize_model(model)
-    assert fused.training and not fused.layer1.training
+    assert fused.training
     fused.eval()
     x = torch.randn(2, 3, 64, 64)
     assert _relative(fused(x), reference(x)) <= 1e-4
-    assert any(isinstance(m, DeployedCompConv2d) for m in fused.modules())
+    assert any(isinstance(m, LowRankConv2d) for m in fused.modules())
 
 
 def test_deploy_forms_are_pure_functions_of_the_layer():

@@ -179,7 +179,7 @@ def test_compile_calls_concat_shuffle_as_one_operator_and_export_records_standar
         targets.extend(str(node.target) for node in gm.graph.nodes)
         return gm.forward
 
-    torch._dynamo.reset()
+    torch.compiler.reset()
     torch.compile(module, backend=recording_backend, fullgraph=True)(x)
     assert "compconv.concat_shuffle.default" in targets
     want = module(x)

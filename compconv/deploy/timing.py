@@ -84,18 +84,23 @@ def ort_runner(module: nn.Module, x: torch.Tensor, path: str) -> Callable[[], No
     return lambda: session.run(None, feed)
 
 
-def interleaved_ms(runners: dict[str, Callable[[], None]], repeats: int = 5) -> dict[str, float]:
-    """Median ms of each runner, timed in rounds that call every runner once (after one warm-up call each),
-    so a burst of load on a shared machine slows all candidates alike instead of one."""
+def interleaved_times(runners: dict[str, Callable[[], None]], repeats: int, calls: Optional[dict[str, int]] = None,
+                      idle_s: float = 0.0) -> dict[str, list[float]]:
+    """Seconds per call of each runner, in ``repeats`` rounds that each run every runner (``calls[name]`` times
+    back to back, default once), so a burst of load on a shared machine slows all candidates alike instead of
+    one. Runners synchronise their device themselves; warm them up first. ``idle_s``: sleep before each
+    measurement (an ONNX Runtime session's spinning threads would otherwise take the cores from the next)."""
     times: dict[str, list[float]] = {name: [] for name in runners}
-    for run in runners.values():
-        run()
     for _ in range(repeats):
         for name, run in runners.items():
+            count = (calls or {}).get(name, 1)
+            if idle_s:
+                time.sleep(idle_s)
             start = time.perf_counter()
-            run()
-            times[name].append(time.perf_counter() - start)
-    return {name: 1e3 * statistics.median(t) for name, t in times.items()}
+            for _ in range(count):
+                run()
+            times[name].append((time.perf_counter() - start) / count)
+    return times
 
 
 def measured_choice(module: CompConv2d, norm: Optional[nn.BatchNorm2d], x: torch.Tensor, runtime: str,
@@ -114,7 +119,9 @@ def measured_choice(module: CompConv2d, norm: Optional[nn.BatchNorm2d], x: torch
         runners = {form: ort_runner(candidate, x, f"{folder}/{form}.onnx") if runtime == "ort"
                    else torch_runner(candidate, x)
                    for form, candidate in candidates.items()}
-        times = interleaved_ms(runners)
+        for run in runners.values():  # warm-up
+            run()
+        times = {form: 1e3 * statistics.median(t) for form, t in interleaved_times(runners, repeats=5).items()}
     choice = min(times, key=times.get)
     cache.put(key, choice)
     return choice, times

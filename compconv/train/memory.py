@@ -26,15 +26,27 @@ def reset_peak_memory(device: torch.device) -> None:
         pass  # not Linux, or not permitted: peak_memory_mb then reports the process's lifetime peak
 
 
+def resident_memory_mb(device: torch.device) -> float:
+    """MiB in use now: CUDA allocated, or the process's resident set (VmRSS). With :func:`reset_peak_memory` and
+    :func:`peak_memory_mb`, what one step adds to a warm process is ``peak_memory_mb - resident_memory_mb``."""
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device) / 2**20
+    return _status_kb("VmRSS") / 1024
+
+
+def _status_kb(field: str) -> float:
+    try:
+        with open(_STATUS) as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+
+
 def peak_memory_mb(device: torch.device) -> float:
     """MiB: CUDA max allocated since the last reset, or the peak RSS (VmHWM) since the last reset."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    try:
-        with open(_STATUS) as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024  # kB
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    return _status_kb("VmHWM") / 1024

@@ -1,10 +1,14 @@
 """Throughput, latency and memory benchmark of timm models, CompConv and Ghost variants side by side.
 
-    python -m compconv.bench --models resnet50,resnet50_compconv128,resnet50_ghost \\
+    python benchmark.py --models resnet50,resnet50_compconv128,resnet50_ghost \\
         --workloads infer:1,infer:32,train:16 --settings eager-nchw,eager-cl,compiled-nchw,compiled-cl \\
         --out results/benchmark_cpu.md
-    python -m compconv.bench --models resnet50_compconv128+reference,resnet50_compconv128,resnet50_compconv128+deploy \\
-        --workloads infer:32 --settings eager-cl --out results/benchmark_cpu_optimisations.md
+    python benchmark.py --models resnet50+deploy,resnet50_compconv128+deploy --workloads infer:32 \\
+        --settings eager-cl,compiled-cl,ort --out results/benchmark_cpu_infer.md   # like for like
+
+``NAME+deploy`` is the inference form :func:`compconv.deploy` builds: for a baseline, its BatchNorms folded
+into the convs before them, as they are for CompConv models, so inference ratios compare like with like.
+Per-layer tables and op profiles: ``scripts/bench_layers.py``.
 
 In the style of timm's benchmark.py: warm-up, synchronised timing, and the models of one cell
 measured interleaved (A B C A B C ...) so machine drift affects all alike. Reported per model:
@@ -34,8 +38,11 @@ import torch
 import yaml
 from torch import nn
 
-from .complexity import complexity
-from .io import atomic_write_text
+from compconv.complexity import complexity
+from compconv.deploy.timing import interleaved_times
+from compconv.io import atomic_write_text
+from compconv.train.memory import peak_memory_mb as peak_mb
+from compconv.train.memory import reset_peak_memory, resident_memory_mb
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Idle before each ONNX Runtime measurement: a session's intra-op threads spin after its runs and would take the
@@ -87,17 +94,17 @@ def _sync(device: torch.device) -> None:
 
 
 INFERENCE_VARIANTS = ("deploy", "deploy_rule", "reparam")  # training runs the model as trained
-VARIANTS = (*INFERENCE_VARIANTS, "chain")
+VARIANTS = (*INFERENCE_VARIANTS, "plain")
 
 
 def create_variant(name: str, example_input: torch.Tensor | None = None, runtime: str = "torch") -> nn.Module:
     """A timm model, optionally in inference form: ``NAME+deploy`` (:func:`compconv.deploy` timing each
     layer's forms on ``example_input`` in ``runtime``), ``NAME+deploy_rule`` (deploy's rule, no timing) or
     ``NAME+reparam`` (``timm.utils.reparameterize_model``, what timm's ``benchmark.py --reparam`` runs);
-    ``NAME+chain`` runs every layer as Figure 2 is written (``pointwise_form="chain"``, no dense training
-    form); ``NAME+OPTION=VALUE`` overrides a CompConv option (e.g. ``+c_prim_divisor=16``). Training
-    workloads run the model as trained (``+chain`` and options kept)."""
-    from .deploy import deploy
+    ``NAME+plain`` builds the plain :class:`compconv.CompConv2d` (Figure 2 as written, no training fast path);
+    ``NAME+OPTION=VALUE`` overrides a CompConv option (e.g. ``+c_prim_divisor=16``). Training
+    workloads run the model as trained (``+plain`` and options kept)."""
+    from compconv.deploy import deploy
 
     base, *variants = name.split("+")
     options = dict(_option(v) for v in variants if "=" in v)
@@ -105,8 +112,8 @@ def create_variant(name: str, example_input: torch.Tensor | None = None, runtime
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         raise ValueError(f"unknown variant(s) {unknown} in {name!r}; known: {list(VARIANTS)} or OPTION=VALUE")
-    if "chain" in variants:
-        options["pointwise_form"] = "chain"
+    if "plain" in variants:
+        options["efficient"] = False
     model = timm.create_model(base, num_classes=1000, **({"compconv": options} if options else {}))
     if "reparam" in variants:
         return timm.utils.reparameterize_model(model.eval())
@@ -135,7 +142,7 @@ def _format_of(x: torch.Tensor) -> torch.memory_format:
 def _ort_step(model: nn.Module, x: torch.Tensor) -> Callable[[], None]:
     import tempfile
 
-    from .export import export_onnx, ort_session
+    from compconv.export import export_onnx, ort_session
 
     folder = tempfile.mkdtemp(prefix="compconv-bench-")
     path = export_onnx(model, f"{folder}/model.onnx", tuple(x.shape[1:]), x.shape[0], deploy_model=False).path
@@ -169,6 +176,7 @@ def build_step(name: str, workload: Workload, setting: Setting, device: torch.de
         def step() -> None:
             with torch.inference_mode(), ctx():
                 net(x)
+            _sync(device)
     else:
         model.train()
         target = torch.randint(0, 1000, (workload.batch,), device=device)
@@ -181,56 +189,36 @@ def build_step(name: str, workload: Workload, setting: Setting, device: torch.de
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            _sync(device)
     return step, model
 
 
-def _status_bytes(field: str) -> int:
-    with open("/proc/self/status") as handle:
-        for line in handle:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"/proc/self/status has no {field}")
-
-
-def _peak_cpu_child(args, queue) -> None:
+def _peak_child(args, queue) -> None:
     import compconv  # noqa: F401  (a spawned process must register the models again)
 
     torch.set_num_threads(args[-1])
     step, _ = build_step(*args[:-1])
+    device = args[2]
     step()  # allocator pools, optimizer state and lazy inits exist from here on, as in a long run
-    before = _status_bytes("VmRSS")
-    with open("/proc/self/clear_refs", "w") as handle:
-        handle.write("5")  # resets VmHWM (the peak RSS) to the current RSS; ru_maxrss keeps the parent's
+    before = resident_memory_mb(device)
+    reset_peak_memory(device)
     step()
     step()
-    queue.put(_status_bytes("VmHWM") - before)
+    queue.put(peak_mb(device) - before)
 
 
 def peak_memory_mb(name, workload, setting, device, img_size, precision) -> float:
-    """Peak memory of two steps: CUDA max allocated, or on CPU the growth of the peak RSS over the resident
-    size after one warm-up step (a spawned process per model: VmHWM after resetting it through
-    ``/proc/self/clear_refs``; ``ru_maxrss`` would report the parent's high-water mark). The warm-up leaves
-    parameters, gradients and optimizer state resident, so the figure is a step's working set: glibc maps
-    large tensors and returns them when freed; a tiny cell whose small blocks stay in the heap reads 0."""
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-        step, _ = build_step(name, workload, setting, device, img_size, precision)
-        step()
-        step()
-        _sync(device)
-        peak = torch.cuda.max_memory_allocated(device) - base
-        del step
-        return peak / 2**20
+    """Peak memory of two steps over what the process holds after one warm-up step (parameters, gradients,
+    optimizer state): a step's working set, in a spawned process per model (:mod:`compconv.train.memory`: CUDA
+    max allocated, or the peak RSS on the CPU; glibc returns large freed blocks, so a tiny cell may read 0)."""
     ctx = multiprocessing.get_context("spawn")  # a forked child can deadlock in an initialised OpenMP pool
     queue = ctx.Queue()
-    proc = ctx.Process(target=_peak_cpu_child,
+    proc = ctx.Process(target=_peak_child,
                        args=((name, workload, setting, device, img_size, precision, torch.get_num_threads()), queue))
     proc.start()
     value = queue.get()
     proc.join()
-    return value / 2**20
+    return value
 
 
 def time_cell(names, workload, setting, device, img_size, precision, warmup, repeats, min_seconds, costs=None):
@@ -238,38 +226,23 @@ def time_cell(names, workload, setting, device, img_size, precision, warmup, rep
 
     ``costs`` (a dict) receives each model's :func:`compconv.complexity` as built for this cell (deploy's
     choices can differ between cells)."""
-    # timm models share forward code objects: without a fresh cache dynamo reaches its recompile limit after
-    # a few models and silently runs the rest eagerly
-    torch._dynamo.reset()
+    # timm models share forward code objects: without a fresh cache and a higher limit, dynamo reaches its
+    # recompile limit after a few models and silently runs the rest eagerly (a benchmark-only setting)
+    torch.compiler.reset()
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 4 * len(names))
-    steps = {}
+    steps, calls = {}, {}
     for name in names:
         step, model = build_step(name, workload, setting, device, img_size, precision)
         if costs is not None:
             costs[name] = complexity(model, (3, img_size, img_size))
         for _ in range(warmup):  # includes compilation
             step()
-        _sync(device)
-        steps[name] = step
-    # Iterations per measurement so that one measurement lasts about min_seconds.
-    iters = {}
-    for name, step in steps.items():
         start = time.perf_counter()
         step()
-        _sync(device)
-        iters[name] = max(1, round(min_seconds / max(time.perf_counter() - start, 1e-6)))
-    rates = {name: [] for name in names}
-    idle = ORT_SWITCH_IDLE_S if setting.ort else 0.0
-    for _ in range(repeats):
-        for name, step in steps.items():
-            _sync(device)
-            time.sleep(idle)
-            start = time.perf_counter()
-            for _ in range(iters[name]):
-                step()
-            _sync(device)
-            rates[name].append(workload.batch * iters[name] / (time.perf_counter() - start))
-    return rates
+        calls[name] = max(1, round(min_seconds / max(time.perf_counter() - start, 1e-6)))  # ~min_seconds each
+        steps[name] = step
+    seconds = interleaved_times(steps, repeats, calls, ORT_SWITCH_IDLE_S if setting.ort else 0.0)
+    return {name: [workload.batch / s for s in per_call] for name, per_call in seconds.items()}
 
 
 def paired_ratio(rates: list[float], reference: list[float]) -> tuple[float, float, float]:
@@ -279,164 +252,6 @@ def paired_ratio(rates: list[float], reference: list[float]) -> tuple[float, flo
         return ratios[0], ratios[0], ratios[0]
     q1, median, q3 = statistics.quantiles(ratios, n=4, method="inclusive")
     return median, q1, q3
-
-
-def profile_ops(name: str, workload: Workload, setting: Setting, device, img_size, precision, top: int = 12) -> str:
-    """Top ops by self time for one step of ``name`` (torch.profiler), as a markdown table."""
-    from torch.profiler import ProfilerActivity, profile
-
-    step, _ = build_step(name, workload, setting, device, img_size, precision)
-    step()
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=activities) as prof:
-        step()
-        _sync(device)
-    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    events = sorted(prof.key_averages(), key=lambda e: getattr(e, key), reverse=True)[:top]
-    total = sum(getattr(e, key) for e in prof.key_averages()) or 1
-    lines = ["| op | calls | self time (ms) | share |", "|---|---:|---:|---:|"]
-    lines += [f"| `{e.key}` | {e.count} | {getattr(e, key) / 1e3:.1f} | {100 * getattr(e, key) / total:.1f}% |"
-              for e in events]
-    return "\n".join(lines)
-
-
-@torch.inference_mode()
-def per_layer_table(name: str, batch: int, img_size: int, device: torch.device, repeats: int = 5) -> str:
-    """Each replaced layer of ``name`` (with its BatchNorm): plain conv, CompConv as trained, deployed form.
-
-    Inference, eager channels_last, on the layer's real input; ms are medians of ``repeats``, and the
-    three forms of a layer are timed interleaved."""
-    from .deploy import deploy
-    from .layers import CompConv2d
-
-    x = torch.randn(batch, 3, img_size, img_size, device=device).to(memory_format=torch.channels_last)
-    model = timm.create_model(name).eval().to(device, memory_format=torch.channels_last)
-    deployed = copy.deepcopy(model)
-    report = deploy(deployed, x)  # forms, MACs and norm names come from the report
-    choices = {choice.name: choice for choice in report.layers}
-    inputs = {}
-    hooks = [m.register_forward_pre_hook(lambda mod, args, n=n: inputs.__setitem__(n, args[0]))
-             for n, m in model.named_modules() if isinstance(m, CompConv2d)]
-    model(x)
-    for hook in hooks:
-        hook.remove()
-    rows = ["| layer | C_in->C_out, k, s | d | form | MACs plain / CompConv / deployed (M) | plain (ms) | CompConv (ms) "
-            "| deployed (ms) | deployed / plain |", "|---|---|---:|---|---|---:|---:|---:|---:|"]
-    totals = [0.0, 0.0, 0.0]
-    for layer_name, layer in model.named_modules():
-        if not isinstance(layer, CompConv2d):
-            continue
-        inp = inputs[layer_name]
-        norm_name = report.norm_of.get(layer_name)
-        norm = model.get_submodule(norm_name) if norm_name else nn.Identity()
-        dnorm = deployed.get_submodule(norm_name) if norm_name else nn.Identity()
-        plain = nn.Sequential(nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride,
-                                        layer.padding, layer.dilation, bias=False), copy.deepcopy(norm))
-        candidates = {"plain": plain.eval().to(device, memory_format=torch.channels_last),
-                      "compconv": nn.Sequential(layer, norm).eval(),
-                      "deployed": nn.Sequential(deployed.get_submodule(layer_name), dnorm).eval()}
-        times = {k: [] for k in candidates}
-        for module in candidates.values():
-            module(inp)
-        for _ in range(repeats):
-            for key, module in candidates.items():
-                _sync(device)
-                start = time.perf_counter()
-                module(inp)
-                _sync(device)
-                times[key].append(1e3 * (time.perf_counter() - start))
-        ms = [statistics.median(times[k]) for k in ("plain", "compconv", "deployed")]
-        totals = [t + m for t, m in zip(totals, ms)]
-        h, w = layer(inp).shape[-2:]
-        plan = layer.plan
-        choice = choices.get(layer_name)
-        form = choice.form if choice else "chain"
-        deployed_macs = choice.macs_per_position if choice else plan.macs_per_position
-        macs = " / ".join(f"{m * h * w / 1e6:.1f}" for m in (plan.plain_macs_per_position, plan.macs_per_position,
-                                                               deployed_macs))
-        rows.append(f"| {layer_name} | {layer.in_channels}->{layer.out_channels}, {layer.kernel_size[0]}, "
-                    f"{layer.stride[0]} | {plan.depth} | {form} | {macs} | {ms[0]:.2f} | {ms[1]:.2f} | {ms[2]:.2f} | "
-                    f"{ms[2] / ms[0]:.2f} |")
-    rows.append(f"| **all replaced layers** | | | | | {totals[0]:.1f} | {totals[1]:.1f} | {totals[2]:.1f} | "
-                f"{totals[2] / totals[0]:.2f} |")
-    return "\n".join(rows)
-
-
-def per_layer_train_table(name: str, batch: int, img_size: int, device: torch.device, repeats: int = 5) -> str:
-    """Each replaced layer of ``name`` in training: forward + backward (input and parameter gradients) of a plain
-    conv of the same geometry, of the CompConv as Figure 2 is written (chain), of its dense training form (1x1
-    layers) and of the form the model trains in (``pointwise_form="auto"``). Eager channels_last, on the layer's
-    real input (captured in a training-mode forward); ms are medians of ``repeats``, forms timed interleaved."""
-    from .layers import CompConv2d
-
-    x = torch.randn(batch, 3, img_size, img_size, device=device).to(memory_format=torch.channels_last)
-    model = timm.create_model(name).train().to(device, memory_format=torch.channels_last)
-    inputs = {}
-    hooks = [m.register_forward_pre_hook(lambda mod, args, n=n: inputs.setdefault(n, args[0].detach()))
-             for n, m in model.named_modules() if isinstance(m, CompConv2d)]
-    with torch.no_grad():
-        model(x)
-    for hook in hooks:
-        hook.remove()
-
-    def fwd_bwd(module: nn.Module, inp: torch.Tensor, form: str | None) -> Callable[[], None]:
-        leaf = inp.clone().requires_grad_(True)
-        # a dense channels_last output gradient, as a norm's backward hands it (not sum()'s expanded ones)
-        with torch.no_grad():
-            shape = (inp.shape[0], *module(inp[:1]).shape[1:])
-        grad = torch.randn(shape, device=inp.device).contiguous(memory_format=torch.channels_last)
-
-        def run() -> None:
-            saved = getattr(module, "pointwise_form", None)
-            if form is not None:
-                module.pointwise_form = form
-            try:
-                module(leaf).backward(grad)
-            finally:
-                if form is not None:
-                    module.pointwise_form = saved
-        return run
-
-    rows = ["| layer | C_in->C_out, k, s | d | HxW out | MACs plain / CompConv (M) | plain (ms) | chain (ms) "
-            "| lowrank (ms) | dense (ms) | trained as | as trained (ms) | as trained / plain |",
-            "|---|---|---:|---|---|---:|---:|---:|---:|---|---:|---:|"]
-    totals = {"plain": 0.0, "chain": 0.0, "trained": 0.0}
-    for layer_name, layer in model.named_modules():
-        if not isinstance(layer, CompConv2d):
-            continue
-        inp = inputs[layer_name]
-        plain = nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
-                          layer.dilation, bias=layer.bias is not None).to(device, memory_format=torch.channels_last)
-        candidates = {"plain": fwd_bwd(plain, inp, None), "chain": fwd_bwd(layer, inp, "chain")}
-        pointwise = layer.pointwise_form != "chain"
-        if pointwise:
-            candidates["lowrank"] = fwd_bwd(layer, inp, "lowrank")
-            candidates["dense"] = fwd_bwd(layer, inp, "dense")
-        trained_as = layer.form_for(inp)
-        times = {k: [] for k in candidates}
-        for run in candidates.values():
-            run()
-        for _ in range(repeats):
-            for key, run in candidates.items():
-                _sync(device)
-                start = time.perf_counter()
-                run()
-                _sync(device)
-                times[key].append(1e3 * (time.perf_counter() - start))
-        ms = {k: statistics.median(v) for k, v in times.items()}
-        trained = ms[trained_as]
-        for key, value in (("plain", ms["plain"]), ("chain", ms["chain"]), ("trained", trained)):
-            totals[key] += value
-        h, w = layer(inp[:1]).shape[-2:]
-        plan = layer.plan
-        macs = " / ".join(f"{m * h * w * batch / 1e6:.0f}" for m in (plan.plain_macs_per_position, plan.macs_per_position))
-        other = " | ".join(f"{ms[k]:.2f}" if k in ms else "-" for k in ("lowrank", "dense"))
-        rows.append(f"| {layer_name} | {layer.in_channels}->{layer.out_channels}, {layer.kernel_size[0]}, "
-                    f"{layer.stride[0]} | {plan.depth} | {h}x{w} | {macs} | {ms['plain']:.2f} | {ms['chain']:.2f} | "
-                    f"{other} | {trained_as} | {trained:.2f} | {trained / ms['plain']:.2f} |")
-    rows.append(f"| **all replaced layers** | | | | | {totals['plain']:.1f} | {totals['chain']:.1f} | | | | "
-                f"{totals['trained']:.1f} | {totals['trained'] / totals['plain']:.2f} |")
-    return "\n".join(rows)
 
 
 # environment variables that change how fast a CPU run is without changing the command: the memory allocator
@@ -481,17 +296,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="settings whose peak memory is measured (comma-separated, 'all' or 'none')")
     parser.add_argument("--skip-cells", default="", help="comma-separated WORKLOAD/SETTING cells to leave out, "
                         "e.g. train:16/compiled-cl")
-    parser.add_argument("--per-layer", default="", metavar="MODEL:BATCH",
-                        help="per-layer table (plain conv, CompConv, deployed form; eager channels_last inference), "
-                        "e.g. resnet50_compconv128:32")
-    parser.add_argument("--per-layer-train", default="", metavar="MODEL:BATCH",
-                        help="per-layer training table (forward + backward: plain conv, chain, dense form, as trained)")
-    parser.add_argument("--profile", default="", help="comma-separated models to profile (top ops by self time) in "
-                                                      "the first workload/setting")
     parser.add_argument("--out", default="", help="markdown file to write (a .csv is written beside it)")
     args = parser.parse_args(argv)
 
     import compconv  # noqa: F401  (registers the CompConv models)
+    import compconv.models
 
     names = [n.strip() for n in args.models.split(",") if n.strip()]
     unknown = [n for n in names if not timm.is_model(n.split("+")[0])]
@@ -507,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("autocast precisions are for GPUs here; use --precision fp32 on the CPU")
 
     costs: dict = {}
-    command = timing_environment() + "python -m compconv.bench " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = timing_environment() + "python benchmark.py " + " ".join(argv if argv is not None else sys.argv[1:])
     header = [
         f"# Benchmark: {', '.join(names)}",
         "",
@@ -521,9 +330,9 @@ def main(argv: list[str] | None = None) -> int:
         "within each repeat (the models of a repeat run back to back, so drift between repeats cancels), with its "
         "quartiles; ideal = first model's MACs / this "
         "model's MACs; efficiency = speed ratio / ideal. Variants (+deploy) apply to inference; training runs the "
-        "model as trained (+chain: every layer as Figure 2 is written, no dense training form). Peak memory: CUDA "
-        "max allocated during two steps, or on CPU the growth of the peak RSS (VmHWM, reset through "
-        "/proc/self/clear_refs) over the resident size after one warm-up step, in a spawned process per model. "
+        "model as trained (+plain: the plain CompConv2d, no training fast path). Peak memory: CUDA max allocated "
+        "during two steps, or on CPU the growth of the peak RSS (VmHWM, reset through /proc/self/clear_refs) over "
+        "the resident size after one warm-up step, in a spawned process per model. "
         "MACs per image (FlopCounterMode / 2).",
     ]
     rows, sections = [], []
@@ -578,30 +387,6 @@ def main(argv: list[str] | None = None) -> int:
             print("\n".join(table), flush=True)
             print(f"(cell took {time.perf_counter() - started:.0f} s)", flush=True)
             write()
-    def add_section(lines: list[str]) -> None:
-        sections.extend(lines)
-        print("\n".join(lines), flush=True)
-        write()
-
-    if args.per_layer:
-        model_name, _, batch = args.per_layer.partition(":")
-        add_section([f"\n## Per layer: {model_name}, inference batch {batch or 32}, eager-cl\n",
-                     "Each replaced conv with the BatchNorm after it: a plain conv of the same geometry, the CompConv "
-                     "as trained, and the form `deploy()` chose (BatchNorm and shuffle folded in where the form "
-                     "allows). A dense form costs the plain conv's MACs.\n",
-                     per_layer_table(model_name, int(batch or 32), args.img_size, device)])
-    if args.per_layer_train:
-        model_name, _, batch = args.per_layer_train.partition(":")
-        add_section([f"\n## Per layer, training: {model_name}, batch {batch or 16}, eager-cl\n",
-                     "Forward + backward (input and parameter gradients) of each replaced conv alone, on its real "
-                     "input: a plain conv of the same geometry, the CompConv as Figure 2 is written (chain), its "
-                     "low-rank and dense training forms (1x1 layers: two convs `[U; S]` then `V`, or one conv with "
-                     "`V [U; S]`), and the form the model trains in by default (`pointwise_form=auto`). MACs of the "
-                     "batch.\n",
-                     per_layer_train_table(model_name, int(batch or 16), args.img_size, device)])
-    for profiled in [n.strip() for n in args.profile.split(",") if n.strip()]:
-        add_section([f"\n## Profile: {profiled}, {workloads[0]}, {settings[0]} (top ops by self time)\n",
-                     profile_ops(profiled, workloads[0], settings[0], device, args.img_size, args.precision)])
     return 0
 
 
