@@ -7,7 +7,7 @@ It never imports Hydra or wandb.
 from .complexity import ComplexityReport, complexity
 from .deploy import DeployReport, deploy
 from .efficient import EfficientCompConv2d
-from .export import ExportReport, export_onnx
+from .export import ExportError, ExportReport, export_onnx
 from .ghost import GhostConv2d
 from .layers import CompConv2d, channel_shuffle, create_conv2d
 from .models import compconv_model_names
@@ -18,7 +18,7 @@ from .sizing import CompConvPlan, Part, adaptive_depth, c_prim_for, plan
 __version__ = "0.1.0"
 
 __all__ = [
-    "CompConv2d", "CompConvOptions", "EfficientCompConv2d", "CompConvPlan", "ComplexityReport", "DeployReport", "ExportReport", "GhostConv2d", "Part",
+    "CompConv2d", "CompConvOptions", "EfficientCompConv2d", "ExportError", "CompConvPlan", "ComplexityReport", "DeployReport", "ExportReport", "GhostConv2d", "Part",
     "PatchReport", "adaptive_depth", "c_prim_for", "channel_shuffle", "complexity", "compconv_model_names", "deploy",
     "create_conv2d", "export_onnx", "patch", "plan",
 ]

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .layers import CompConv2d, channel_shuffle
+from .nested import tensors
 from .pointwise import composed_weight, factorised_weights, part_map, shuffled_rows
 
 __all__ = ["ConcatShuffle", "EfficientCompConv2d", "IdentitySlices", "TrainingFormError", "assemble",
@@ -430,8 +431,7 @@ def check_training_forms(model: torch.nn.Module, x: torch.Tensor, tolerance: flo
 
     def run() -> list[torch.Tensor]:
         out = model(x)
-        outputs = [t for t in torch.utils._pytree.tree_flatten(out)[0] if isinstance(t, torch.Tensor)
-                   and t.is_floating_point()]
+        outputs = [t for t in tensors(out) if t.is_floating_point()]
         generator.manual_seed(0)
         loss = sum((t.float() * torch.randn(t.shape, generator=generator, device=t.device)).sum() for t in outputs)
         grads = torch.autograd.grad(loss, [x, *params], allow_unused=True)

@@ -14,9 +14,14 @@ import torch
 from torch import nn
 
 from .deploy import DeployReport, deploy
+from .nested import map_tensors, tensors
 from .onnxrt import ort_session, require
 
-__all__ = ["ExportReport", "export_onnx", "ort_session"]
+__all__ = ["ExportError", "ExportReport", "export_onnx", "ort_session"]
+
+
+class ExportError(RuntimeError):
+    """The model cannot be exported as given, or ONNX Runtime's outputs differ from the model's (nothing written)."""
 
 
 @dataclass(frozen=True)
@@ -49,40 +54,102 @@ def export_onnx(model: nn.Module, path: str | Path, input_size: tuple[int, ...] 
         atol: Largest accepted difference between ONNX Runtime and ``model`` (the user's, in eval mode), relative
             to the largest output (at least 1).
 
+    Outputs may be a tensor or any nest of tensors (dicts, lists, tuples: segmentation models, feature
+    pyramids); the file's outputs are their tensors in order (:func:`compconv.nested.tensors`), each compared.
+
     Raises:
         DeployError: the deployed copy differs from ``model`` (nothing is written).
-        RuntimeError: ONNX Runtime's outputs differ from ``model``'s (the file is removed).
+        ExportError: the model does not take one batch tensor or does not return tensors (a detector: export its
+            backbone), or ONNX Runtime's outputs differ from ``model``'s (the file is removed).
     """
     onnx = require("onnx")
     require("onnxscript") if dynamo else None
+    if _is_detector(model):
+        raise ExportError(f"{type(model).__name__} is a detector (a list of images in, a list of dicts of boxes, "
+                          "scores and labels out), which export_onnx does not take as one graph: export its backbone "
+                          "(export_onnx(model.backbone, ...)), and deploy the detector itself with compconv.deploy")
     model = copy.deepcopy(model).eval().float().cpu()
     x = torch.randn(batch_size, *input_size)
-    expected = model(x)  # the user's model, before deploy touches the copy
+    expected = _leaves(model, x)  # the user's model, before deploy touches the copy
+    names = ["output"] if len(expected) == 1 else [f"output_{i}" for i in range(len(expected))]
     report = deploy(model, example_input, runtime="ort") if deploy_model else None
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     try:
-        if dynamo:
-            batch = torch.export.Dim("batch", min=1)
-            program = torch.onnx.export(model, (x,), dynamo=True, opset_version=opset,
-                                        dynamic_shapes=({0: batch},),
-                                        input_names=["input"], output_names=["output"], verbose=False)
-            program.save(str(tmp))
-        else:
-            torch.onnx.export(model, (x,), str(tmp), dynamo=False, opset_version=opset, input_names=["input"],
-                              output_names=["output"], dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}})
+        _export(model, x, tmp, dynamo, opset, names)
         graph = onnx.load(str(tmp))
         if len(graph.graph.input) != 1:
-            raise RuntimeError(f"the exported graph has {len(graph.graph.input)} inputs, expected 1")
-        got = ort_session(tmp).run(None, {graph.graph.input[0].name: x.numpy()})[0]
-        error = float((torch.from_numpy(got) - expected).abs().max())
-        scale = float(expected.abs().max()) or 1.0
-        if not error <= atol * max(1.0, scale):
-            raise RuntimeError(f"ONNX Runtime's output differs from the model's by {error:.3g} (max |y| {scale:.3g}); "
-                               f"the {'dynamo' if dynamo else 'TorchScript'} exporter wrote a wrong model")
+            raise ExportError(f"the exported graph has {len(graph.graph.input)} inputs, expected 1")
+        got = ort_session(tmp).run(None, {graph.graph.input[0].name: x.numpy()})
+        if len(got) != len(expected):
+            raise ExportError(f"the ONNX file has {len(got)} outputs where the model returns {len(expected)} tensors")
+        error, scale = 0.0, 1.0
+        for value, want in zip(got, expected):
+            value = torch.from_numpy(value)
+            if value.shape != want.shape:
+                raise ExportError(f"an ONNX output has shape {tuple(value.shape)} where the model's has "
+                                  f"{tuple(want.shape)}; the exporter wrote a wrong model")
+            error = max(error, float((value.double() - want.double()).abs().max()))
+            scale = max(scale, float(want.abs().max()))
+        if not error <= atol * scale:
+            raise ExportError(f"ONNX Runtime's output differs from the model's by {error:.3g} (max |y| {scale:.3g}); "
+                              f"the {'dynamo' if dynamo else 'TorchScript'} exporter wrote a wrong model")
         tmp.replace(path)
     finally:
         tmp.unlink(missing_ok=True)
     return ExportReport(path, "dynamo" if dynamo else "torchscript", len(graph.graph.node), error, report)
+
+
+def _leaves(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    """The model's outputs on the batch ``x`` as a flat list of tensors, or an :class:`ExportError` saying what
+    to pass instead."""
+    try:
+        output = model(x)
+    except Exception as error:
+        raise ExportError(
+            f"the model does not run on one batch tensor of shape {tuple(x.shape)} ({type(error).__name__}: "
+            f"{str(error).splitlines()[0][:160]}); export_onnx exports models that take one image batch: for a "
+            "detector that takes a list of images, export its backbone (e.g. model.backbone), or pass the right "
+            "input_size") from error
+    leaves = tensors(output)
+    if not leaves or map_tensors(lambda t: None, output) != _empty(output):
+        raise ExportError(f"the model returns {type(output).__name__} holding more than tensors; export_onnx needs "
+                          "outputs that are tensors or dicts, lists and tuples of tensors")
+    return leaves
+
+
+def _empty(value):
+    """``value``'s nesting with every leaf None (what :func:`map_tensors` gives when every leaf is a tensor)."""
+    if isinstance(value, dict):
+        return type(value)((k, _empty(v)) for k, v in value.items())
+    if isinstance(value, tuple) and hasattr(value, "_fields"):
+        return type(value)(*(_empty(v) for v in value))
+    if isinstance(value, (list, tuple)):
+        return type(value)(_empty(v) for v in value)
+    return None
+
+
+def _is_detector(model: nn.Module) -> bool:
+    from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
+
+    return isinstance(model, GeneralizedRCNN)
+
+
+def _export(model: nn.Module, x: torch.Tensor, path: Path, dynamo: bool, opset: int, names: list[str]) -> None:
+    """Writes the ONNX file, or raises :class:`ExportError` with the exporter's first line."""
+    try:
+        if dynamo:
+            batch = torch.export.Dim("batch", min=1)
+            program = torch.onnx.export(model, (x,), dynamo=True, opset_version=opset, dynamic_shapes=({0: batch},),
+                                        input_names=["input"], output_names=names, verbose=False)
+            program.save(str(path))
+        else:
+            torch.onnx.export(model, (x,), str(path), dynamo=False, opset_version=opset, input_names=["input"],
+                              output_names=names, dynamic_axes={n: {0: "batch"} for n in ["input", *names]})
+    except Exception as error:
+        first = next((line for line in str(error).splitlines() if line.strip()), "")
+        raise ExportError(f"the {'dynamo' if dynamo else 'TorchScript'} exporter cannot export this model "
+                          f"({type(error).__name__}: {first[:200]}); try dynamo={not dynamo}, or export the part "
+                          "that takes one image batch") from error
 

@@ -172,3 +172,31 @@ def test_train_det_malformed_annotations(tmp_path):
     proc = run_script("train_det.py", tmp_path / "run", "data=coco", f"data.root={root}", "logger=none", check=False)
     assert proc.returncode == 2 and "not valid JSON" in proc.stderr
     assert not list((tmp_path / "run").glob("*.pt"))
+
+
+@torch.no_grad()
+def test_deploy_takes_the_detector_of_train_det_and_checks_its_boxes_scores_labels():
+    """The detector train_det.py trains (a list of images in, a list of dicts out, frozen BatchNorms): deploy
+    traces its backbone (the whole detector is not traceable), folds there, and checks the detector's outputs."""
+    import copy
+
+    import compconv
+
+    torch.manual_seed(0)
+    detector = build_detector(DetModelConfig(name="resnet18_compconv128"), SMALL_HEAD,
+                              DetDataConfig(min_size=96, max_size=96), 11).eval()
+    images = [torch.rand(3, 96, 96), torch.rand(3, 80, 96)]
+    expected = detector(images)
+    deployed = copy.deepcopy(detector)
+    report = compconv.deploy(deployed, images)
+    assert not report.traced and report.traced_parts == ["backbone"]
+    assert report.shuffles_folded > 0 and report.norms_absorbed
+    assert all("residual sum" in reason for reason in report.left.values())  # as in the classifier
+    assert any(type(m).__module__ == "compconv.deploy.forms" for m in deployed.modules())
+    for got, want in zip(deployed(images), expected):
+        assert set(got) == {"boxes", "scores", "labels"} and torch.equal(got["labels"], want["labels"])
+        torch.testing.assert_close(got["boxes"], want["boxes"], rtol=1e-4, atol=1e-3)
+        torch.testing.assert_close(got["scores"], want["scores"], rtol=1e-4, atol=1e-5)
+    with pytest.raises(compconv.ExportError, match=r"detector .*export its backbone"):
+        compconv.export_onnx(detector, "unused.onnx", (3, 96, 96))
+    assert not Path("unused.onnx").exists()

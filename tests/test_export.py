@@ -64,3 +64,52 @@ def test_jit_script_trace_and_torch_export(model, deployed):
         torch.testing.assert_close(torch.jit.script(net)(x), expected)
         torch.testing.assert_close(torch.jit.trace(net, x)(x), expected)
     torch.testing.assert_close(torch.export.export(net, (x,)).module()(x), expected)
+
+
+class _DictAndTuple(torch.nn.Module):
+    """Outputs as segmentation models and feature pyramids return them: a dict, and a tuple inside it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = timm.create_model("resnet18_compconv128", features_only=True, out_indices=(2, 3))
+
+    def forward(self, x):
+        c3, c4 = self.body(x)
+        return {"out": c4.mean((2, 3)), "aux": (c3, c4)}
+
+
+@pytest.mark.parametrize("dynamo", [True, False], ids=["dynamo", "torchscript"])
+def test_export_onnx_takes_models_returning_dicts_and_tuples(tmp_path, dynamo):
+    report = export_onnx(_DictAndTuple().eval(), tmp_path / "d.onnx", (3, 64, 64), dynamo=dynamo)
+    assert report.max_abs_error < 1e-3 and report.path.exists()
+
+
+@pytest.mark.slow
+def test_export_onnx_of_torchvision_fcn_whose_output_is_an_ordered_dict(tmp_path):
+    torchvision = pytest.importorskip("torchvision")
+    model = torchvision.models.segmentation.fcn_resnet50(weights=None, weights_backbone=None, num_classes=3,
+                                                         aux_loss=True)
+    compconv.patch(model, c0=128)
+    for norm in model.modules():
+        if isinstance(norm, torch.nn.BatchNorm2d):
+            norm.running_var.fill_(4.0)  # keeps the untrained activations in range
+    report = export_onnx(model.eval(), tmp_path / "fcn.onnx", (3, 64, 64), dynamo=False)
+    assert report.max_abs_error < 1e-2 and report.deploy.shuffles_folded > 0
+
+
+def test_export_onnx_refuses_what_it_cannot_export_in_one_line(tmp_path):
+    class ListInput(torch.nn.Module):
+        def forward(self, images):
+            if not isinstance(images, list):
+                raise TypeError("expected a list of images")
+            return torch.stack([image.sum() for image in images])
+
+    class Strings(torch.nn.Module):
+        def forward(self, x):
+            return {"label": "cat", "logits": x.mean()}
+
+    with pytest.raises(compconv.ExportError, match="does not run on one batch tensor"):
+        export_onnx(ListInput(), tmp_path / "a.onnx", (3, 8, 8))
+    with pytest.raises(compconv.ExportError, match="holding more than tensors"):
+        export_onnx(Strings(), tmp_path / "b.onnx", (3, 8, 8))
+    assert list(tmp_path.iterdir()) == []

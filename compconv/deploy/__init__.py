@@ -31,6 +31,7 @@ with the reason.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -38,10 +39,10 @@ from typing import Any, Optional
 import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
-from torch.utils._pytree import tree_flatten, tree_map
 
 from ..efficient import EfficientCompConv2d, to_plain
 from ..layers import CompConv2d
+from ..nested import map_tensors, tensors
 from .forms import FORMS, DeployedCompConv2d, LowRankConv2d, absorb_norm, build_form, fold_shuffle, form_macs, \
     permute_input, pointwise
 from .graph import Site, analyse, plain_conv_norms, trace
@@ -92,6 +93,7 @@ class DeployReport:
     plain_norms_folded: list[tuple[str, str]] = field(default_factory=list)  # (plain nn.Conv2d, its BatchNorm2d)
     traced: bool = True
     trace_error: Optional[str] = None
+    traced_parts: list[str] = field(default_factory=list)  # the subtrees traced when the whole model is not
     max_error: Optional[float] = None  # of the check, relative to max |output|
     tolerance: Optional[float] = None
     rounding_error: Optional[float] = None  # the model's own fp32 outputs against float64 (None: not measured)
@@ -110,7 +112,9 @@ class DeployReport:
                          [f"| {name} | {reason} |" for name, reason in self.left.items()])
 
     def __str__(self) -> str:
-        traced = "" if self.traced else f", not traceable ({self.trace_error}): per-module forms only"
+        traced = "" if self.traced else (
+            f", not traceable ({self.trace_error}): traced in parts {self.traced_parts}" if self.traced_parts else
+            f", not traceable ({self.trace_error}): per-module forms only")
         return (f"DeployReport({self.norms_folded} inner norms folded, {self.biases_folded} biases folded, "
                 f"{self.shuffles_folded} shuffles folded, {len(self.plain_norms_folded)} norms folded into plain "
                 f"convs, {len(self.norms_absorbed)} norms applied in chain layers' "
@@ -125,12 +129,28 @@ def tolerance_for(dtype: torch.dtype) -> float:
     return RTOL_HALF if dtype in (torch.float16, torch.bfloat16) else RTOL_FP32
 
 
-def _tensors(output: Any) -> list[torch.Tensor]:
-    return [t for t in tree_flatten(output)[0] if isinstance(t, torch.Tensor)]
+def _input_dtype(x: Any) -> torch.dtype:
+    """The dtype of the first floating-point tensor of an input (a tensor, or a list of images...)."""
+    return next((t.dtype for t in tensors(x) if t.is_floating_point()), torch.float32)
+
+
+def _describe(x: Any) -> str:
+    if isinstance(x, torch.Tensor):
+        return f"an input of shape {tuple(x.shape)}"
+    return f"an input of {len(tensors(x))} tensors ({type(x).__name__})"
+
+
+def _one_sample(x: Any) -> Any:
+    """The first sample of a batch: ``x[:1]`` of a tensor, the first item of a list or tuple of images."""
+    if isinstance(x, torch.Tensor):
+        return x[:1]
+    if isinstance(x, (list, tuple)) and x:
+        return type(x)(x[:1])
+    return x
 
 
 def _relative_error(got: Any, want: Any) -> float:
-    got, want = _tensors(got), _tensors(want)
+    got, want = tensors(got), tensors(want)
     if len(got) != len(want) or any(g.shape != w.shape for g, w in zip(got, want)):
         return math.inf
     worst = 0.0
@@ -166,27 +186,28 @@ def rounding_error(model: nn.Module, x: torch.Tensor) -> Optional[float]:
     None where it is not measured: ``x`` is not float32, the model does not run on it (:func:`check_outputs`
     says so), or it does not run in float64.
     """
-    if x.dtype != torch.float32:
+    if _input_dtype(x) != torch.float32:
         return None
-    sample = x[:1]
+    sample = _one_sample(x)
     try:
         got = model(sample)
-        exact = copy.deepcopy(model).double()(sample.double())
+        exact = copy.deepcopy(model).double()(map_tensors(lambda t: t.double() if t.is_floating_point() else t,
+                                                          sample))
     except Exception:  # e.g. an operator without a float64 kernel: nothing to compare with
         return None
     return _relative_error(got, exact)
 
 
 @torch.no_grad()
-def check_outputs(original: nn.Module, deployed: nn.Module, x: torch.Tensor, tolerance: float,
+def check_outputs(original: nn.Module, deployed: nn.Module, x: Any, tolerance: float,
                   report: Optional[DeployReport] = None) -> float:
     """The relative error of ``deployed`` against ``original`` on ``x``; raises :class:`DeployError` above
     ``tolerance``, naming the first layer (in ``original``'s execution order) whose output differs."""
     try:
         want = original(x)
     except Exception as error:
-        raise DeployError(f"cannot check the deployed model: the model does not run on an input of shape "
-                          f"{tuple(x.shape)} ({type(error).__name__}: {error}); pass example_input") from error
+        raise DeployError(f"cannot check the deployed model: the model does not run on {_describe(x)} "
+                          f"({type(error).__name__}: {error}); pass example_input") from error
     error = _relative_error(deployed(x), want)
     if error <= tolerance:
         return error
@@ -195,7 +216,7 @@ def check_outputs(original: nn.Module, deployed: nn.Module, x: torch.Tensor, tol
                       f"{tolerance:.2g}){where}. The model was not changed; please report this model")
 
 
-def _first_difference(original: nn.Module, deployed: nn.Module, x: torch.Tensor, tolerance: float,
+def _first_difference(original: nn.Module, deployed: nn.Module, x: Any, tolerance: float,
                       report: Optional[DeployReport]) -> str:
     """``, first at layer NAME (error E)`` for the first module whose output should be equal and is not."""
     permuted = set()  # modules whose outputs deploy permutes or replaces by design
@@ -215,7 +236,7 @@ def _first_difference(original: nn.Module, deployed: nn.Module, x: torch.Tensor,
                 permuted_outputs.add(id(output))
                 alive.append(output)
             if name not in outputs:  # cloned: a later in-place op (ReLU(inplace=True), +=) must not change it
-                outputs[name] = tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, output)
+                outputs[name] = map_tensors(torch.clone, output)
                 order.append(name)
         return [m.register_forward_hook(lambda mod, a, o, n=n: hook(mod, a, o, n)) for n, m in model.named_modules()
                 if n]
@@ -243,15 +264,16 @@ def _modes(model: nn.Module) -> dict[nn.Module, bool]:
     return {m: m.training for m in model.modules()}
 
 
-def deploy(model: nn.Module, example_input: Optional[torch.Tensor] = None, runtime: str = "torch", *,
+def deploy(model: nn.Module, example_input: Any = None, runtime: str = "torch", *,
            cache: Optional[ChoiceCache] = None, tolerance: Optional[float] = None) -> DeployReport:
     """Turns every CompConv of ``model`` into its fastest exact inference form, checked, in place.
 
     Args:
         model: Any model with :class:`CompConv2d` layers (timm/torchvision models, your own).
-        example_input: A batch as the model will see it (device, dtype, memory format). Each 1x1 layer's
-            forms are timed on its real input and the fastest is kept, and the check runs on it. None:
-            :func:`rule_choice` decides, and the check runs on :func:`default_input`.
+        example_input: The model's input as it will see it (device, dtype, memory format): a batch tensor, or
+            whatever single argument the model takes (a detector's list of images). Each 1x1 layer's forms are
+            timed on its real input and the fastest is kept, and the check runs on it. None: :func:`rule_choice`
+            decides, and the check runs on :func:`default_input`.
         runtime: Where the deployed model will run: ``"torch"`` (PyTorch; forms timed on ``example_input``'s
             device) or ``"ort"`` (ONNX Runtime on the CPU; forms timed there, each layer exported alone).
         cache: A :class:`ChoiceCache` to reuse timings across calls (default: a fresh one).
@@ -273,7 +295,7 @@ def deploy(model: nn.Module, example_input: Optional[torch.Tensor] = None, runti
     model.eval()
     try:
         x = example_input if example_input is not None else default_input(model)
-        tolerance = tolerance if tolerance is not None else tolerance_for(x.dtype)
+        tolerance = tolerance if tolerance is not None else tolerance_for(_input_dtype(x))
         rounding = rounding_error(model, x)
         if rounding is not None and rounding > ROUNDING_SHARE * tolerance:
             raise DeployError(
@@ -293,25 +315,67 @@ def deploy(model: nn.Module, example_input: Optional[torch.Tensor] = None, runti
     return report
 
 
+def _as_batch_norm(frozen: nn.Module) -> nn.BatchNorm2d:
+    """torchvision's ``FrozenBatchNorm2d`` (detection backbones) as the eval ``nn.BatchNorm2d`` it computes, so
+    the dataflow shows a norm the folds can absorb."""
+    norm = nn.BatchNorm2d(frozen.weight.numel(), eps=frozen.eps, device=frozen.weight.device,
+                          dtype=frozen.weight.dtype)
+    for name in ("weight", "bias"):
+        getattr(norm, name).data.copy_(getattr(frozen, name))
+    norm.running_mean.copy_(frozen.running_mean)
+    norm.running_var.copy_(frozen.running_var)
+    return norm.eval()
+
+
+def _traced_sites(model: nn.Module, report: DeployReport) -> tuple[dict[str, Site], list[tuple[str, str]]]:
+    """Each CompConv's :class:`Site` and the plain conv-norm pairs, from the dataflow of the whole model or, where
+    it cannot be traced (a detector's list of images, a branch on a tensor's value), of its largest traceable
+    subtrees (``report.traced_parts``); a layer in no traced subtree gets per-module forms only."""
+    sites: dict[str, Site] = {}
+    pairs: list[tuple[str, str]] = []
+
+    def visit(prefix: str, module: nn.Module) -> None:
+        try:
+            graph = trace(module)
+        except Exception as error:
+            if not prefix:
+                report.traced = False
+                report.trace_error = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
+            for name, child in module.named_children():
+                if isinstance(child, CompConv2d):
+                    sites[prefix + name] = Site(prefix + name, norm_reason="not traced", consumer_reason="not traced")
+                elif any(isinstance(m, CompConv2d) for m in child.modules()):
+                    visit(f"{prefix}{name}.", child)
+            return
+        if prefix:
+            report.traced_parts.append(prefix[:-1])
+        for name, site in analyse(module, graph).items():
+            sites[prefix + name] = dataclasses.replace(
+                site, name=prefix + name, norm=site.norm and prefix + site.norm,
+                consumer=site.consumer and prefix + site.consumer, between=tuple(prefix + b for b in site.between))
+        pairs.extend((prefix + conv, prefix + norm) for conv, norm in plain_conv_norms(module, graph))
+
+    visit("", model)
+    return sites, pairs
+
+
 @torch.no_grad()
-def _deploy_copy(model: nn.Module, example_input: Optional[torch.Tensor], runtime: str,
+def _deploy_copy(model: nn.Module, example_input: Any, runtime: str,
                  cache: ChoiceCache) -> DeployReport:
     report = DeployReport()
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
     for name, module in list(model.named_modules()):
+        if type(module) is FrozenBatchNorm2d:
+            model.set_submodule(name, _as_batch_norm(module))
         if type(module) is EfficientCompConv2d:  # deploy chooses (and times) each layer's form itself
             module = to_plain(module)
             model.set_submodule(name, module)
         if isinstance(module, CompConv2d):
             report.norms_folded += module.reparameterize()
-    try:
-        graph = trace(model)
-        sites = analyse(model, graph)
-    except Exception as error:  # untraceable: per-module forms only
-        report.traced, report.trace_error = False, f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
-        sites = {n: Site(n, norm_reason="not traced", consumer_reason="not traced")
-                 for n, m in model.named_modules() if isinstance(m, CompConv2d)}
-    if report.traced and runtime == "torch":  # ONNX Runtime folds these itself
-        for conv, norm in plain_conv_norms(model, graph):
+    sites, plain_pairs = _traced_sites(model, report)
+    if runtime == "torch":  # ONNX Runtime folds these itself
+        for conv, norm in plain_pairs:
             model.set_submodule(conv, fuse_conv_bn_eval(model.get_submodule(conv), model.get_submodule(norm)))
             model.set_submodule(norm, nn.Identity())
             report.plain_norms_folded.append((conv, norm))
