@@ -20,7 +20,6 @@ params. No Hydra or wandb needed.
 from __future__ import annotations
 
 import argparse
-import copy
 import csv
 import io
 import multiprocessing

@@ -22,7 +22,7 @@ from helpers import ROOT, run_script
 
 CONFIGS = ROOT / "configs"
 SCHEMAS = {"train_cls": TrainConfig, "train_det": DetTrainConfig}
-FILE_GROUPS = ["data", "optim", "sched", "trainer", "logger", "launcher", "experiment", "head"]
+FILE_GROUPS = ["data", "optim", "sched", "trainer", "logger", "launcher", "experiment", "head", "debug"]
 DETECTION_ONLY = {("data", "coco"), ("data", "fmnist_det"), ("experiment", "coco_frcnn_1x"),
                   ("experiment", "coco_frcnn_2x")}
 CLASSIFICATION_ONLY = {("data", "fashion_mnist"), ("data", "imagenet"), ("data", "imagefolder"),
@@ -155,3 +155,12 @@ def test_config_errors_name_the_key():
         DataConfig(name="imagenet")
     with pytest.raises(ConfigError, match="trainer.amp='fp8' is invalid"):
         _build("train_cls", ["trainer.amp=fp8"])
+
+
+@pytest.mark.parametrize("entry", ["train_cls", "train_det"])
+def test_hydra_settings_live_once_in_configs_hydra(entry):
+    text = (CONFIGS / f"{entry}.yaml").read_text()
+    assert "\nhydra:" not in text and "- hydra: default" in text
+    node = _compose(entry, ["debug=default"], hydra_node=True).hydra
+    assert node.callbacks.run_dir_lock._target_ == "compconv.hydra_callbacks.RunDirLock"
+    assert node.run.dir.startswith("outputs/debug/") and node.job.chdir is False

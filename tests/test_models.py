@@ -9,28 +9,29 @@ from compconv import CompConv2d
 from compconv.ghost import GhostConv2d
 
 NAMES = compconv.models.registered_model_names()
-FAST = {"resnet18_compconv128", "resnet50_compconv128", "resnet50_ghost"}  # make test-fast checks these; CI all
-REGISTRY = [pytest.param(n, marks=() if n in FAST else pytest.mark.slow) for n in NAMES]
 
 
-def test_registry_has_every_variant():
-    expected = {f"resnet50_compconv{c0}" for c0 in (32, 64, 128, 256, 512)}
-    expected |= {f"resnet18_compconv{c0}" for c0 in (64, 128, 256)}
-    expected |= {"resnet34_compconv128", "resnet101_compconv128", "vgg16_compconv128", "vgg16_bn_compconv128"}
-    ghosts = {"resnet18_ghost", "resnet50_ghost"}
-    assert set(compconv.compconv_model_names()) == expected and set(NAMES) == expected | ghosts
-    assert set(timm.list_models("*compconv*")) == expected
+def test_registry_is_the_models_table():
+    """Every row of compconv.models.MODELS is a timm model with its options, and nothing else is registered."""
+    rows = {row[0]: row for row in compconv.models.MODELS}
+    compconv_rows = {name for name, (_, _, method, _, _) in rows.items() if method == "compconv"}
+    assert set(NAMES) == set(rows) and set(compconv.compconv_model_names()) == compconv_rows
+    assert set(timm.list_models("*compconv*")) == compconv_rows
+    for name in compconv_rows:
+        _, base, _, options, _ = rows[name]
+        assert compconv.models.variant_base(name) == base
+        assert compconv.models.variant_options(name) == compconv.CompConvOptions(**options).as_dict()
+    assert {"resnet50_compconv128", "resnet18_compconv128", "resnet50_ghost", "vgg16_compconv128"} <= set(rows)
 
 
-@pytest.mark.parametrize("name", REGISTRY)
-def test_forward_backward(name):
-    model = timm.create_model(name, num_classes=7)
+def test_forward_backward(model_name):
+    model = timm.create_model(model_name, num_classes=7)
     x = torch.randn(2, 3, 64, 64)
     out = model(x)
     assert out.shape == (2, 7)
     out.sum().backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
-    assert model.pretrained_cfg["architecture"] == name
+    assert model.pretrained_cfg["architecture"] == model_name
 
 
 @pytest.mark.parametrize("name", ["resnet50_compconv128", "vgg16_compconv128", "resnet50_ghost"])
@@ -59,9 +60,8 @@ def test_torch_export():
     torch.testing.assert_close(exported.module()(x), model(x))
 
 
-@pytest.mark.parametrize("name", REGISTRY)
-def test_dynamo_traces_without_graph_breaks(name):
-    model = timm.create_model(name, num_classes=5).eval()
+def test_dynamo_traces_without_graph_breaks(model_name):
+    model = timm.create_model(model_name, num_classes=5).eval()
     x = torch.randn(1, 3, 32, 32)
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     with torch.no_grad():

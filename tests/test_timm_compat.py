@@ -5,11 +5,8 @@ import timm
 import torch
 from timm.layers import create_feature_extractor, get_graph_node_names
 
-import compconv
+import compconv  # noqa: F401  (registers the models with timm)
 
-NAMES = compconv.models.registered_model_names()
-FAST = {"resnet18_compconv128", "resnet50_compconv128", "resnet50_ghost"}  # make test-fast checks these; CI all
-REGISTRY = [pytest.param(n, marks=() if n in FAST else pytest.mark.slow) for n in NAMES]
 
 
 def _fx_model(model, train: bool):
@@ -19,10 +16,9 @@ def _fx_model(model, train: bool):
     return create_feature_extractor(model, [train_nodes[-1] if train else eval_nodes[-1]])
 
 
-@pytest.mark.parametrize("name", REGISTRY)
-def test_default_cfg(name):
+def test_default_cfg(model_name):
     """As timm's test_model_default_cfgs: unpooled features match pool_size at the default input size."""
-    model = timm.create_model(name).eval()
+    model = timm.create_model(model_name).eval()
     cfg, state = model.pretrained_cfg, model.state_dict()
     x = torch.randn(1, *cfg["input_size"])
     hidden = getattr(model, "head_hidden_size", model.num_features)  # VGG: fc6/fc7 (pre_logits) come before fc
@@ -38,9 +34,8 @@ def test_default_cfg(name):
     assert f"{cfg['first_conv']}.weight" in state
 
 
-@pytest.mark.parametrize("name", REGISTRY)
-def test_fx_forward_and_backward(name):
-    model = timm.create_model(name, num_classes=7)
+def test_fx_forward_and_backward(model_name):
+    model = timm.create_model(model_name, num_classes=7)
     x = torch.randn(2, 3, 64, 64)
     model.eval()
     with torch.no_grad():
@@ -54,9 +49,8 @@ def test_fx_forward_and_backward(name):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", NAMES)
-def test_torchscript_and_fx_torchscript(name):
-    model = timm.create_model(name, num_classes=7).eval()
+def test_torchscript_and_fx_torchscript(model_name):
+    model = timm.create_model(model_name, num_classes=7).eval()
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         expected = model(x)
