@@ -42,6 +42,8 @@ class ComplexityReport:
         params: Total parameters (unique tensors).
         module_macs: MACs of every module that ran a counted op, by qualified name ("" = model).
         layers: One row per conv / linear / CompConv2d layer (the layers a patch acts on).
+        activations: Output elements of every conv and linear op of one image (as timm's benchmark reports
+            beside MACs: they predict memory traffic, and so GPU speed, better than MACs do).
     """
 
     input_size: tuple[int, int, int]
@@ -49,6 +51,7 @@ class ComplexityReport:
     params: int
     module_macs: dict[str, int] = field(default_factory=dict)
     layers: list[LayerCost] = field(default_factory=list)
+    activations: int = 0
 
     def macs_of(self, prefix: str) -> int:
         """MACs of the module called ``prefix`` (e.g. ``layer3``), 0 if it ran no counted op."""
@@ -85,17 +88,22 @@ def complexity(model: nn.Module, input_size: tuple[int, int, int] = (3, 224, 224
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
     dtype = param.dtype if param is not None else torch.float32
+    outputs = []
+    hooks = [m.register_forward_hook(lambda mod, args, out: outputs.append(out.numel()))
+             for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     try:
         total, per_module = count_macs(model, torch.zeros(1, *input_size, device=device, dtype=dtype))
     finally:
         model.train(was_training)
+        for hook in hooks:
+            hook.remove()
     layers = [
         LayerCost(name, type(m).__name__, per_module.get(name, 0), sum(p.numel() for p in m.parameters()))
         for name, m in model.named_modules()
         if isinstance(m, _LAYER_TYPES) and not _inside_compconv(name, model)
     ]
     params = sum(p.numel() for p in model.parameters())
-    return ComplexityReport(tuple(input_size), total, params, per_module, layers)
+    return ComplexityReport(tuple(input_size), total, params, per_module, layers, sum(outputs))
 
 
 def _inside_compconv(name: str, model: nn.Module) -> bool:

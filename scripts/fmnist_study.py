@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BASELINE = "resnet18"
 FAMILY = ("resnet18", "resnet18_compconv64", "resnet18_compconv128", "resnet18_compconv256", "resnet18_ghost")
 ABLATIONS = ("tail=dense", "tail_kernel=3", "shuffle=false", "inner_norm=true")  # at C0=128
-ROW_FIELDS = ("run", "model", "variant", "seed", "epochs", "train_images", "top1", "top5", "params", "macs",
+ROW_FIELDS = ("run", "model", "variant", "seed", "epochs", "train_images", "val_images", "top1", "top5", "params", "macs",
               "threads", "images_per_s", "train_seconds", "device", "torch", "finished", "commit", "command", "log")
 
 
@@ -122,7 +122,7 @@ def record(run: Run, run_dir: Path, summary: dict, results: Path, threads: int, 
     meta = json.loads((run_dir / "study.json").read_text())
     row = {
         "run": run.name, "model": run.model, "variant": run.variant, "seed": run.seed, "epochs": summary["epochs"],
-        "train_images": summary["train_images"], "top1": summary["top1"], "top5": summary["top5"],
+        "train_images": summary["train_images"], "val_images": summary["val_images"], "top1": summary["top1"], "top5": summary["top5"],
         "params": summary["params"], "macs": summary["macs"], "threads": meta["threads"],
         "images_per_s": summary.get("images_per_s"), "train_seconds": meta.get("train_seconds"),
         "device": meta.get("device") if summary["device"] in ("cpu", "") else summary["device"], "torch": summary["torch"], "finished": meta["finished"],

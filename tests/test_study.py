@@ -1,0 +1,145 @@
+"""The Fashion-MNIST study: its runner (skips, resumes, stops on time), the re-check of one epoch, its tables,
+and the GPU study at CPU sizes. Tiny real runs: 256 training images, one or two epochs."""
+
+from __future__ import annotations
+
+import csv
+import math
+import subprocess
+import sys
+
+import pytest
+
+from helpers import ROOT
+from scripts import fmnist_study, fmnist_study_table
+
+TINY = ["data.train_subset=256", "data.val_subset=256", "trainer.check_training_forms=false"]
+
+
+def _study(tmp_path, *args: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "scripts/fmnist_study.py", "--runs", str(tmp_path / "runs"), "--results",
+               str(tmp_path / "results"), "--epochs", "1", *args, "--extra", *TINY]
+    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
+def _rows(tmp_path, prefix: str = "fashion_mnist_study") -> list[dict]:
+    with (tmp_path / "results" / f"{prefix}.csv").open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_plans_pair_every_model_with_the_baseline_and_run_each_once():
+    runs = fmnist_study.plan_runs(["pilot", "cpu"], 10)
+    assert len(runs) == len(set(runs)) == 1 + 5 * 3 + 4 * 2  # the pilot's budget runs are study runs
+    assert runs[0] == fmnist_study.Run("resnet18", 0, 20)  # twice the budget, started first
+    assert {r.seed for r in runs if r.model == "resnet18_ghost"} == {0, 1, 2}
+    assert {r.variant for r in runs if r.variant} == set(fmnist_study.ABLATIONS)
+    command = fmnist_study.Run("resnet18_compconv128", 1, 10, "tail=dense").command(ROOT / "runs", 1)
+    assert "model.compconv.tail=dense" in command and "trainer.threads=1" in command and "seed=1" in command
+
+
+@pytest.mark.slow
+def test_runner_records_skips_and_a_rerun_of_epoch_one_reproduces_the_log(tmp_path):
+    done = _study(tmp_path, "--plan", "pilot")
+    assert done.returncode == 0, done.stderr
+    rows = _rows(tmp_path)
+    assert {r["run"] for r in rows} == {"resnet18_s0_e2", "resnet18_s0_e1", "resnet18_compconv128_s0_e1"}
+    for row in rows:
+        log = (tmp_path / row["log"]).read_text().splitlines()
+        assert log[0].startswith("epoch,val_top1") and len(log) == 1 + int(row["epochs"])
+        assert row["commit"] and row["command"].startswith("python train_cls.py experiment=fmnist_study")
+    again = _study(tmp_path, "--plan", "pilot")
+    assert again.returncode == 0 and "start" not in again.stdout  # finished runs are skipped
+    # The independent check: a run's command with trainer.stop_after_epoch=1 gives its logged epoch 1, bitwise.
+    long = next(r for r in rows if r["run"] == "resnet18_s0_e2")
+    command = long["command"].replace("hydra.run.dir=", f"hydra.run.dir={tmp_path}/recheck").split()
+    check = subprocess.run([sys.executable, *command[1:], "trainer.stop_after_epoch=1"], cwd=ROOT,
+                           capture_output=True, text=True, timeout=600)
+    assert check.returncode == 0, check.stderr
+    import json
+
+    summary = json.loads(next((tmp_path / "recheck").rglob("summary.json")).read_text())
+    logged = (tmp_path / long["log"]).read_text().splitlines()[1].split(",")[1]
+    assert summary["epochs"] == 1 and summary["schedule_epochs"] == 2
+    assert f"{summary['top1']:.6g}" == logged
+
+
+@pytest.mark.slow
+def test_runner_stops_on_time_with_a_checkpoint_and_resumes(tmp_path):
+    stopped = _study(tmp_path, "--plan", "pilot", "--only", "_e2", "--hours", "0.003", "--lanes", "1",
+                     "--epochs", "1")
+    assert stopped.returncode == 0, stopped.stderr
+    run_dir = tmp_path / "runs" / "resnet18_s0_e2"
+    checkpointed = (run_dir / "last.pt").exists()  # not if the stop came before the first training step
+    if "paused" in stopped.stdout:  # (a fast machine may finish inside 11 s)
+        assert not (tmp_path / "results" / "fashion_mnist_study.csv").exists()
+    resumed = _study(tmp_path, "--plan", "pilot", "--only", "_e2", "--lanes", "1")
+    assert resumed.returncode == 0, resumed.stderr
+    assert [r["run"] for r in _rows(tmp_path)] == ["resnet18_s0_e2"]
+    if "paused" in stopped.stdout and checkpointed:
+        assert "resumed from" in (run_dir / "train_cls.log").read_text()
+
+
+def test_runner_refuses_a_directory_started_with_another_command(tmp_path):
+    run_dir = tmp_path / "runs" / "resnet18_s0_e1"
+    run_dir.mkdir(parents=True)
+    (run_dir / "study.json").write_text('{"commit": "abc", "command": "python other.py", "threads": 1, '
+                                        '"train_seconds": 0}')
+    done = _study(tmp_path, "--plan", "pilot", "--only", "resnet18_s0_e1")
+    assert done.returncode == 1 and "was started as `python other.py`; remove it to start again" in done.stderr
+
+
+def _write_study(tmp_path, tops: dict[tuple[str, int], float]) -> None:
+    results = tmp_path / "results"
+    (results / "fashion_mnist_study").mkdir(parents=True)
+    rows = []
+    for (model, seed), top1 in tops.items():
+        log = f"results/fashion_mnist_study/{model}_s{seed}_e2.csv"
+        (tmp_path / log).write_text(f"epoch,val_top1\n1,{top1 - 5}\n2,{top1}\n")
+        rows.append({"run": f"{model}_s{seed}_e2", "model": model, "variant": "", "seed": seed, "epochs": 2,
+                     "train_images": 60000, "val_images": 10000, "top1": top1, "command": "python train_cls.py",
+                     "log": log})
+    with (results / "fashion_mnist_study.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def test_table_gives_paired_differences_with_t_intervals(tmp_path):
+    _write_study(tmp_path, {("resnet18", 0): 90.0, ("resnet18", 1): 91.0, ("resnet18", 2): 92.0,
+                            ("resnet18_compconv128", 0): 89.0, ("resnet18_compconv128", 1): 90.5,
+                            ("resnet18_compconv128", 2): 91.5})
+    assert fmnist_study_table.main(["--results", str(tmp_path / "results")]) == 0
+    text = (tmp_path / "results" / "fashion_mnist_study.md").read_text()
+    # paired differences -1.0, -0.5, -0.5: mean -0.667, sd 0.289, t(2) 4.303 -> half-width 0.717
+    assert "| resnet18_compconv128 | 3 | 90.33 ± 1.26 | -0.67 [-1.38, +0.05] (n=3) |" in text
+    assert "| resnet18 | 3 | 91.00 ± 1.00 | — |" in text
+    assert (tmp_path / "results" / "fashion_mnist_study.png").stat().st_size > 10_000
+    mean, half = fmnist_study_table.t_interval([1.0, 2.0, 3.0])
+    assert mean == 2.0 and math.isclose(half, 4.303 / math.sqrt(3))
+
+
+def test_table_refuses_a_row_whose_log_disagrees(tmp_path, capsys):
+    _write_study(tmp_path, {("resnet18", 0): 90.0})
+    (tmp_path / "results/fashion_mnist_study/resnet18_s0_e2.csv").write_text("epoch,val_top1\n1,80\n2,85\n")
+    assert fmnist_study_table.main(["--results", str(tmp_path / "results")]) == 2
+    assert "error: resnet18_s0_e2: top-1 90.0 in fashion_mnist_study.csv but 85 in its log" in capsys.readouterr().err
+    assert not (tmp_path / "results" / "fashion_mnist_study.md").exists()
+
+
+@pytest.mark.slow
+def test_gpu_study_runs_end_to_end_at_cpu_sizes(tmp_path):
+    (tmp_path / "results").mkdir()
+    done = subprocess.run([sys.executable, "scripts/gpu_study.py", "--device", "cpu", "--tiny", "--concurrent", "2",
+                           "--results", str(tmp_path / "results")], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr
+    rows = _rows(tmp_path, "fashion_mnist_gpu_study")
+    assert {r["model"] for r in rows} == {"resnet18", "resnet18_compconv128"}
+    text = (tmp_path / "results" / "fashion_mnist_gpu_study.md").read_text()
+    assert "2 of 2 runs" in text and "| resnet18_compconv128 | 1 |" in text
+
+
+def test_gpu_study_without_a_gpu_says_so():
+    done = subprocess.run([sys.executable, "scripts/gpu_study.py"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 2 and done.stderr.startswith("error: no CUDA device here")
