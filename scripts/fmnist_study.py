@@ -8,6 +8,10 @@ its per-epoch log goes to ``results/fashion_mnist_study/<run>.csv`` and its row 
 ``results/fashion_mnist_study.csv`` (both can be committed as they come in); then
 ``scripts/fmnist_study_table.py`` makes the tables and plots.
 
+Runs train from a git worktree of one commit (``--code``, default HEAD when the runner starts) under
+``runs/code/``, never from the working tree being edited, so each row's ``commit`` is the code that trained
+it (``A..B`` for a run resumed at another commit). A run another process is training is waited for.
+
 Usage:
     python scripts/fmnist_study.py --plan pilot,cpu --hours 2     # stops starting runs after 2 h, and
                                                                    # checkpoints the running ones at 2 h
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import fcntl
 import json
 import os
 import shlex
@@ -86,11 +91,37 @@ def finished(summary: dict | None) -> bool:
     return bool(summary) and summary.get("epochs") == summary.get("schedule_epochs") and bool(summary.get("history"))
 
 
-def git_commit() -> str:
-    head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "compconv", "configs",
-                            "train_cls.py"], cwd=ROOT, capture_output=True, text=True)
-    return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+def code_checkout(revision: str) -> tuple[str, Path]:
+    """``(commit, folder)``: a git worktree of ``revision`` under ``runs/code/`` whose ``runs`` is this checkout's."""
+    done = subprocess.run(["git", "rev-parse", "--short=12", f"{revision}^{{commit}}"], cwd=ROOT,
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"error: --code {revision} is not a commit of this repository")
+    commit = done.stdout.strip()
+    folder = ROOT / "runs" / "code" / commit
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with (folder.parent / ".lock").open("a") as lock:  # runners started together make one checkout
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        if not (folder / "train_cls.py").exists():
+            subprocess.run(["git", "worktree", "add", "--detach", "--force", str(folder), commit], cwd=ROOT,
+                           check=True, capture_output=True)
+        if not (folder / "runs").exists():
+            (folder / "runs").symlink_to(ROOT / "runs")
+    return commit, folder
+
+
+def held_by_another_process(run_dir: Path) -> bool:
+    """Whether a live process holds the run directory's lock (``compconv.train.rundir``)."""
+    lock = run_dir / ".run.lock"
+    if not lock.exists():
+        return False
+    with lock.open("a") as handle:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+    return False
 
 
 def cpu_name() -> str:
@@ -162,6 +193,9 @@ class Study:
     def train(self, run: Run) -> None:
         args = self.args
         run_dir = args.runs / run.name
+        while held_by_another_process(run_dir):  # trained elsewhere (an earlier runner's orphan): wait for it
+            if self.stopping.wait(30) or (self.deadline and time.time() >= self.deadline):
+                return
         summary = read_summary(run_dir)
         if finished(summary):  # recorded again: idempotent, and heals a record that an interruption cut short
             record(run, run_dir, summary, args.results, args.threads, self.lock)
@@ -171,20 +205,20 @@ class Study:
         command = run.command(args.runs.relative_to(ROOT) if args.runs.is_relative_to(ROOT) else args.runs,
                               args.threads, args.extra)
         meta = json.loads(meta_path.read_text()) if meta_path.exists() else {
-            "commit": git_commit(), "command": shlex.join(command), "threads": args.threads, "train_seconds": 0.0,
+            "commit": args.commit, "command": shlex.join(command), "threads": args.threads, "train_seconds": 0.0,
             "device": cpu_name()}
         if meta["command"] != shlex.join(command):
             print(f"error: {run_dir} was started as `{meta['command']}`; remove it to start again", file=sys.stderr)
             self.failed.append(run.name)
             return
-        commit = git_commit()
-        if commit != meta["commit"].split("..")[-1]:
-            meta["commit"] = f"{meta['commit']}..{commit}"  # resumed at another commit: say so
+        if args.commit != meta["commit"].split("..")[-1]:
+            meta["commit"] = f"{meta['commit']}..{args.commit}"  # resumed at another commit: say so
         write_atomic(meta_path, json.dumps(meta, indent=2) + "\n")
         print(f"[{time.strftime('%H:%M:%S')}] start {run.name}", flush=True)
         started = time.time()
         with (run_dir / "train.log").open("a") as log:
-            child = subprocess.Popen([sys.executable, *command[1:]], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+            child = subprocess.Popen([sys.executable, *command[1:]], cwd=args.code_dir, stdout=log,
+                                     stderr=subprocess.STDOUT)
             self.children.add(child)
             code = child.wait()
             self.children.discard(child)
@@ -243,6 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", default=None, help="only runs whose name contains this")
     parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "fmnist_study")
     parser.add_argument("--results", type=Path, default=ROOT / "results")
+    parser.add_argument("--code", default="HEAD", help="the commit whose code trains the runs")
     parser.add_argument("--extra", nargs="*", default=[], help="further train_cls.py overrides (small test runs)")
     parser.add_argument("--dry-run", action="store_true", help="print each run and its state, run nothing")
     args = parser.parse_args(argv)
@@ -258,6 +293,8 @@ def main(argv: list[str] | None = None) -> int:
                 "started" if (args.runs / run.name / "last.pt").exists() else "to run"
             print(f"{run.name:48s} {state}")
         return 0
+    args.commit, args.code_dir = code_checkout(args.code)
+    print(f"training with the code of commit {args.commit} ({args.code_dir})", flush=True)
     study = Study(args)
     signal.signal(signal.SIGTERM, study.stop)
     signal.signal(signal.SIGINT, study.stop)
