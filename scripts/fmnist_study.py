@@ -198,6 +198,12 @@ class Study:
                 return
         summary = read_summary(run_dir)
         if finished(summary):  # recorded again: idempotent, and heals a record that an interruption cut short
+            meta_path = run_dir / "study.json"
+            meta = json.loads(meta_path.read_text())
+            if "finished" not in meta:  # finished while no runner watched it: the summary's time
+                meta["finished"] = time.strftime("%Y-%m-%d %H:%M UTC",
+                                                 time.gmtime((run_dir / "summary.json").stat().st_mtime))
+                write_atomic(meta_path, json.dumps(meta, indent=2) + "\n")
             record(run, run_dir, summary, args.results, args.threads, self.lock)
             return
         run_dir.mkdir(parents=True, exist_ok=True)
