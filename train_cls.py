@@ -11,7 +11,7 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
-from compconv.cli import exit_on_config_error, register_configs, run_hydra_job
+from entrypoints import exit_on_config_error, register_configs, run_hydra_job
 from compconv.train import TrainConfig, run_classification
 
 register_configs("train_cls", TrainConfig)

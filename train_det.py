@@ -12,7 +12,7 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
-from compconv.cli import exit_on_config_error, register_configs, run_hydra_job
+from entrypoints import exit_on_config_error, register_configs, run_hydra_job
 from compconv.detection import DetTrainConfig, run_detection
 
 register_configs("train_det", DetTrainConfig)

@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 
 import compconv
 from compconv import CompConvOptions
-from compconv.cli import describe_config_error, register_configs
+from entrypoints import describe_config_error, register_configs
 from compconv.detection import DetTrainConfig
 from compconv.detection.config import DetDataConfig, DetHeadConfig
 from compconv.train import ConfigError, TrainConfig
@@ -162,5 +162,5 @@ def test_hydra_settings_live_once_in_configs_hydra(entry):
     text = (CONFIGS / f"{entry}.yaml").read_text()
     assert "\nhydra:" not in text and "- hydra: default" in text
     node = _compose(entry, ["debug=default"], hydra_node=True).hydra
-    assert node.callbacks.run_dir_lock._target_ == "compconv.hydra_callbacks.RunDirLock"
+    assert node.callbacks.run_dir_lock._target_ == "entrypoints.RunDirLock"
     assert node.run.dir.startswith("outputs/debug/") and node.job.chdir is False

@@ -18,7 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
-from compconv.cli import error_message
+from entrypoints import error_message
 from compconv.data import sampling
 from compconv.io import StorageError, StrictFileHandler, as_storage_error, atomic_write_text
 from compconv.train import TrainConfig, run_classification
@@ -26,7 +26,7 @@ from compconv.train import checkpoint as ckpt
 from compconv.train.config import DataConfig, LoggerConfig, ModelConfig, TrainerConfig
 from compconv.train.loggers import _raise_if_storage
 from compconv.train.rundir import LOCK_NAME, RunDirInUseError, lock_run_dir
-from compconv.hydra_callbacks import RunDirLock
+from entrypoints import RunDirLock
 from helpers import FMNIST, ROOT, TINY, env, run_script
 
 R18 = "model=resnet18_compconv128"

@@ -116,7 +116,7 @@ def test_malformed_idx_is_a_clear_error():
 def test_library_imports_without_hydra_wandb_omegaconf_mmdet():
     blocked = "('hydra', 'wandb', 'omegaconf', 'mmdet', 'mmengine', 'mmcv')"
     code = (f"import sys\nfor m in {blocked}: sys.modules[m] = None\n"
-            "import compconv, compconv.train, compconv.data, compconv.cli, compconv.detection\n"
+            "import compconv, compconv.train, compconv.data, compconv.detection\n"
             "import compconv.integrations\nprint('ok')")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert proc.stdout.strip() == "ok", proc.stderr

@@ -1,7 +1,7 @@
-"""Glue between the Hydra entry points and the library: register the schema, run, fail in one line.
+"""What the Hydra entry points share: register the schema, run, fail in one line, lock the run directory.
 
-Only ``train_cls.py`` and ``train_det.py`` call this; Hydra and OmegaConf are imported inside the
-functions, so the library stays importable without them.
+``train_cls.py`` and ``train_det.py`` call this; the library (``compconv/``) imports neither Hydra nor this.
+``RunDirLock`` is the Hydra callback of ``configs/hydra/default.yaml``.
 """
 
 from __future__ import annotations
@@ -12,13 +12,13 @@ import re
 import sys
 from typing import Any, Callable
 
-from .data import DataError, UnreadableImageError
-from .efficient import TrainingFormError
-from .io import StorageError, storage_errno
-from .train.checkpoint import CheckpointError, CheckpointMismatchError, kept_checkpoint
-from .train.config import DETECTION_DATASETS, ConfigError, model_options
-from .train.engine import NonFiniteLossError
-from .train.rundir import RunDirInUseError
+from compconv.data import DataError, UnreadableImageError
+from compconv.efficient import TrainingFormError
+from compconv.io import StorageError, storage_errno
+from compconv.train.checkpoint import CheckpointError, CheckpointMismatchError, kept_checkpoint
+from compconv.train.config import DETECTION_DATASETS, ConfigError, model_options
+from compconv.train.engine import NonFiniteLossError
+from compconv.train.rundir import RunDirInUseError, lock_run_dir
 
 _logger = logging.getLogger("compconv")
 USER_ERRORS = (ConfigError, DataError, FileNotFoundError, UnreadableImageError, CheckpointMismatchError,
@@ -37,7 +37,7 @@ def register_configs(config_name: str, schema: type) -> None:
     from hydra.core.config_store import ConfigStore
     from omegaconf import OmegaConf
 
-    from .models import model_label
+    from compconv.models import model_label
 
     def label(name: str, compconv: Any = None) -> str:
         options = OmegaConf.to_container(compconv) if OmegaConf.is_config(compconv) else compconv
@@ -177,3 +177,44 @@ def fail(message: str, status: int = EXIT_BAD_INPUT, log: bool = True) -> None:
             _logger.error(message)
         print(f"error: {message}", file=sys.stderr)
     sys.exit(status)
+
+
+try:  # the Hydra callback; the entry points need Hydra anyway
+    from hydra.experimental.callback import Callback
+    from omegaconf import DictConfig, OmegaConf
+except ImportError:  # pragma: no cover - Hydra missing: the entry points say so when they import it
+    Callback, DictConfig, OmegaConf = object, dict, None
+
+
+def launch_rank() -> int:
+    """This process's global rank as its launcher set it (torchrun's RANK, srun's SLURM_PROCID), else 0."""
+    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
+
+
+class RunDirLock(Callback):
+    """Locks ``hydra.run.dir`` (or a multirun job's directory) on rank 0 for the life of the job."""
+
+    def __init__(self) -> None:
+        self._lock = None
+
+    def _take(self, run_dir: Any) -> None:
+        if launch_rank() != 0 or run_dir is None:
+            return
+        try:
+            self._lock = lock_run_dir(os.path.abspath(str(run_dir)))
+        except RunDirInUseError as error:
+            fail(str(error), log=False)
+        except OSError as error:
+            fail(str(StorageError(os.path.join(str(run_dir), ".run.lock"), error.errno, str(error))),
+                 EXIT_STORAGE, log=False)
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._take(OmegaConf.select(config, "hydra.run.dir"))
+
+    def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._take(OmegaConf.select(config, "hydra.runtime.output_dir"))
+
+    def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
