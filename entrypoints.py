@@ -14,9 +14,10 @@ from typing import Any, Callable
 
 from compconv.data import DataError, UnreadableImageError
 from compconv.efficient import TrainingFormError
-from compconv.io import StorageError, storage_errno
+from compconv.io import StorageError, as_storage_error, storage_errno
 from compconv.train.checkpoint import CheckpointError, CheckpointMismatchError, kept_checkpoint
-from compconv.train.config import DETECTION_DATASETS, ConfigError, model_options
+from compconv.models import compconv_model_names, registered_model_names, variant_base, variant_options
+from compconv.train.config import DETECTION_DATASETS, ConfigError
 from compconv.train.engine import NonFiniteLossError
 from compconv.train.rundir import RunDirInUseError, lock_run_dir
 
@@ -25,6 +26,25 @@ USER_ERRORS = (ConfigError, DataError, FileNotFoundError, UnreadableImageError, 
                CheckpointError, TrainingFormError)
 EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_STORAGE = 2, 3, 4
 _task_started = False  # set once Hydra has composed the config and called the task
+
+
+def model_options() -> dict[str, dict[str, Any]]:
+    """The ``model=`` options: every model this package registers and the timm model each one patches.
+
+    A CompConv model's option lists its full CompConv options (so ``model.compconv.c0=256`` works);
+    a baseline's and the Ghost peer's set only the name.
+    """
+    import timm
+
+    options: dict[str, dict[str, Any]] = {}
+    for name in registered_model_names():
+        base = variant_base(name) or name.rsplit("_", 1)[0]
+        if timm.is_model(base):
+            options[base] = {"name": base}
+        options[name] = {"name": name}
+        if name in compconv_model_names():
+            options[name]["compconv"] = variant_options(name)
+    return dict(sorted(options.items()))
 
 
 def register_configs(config_name: str, schema: type) -> None:
@@ -218,3 +238,27 @@ class RunDirLock(Callback):
         if self._lock is not None:
             self._lock.release()
             self._lock = None
+
+
+class StrictFileHandler(logging.FileHandler):
+    """A ``logging.FileHandler`` whose storage failures end the run as a :class:`StorageError`.
+
+    logging's default prints a ``--- Logging error ---`` traceback for every record it cannot write
+    and goes on; on a full disk that buries the one line that matters. The entry points use this
+    class for the run's log file (``hydra.job_logging.handlers.file.class``).
+    """
+
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 (logging's name)
+        error = sys.exc_info()[1]
+        storage = as_storage_error(error, self.baseFilename) if error is not None else None
+        if storage is None:
+            super().handleError(record)
+            return
+        for logger in (logging.getLogger(), *logging.Logger.manager.loggerDict.values()):
+            if isinstance(logger, logging.Logger) and self in logger.handlers:
+                logger.removeHandler(self)  # later records must not fail (and raise) again
+        try:
+            self.close()
+        except OSError:
+            pass
+        raise storage

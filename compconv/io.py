@@ -9,10 +9,8 @@ the cause, with the temporary file removed.
 from __future__ import annotations
 
 import errno
-import logging
 import os
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
@@ -141,27 +139,3 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: st
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write(path, lambda f: f.write(text))
-
-
-class StrictFileHandler(logging.FileHandler):
-    """A ``logging.FileHandler`` whose storage failures end the run as a :class:`StorageError`.
-
-    logging's default prints a ``--- Logging error ---`` traceback for every record it cannot write
-    and goes on; on a full disk that buries the one line that matters. The entry points use this
-    class for the run's log file (``hydra.job_logging.handlers.file.class``).
-    """
-
-    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 (logging's name)
-        error = sys.exc_info()[1]
-        storage = as_storage_error(error, self.baseFilename) if error is not None else None
-        if storage is None:
-            super().handleError(record)
-            return
-        for logger in (logging.getLogger(), *logging.Logger.manager.loggerDict.values()):
-            if isinstance(logger, logging.Logger) and self in logger.handlers:
-                logger.removeHandler(self)  # later records must not fail (and raise) again
-        try:
-            self.close()
-        except OSError:
-            pass
-        raise storage

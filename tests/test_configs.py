@@ -17,7 +17,8 @@ from entrypoints import describe_config_error, register_configs
 from compconv.detection import DetTrainConfig
 from compconv.detection.config import DetDataConfig, DetHeadConfig
 from compconv.train import ConfigError, TrainConfig
-from compconv.train.config import DataConfig, LoggerConfig, OptimConfig, SchedConfig, TrainerConfig, model_options
+from compconv.train.config import DataConfig, LoggerConfig, OptimConfig, SchedConfig, TrainerConfig
+from entrypoints import model_options
 from helpers import ROOT, run_script
 
 CONFIGS = ROOT / "configs"

@@ -20,7 +20,8 @@ from PIL import Image
 
 from entrypoints import error_message
 from compconv.data import sampling
-from compconv.io import StorageError, StrictFileHandler, as_storage_error, atomic_write_text
+from compconv.io import StorageError, as_storage_error, atomic_write_text
+from entrypoints import StrictFileHandler
 from compconv.train import TrainConfig, run_classification
 from compconv.train import checkpoint as ckpt
 from compconv.train.config import DataConfig, LoggerConfig, ModelConfig, TrainerConfig

@@ -8,7 +8,8 @@ import torch
 
 from compconv.models import model_label, register_variant, variant_options
 from compconv.train import TrainConfig, run_classification
-from compconv.train.config import DataConfig, LoggerConfig, ModelConfig, TrainerConfig, model_options
+from compconv.train.config import DataConfig, LoggerConfig, ModelConfig, TrainerConfig
+from entrypoints import model_options
 from helpers import summary
 
 

@@ -12,7 +12,6 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from ..models import compconv_model_names, registered_model_names, variant_base, variant_options
 from ..options import CompConvOptions
 
 
@@ -64,25 +63,6 @@ class ModelConfig:
             except ValueError as error:
                 raise ConfigError(f"model.compconv: {error}") from error
         check_positive("model.drop_path_rate", self.drop_path_rate, allow_zero=True)
-
-
-def model_options() -> dict[str, dict[str, Any]]:
-    """The ``model=`` options: every model this package registers and the timm model each one patches.
-
-    A CompConv model's option lists its full CompConv options (so ``model.compconv.c0=256`` works);
-    a baseline's and the Ghost peer's set only the name.
-    """
-    import timm
-
-    options: dict[str, dict[str, Any]] = {}
-    for name in registered_model_names():
-        base = variant_base(name) or name.rsplit("_", 1)[0]
-        if timm.is_model(base):
-            options[base] = {"name": base}
-        options[name] = {"name": name}
-        if name in compconv_model_names():
-            options[name]["compconv"] = variant_options(name)
-    return dict(sorted(options.items()))
 
 
 CLASSIFICATION_DATASETS = ("fashion_mnist", "imagenet", "imagefolder")
