@@ -23,6 +23,7 @@ import argparse
 import csv
 import io
 import multiprocessing
+import queue as queue_module
 import os
 import platform
 import statistics
@@ -96,7 +97,8 @@ INFERENCE_VARIANTS = ("deploy", "deploy_rule", "reparam")  # training runs the m
 VARIANTS = (*INFERENCE_VARIANTS, "plain")
 
 
-def create_variant(name: str, example_input: torch.Tensor | None = None, runtime: str = "torch") -> nn.Module:
+def create_variant(name: str, example_input: torch.Tensor | None = None, runtime: str = "torch",
+                   num_classes: int = 1000, in_chans: int = 3) -> nn.Module:
     """A timm model, optionally in inference form: ``NAME+deploy`` (:func:`compconv.deploy` timing each
     layer's forms on ``example_input`` in ``runtime``), ``NAME+deploy_rule`` (deploy's rule, no timing) or
     ``NAME+reparam`` (``timm.utils.reparameterize_model``, what timm's ``benchmark.py --reparam`` runs);
@@ -113,7 +115,8 @@ def create_variant(name: str, example_input: torch.Tensor | None = None, runtime
         raise ValueError(f"unknown variant(s) {unknown} in {name!r}; known: {list(VARIANTS)} or OPTION=VALUE")
     if "plain" in variants:
         options["efficient"] = False
-    model = timm.create_model(base, num_classes=1000, **({"compconv": options} if options else {}))
+    model = timm.create_model(base, num_classes=num_classes, in_chans=in_chans,
+                              **({"compconv": options} if options else {}))
     if "reparam" in variants:
         return timm.utils.reparameterize_model(model.eval())
     if any(v in INFERENCE_VARIANTS for v in variants):
@@ -151,15 +154,16 @@ def _ort_step(model: nn.Module, x: torch.Tensor) -> Callable[[], None]:
 
 
 def build_step(name: str, workload: Workload, setting: Setting, device: torch.device, img_size: int,
-               precision: str) -> tuple[Callable[[], None], nn.Module]:
+               precision: str, in_chans: int = 3, num_classes: int = 1000) -> tuple[Callable[[], None], nn.Module]:
     """A closure running one inference or training step (forward + backward + SGD) of model ``name``."""
     if workload.mode == "train":  # deploy is an inference form: training runs the model as trained
         name = as_trained(name)
     if setting.ort and (workload.mode == "train" or device.type != "cpu" or precision != "fp32"):
         raise ValueError("the ort setting is inference on the CPU in fp32")
     memory_format = torch.channels_last if setting.channels_last else torch.contiguous_format
-    x = torch.randn(workload.batch, 3, img_size, img_size, device=device).to(memory_format=memory_format)
-    model = create_variant(name, x if workload.mode == "infer" else None, "ort" if setting.ort else "torch").to(device)
+    x = torch.randn(workload.batch, in_chans, img_size, img_size, device=device).to(memory_format=memory_format)
+    model = create_variant(name, x if workload.mode == "infer" else None, "ort" if setting.ort else "torch",
+                           num_classes, in_chans).to(device)
     model = model.to(memory_format=memory_format)
     if setting.ort:
         return _ort_step(model, x), model
@@ -178,7 +182,7 @@ def build_step(name: str, workload: Workload, setting: Setting, device: torch.de
             _sync(device)
     else:
         model.train()
-        target = torch.randint(0, 1000, (workload.batch,), device=device)
+        target = torch.randint(0, num_classes, (workload.batch,), device=device)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
         criterion = nn.CrossEntropyLoss()
 
@@ -197,7 +201,7 @@ def _peak_child(args, queue) -> None:
 
     torch.set_num_threads(args[-1])
     step, _ = build_step(*args[:-1])
-    device = args[2]
+    device = args[3]
     step()  # allocator pools, optimizer state and lazy inits exist from here on, as in a long run
     before = resident_memory_mb(device)
     reset_peak_memory(device)
@@ -206,21 +210,29 @@ def _peak_child(args, queue) -> None:
     queue.put(peak_mb(device) - before)
 
 
-def peak_memory_mb(name, workload, setting, device, img_size, precision) -> float:
+def peak_memory_mb(name, workload, setting, device, img_size, precision, in_chans=3, num_classes=1000) -> float:
     """Peak memory of two steps over what the process holds after one warm-up step (parameters, gradients,
     optimizer state): a step's working set, in a spawned process per model (:mod:`compconv.train.memory`: CUDA
     max allocated, or the peak RSS on the CPU; glibc returns large freed blocks, so a tiny cell may read 0)."""
     ctx = multiprocessing.get_context("spawn")  # a forked child can deadlock in an initialised OpenMP pool
     queue = ctx.Queue()
     proc = ctx.Process(target=_peak_child,
-                       args=((name, workload, setting, device, img_size, precision, torch.get_num_threads()), queue))
+                       args=((name, workload, setting, device, img_size, precision, in_chans, num_classes,
+                              torch.get_num_threads()), queue))
     proc.start()
-    value = queue.get()
+    while True:
+        try:
+            value = queue.get(timeout=5)
+            break
+        except queue_module.Empty:
+            if not proc.is_alive():
+                raise RuntimeError(f"the peak-memory process of {name} died (exit {proc.exitcode})") from None
     proc.join()
     return value
 
 
-def time_cell(names, workload, setting, device, img_size, precision, warmup, repeats, min_seconds, costs=None):
+def time_cell(names, workload, setting, device, img_size, precision, warmup, repeats, min_seconds, costs=None,
+              in_chans=3, num_classes=1000):
     """Interleaved timing of all models for one (workload, setting) cell: rates[name] = [img/s per repeat].
 
     ``costs`` (a dict) receives each model's :func:`compconv.complexity` as built for this cell (deploy's
@@ -231,9 +243,9 @@ def time_cell(names, workload, setting, device, img_size, precision, warmup, rep
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 4 * len(names))
     steps, calls = {}, {}
     for name in names:
-        step, model = build_step(name, workload, setting, device, img_size, precision)
+        step, model = build_step(name, workload, setting, device, img_size, precision, in_chans, num_classes)
         if costs is not None:
-            costs[name] = complexity(model, (3, img_size, img_size))
+            costs[name] = complexity(model, (in_chans, img_size, img_size))
         for _ in range(warmup):  # includes compilation
             step()
         start = time.perf_counter()
@@ -286,6 +298,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workloads", default="infer:1,infer:32,train:16")
     parser.add_argument("--settings", default="eager-nchw,eager-cl,compiled-nchw,compiled-cl")
     parser.add_argument("--img-size", type=int, default=224)
+    parser.add_argument("--in-chans", type=int, default=3)
+    parser.add_argument("--num-classes", type=int, default=1000)
     parser.add_argument("--precision", choices=sorted(PRECISIONS), default="fp32")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--warmup", type=int, default=2)
@@ -321,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"Generated by `{command}`",
         f"on {device_name(device)}; torch {torch.__version__}, timm {timm.__version__}; input {args.img_size}x{args.img_size}, "
-        f"{args.precision}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.",
+        f"{args.in_chans} channel(s), {args.num_classes} classes, {args.precision}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.",
         "",
         "img/s: median of the repeats (each >= the target duration), models interleaved within a cell (ONNX "
         f"Runtime: {ORT_SWITCH_IDLE_S} s idle before each, so no session's spinning threads slow the next); spread = "
@@ -354,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             started = time.perf_counter()
             rates = time_cell(names, workload, setting, device, args.img_size, args.precision,
-                              args.warmup, args.repeats, args.min_seconds, costs)
+                              args.warmup, args.repeats, args.min_seconds, costs, args.in_chans, args.num_classes)
             base = statistics.median(rates[names[0]])
             table = [f"\n## {workload.mode}, batch {workload.batch}, {setting}\n",
                      "| model | MACs (G) | params (M) | img/s | spread | speed ratio | paired [q1, q3] | ideal | efficiency "
@@ -367,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
                 ideal = costs[names[0]].macs / costs[name].macs
                 measure = args.memory_settings == "all" or str(setting) in args.memory_settings.split(",")
                 memory = None if not measure else peak_memory_mb(
-                    name, workload, setting, device, args.img_size, args.precision)
+                    name, workload, setting, device, args.img_size, args.precision, args.in_chans, args.num_classes)
                 shown = name  # training runs the model as trained: the deploy variants are not shown there
                 if workload.mode == "train":
                     shown = as_trained(name)

@@ -115,3 +115,10 @@ def test_timing_environment_is_written_before_the_command(monkeypatch):
     monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "4294967296")
     monkeypatch.setenv("MALLOC_ARENA_NOT_A_TUNABLE", "x")  # glibc's tunables end in "_"
     assert bench.timing_environment() == "MALLOC_MMAP_THRESHOLD_=4294967296 THP_MEM_ALLOC_ENABLE=1 "
+
+
+@pytest.mark.slow  # a spawned process
+def test_peak_memory_says_so_when_its_process_dies():
+    with pytest.raises(RuntimeError, match="peak-memory process of resnet18_compconv128\\+bogus died"):
+        bench.peak_memory_mb("resnet18_compconv128+bogus", bench.Workload("train", 2), bench.Setting.parse("eager-cl"),
+                             torch.device("cpu"), 32, "fp32")
