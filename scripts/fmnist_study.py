@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import csv
 import fcntl
+import io
 import json
 import os
 import shlex
@@ -141,38 +142,52 @@ def write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def record(run: Run, run_dir: Path, summary: dict, results: Path, threads: int, lock: threading.Lock) -> None:
-    """Writes the run's per-epoch log and its row of the study CSV (replacing an older row of the same run)."""
-    log = results / "fashion_mnist_study" / f"{run.name}.csv"
-    lines = ["epoch,val_top1,val_top5,val_loss,train_top1,train_loss,lr,images_per_s"]
-    for h in summary["history"]:
-        lines.append(",".join(f"{h.get(k, ''):.6g}" if isinstance(h.get(k), float) else str(h.get(k, ""))
-                              for k in ("epoch", "val/top1", "val/top5", "val/loss", "train/top1", "train/loss",
-                                        "lr", "train/images_per_s")))
-    write_atomic(log, "\n".join(lines) + "\n")
-    meta = json.loads((run_dir / "study.json").read_text())
-    row = {
-        "run": run.name, "model": run.model, "variant": run.variant, "seed": run.seed, "epochs": summary["epochs"],
-        "train_images": summary["train_images"], "val_images": summary["val_images"], "top1": summary["top1"], "top5": summary["top5"],
-        "params": summary["params"], "macs": summary["macs"], "threads": meta["threads"],
-        "images_per_s": summary.get("images_per_s"), "train_seconds": meta.get("train_seconds"),
-        "device": meta.get("device") if summary["device"] in ("cpu", "") else summary["device"], "torch": summary["torch"], "finished": meta["finished"],
-        "commit": meta["commit"], "command": meta["command"], "log": f"{results.name}/fashion_mnist_study/{log.name}",
-    }
-    table = results / "fashion_mnist_study.csv"
+LOG_FIELDS = ("epoch", "val_top1", "val_top5", "val_loss", "train_top1", "train_loss", "lr", "images_per_s")
+
+
+def write_log(path: Path, history: list[dict]) -> None:
+    """A run's per-epoch log: one row per epoch, :data:`LOG_FIELDS` (missing values empty)."""
+    lines = [",".join(LOG_FIELDS)]
+    for h in history:
+        lines.append(",".join(f"{h[k]:.6g}" if isinstance(h.get(k), float) else str(h.get(k, "")) for k in LOG_FIELDS))
+    write_atomic(path, "\n".join(lines) + "\n")
+
+
+def upsert_row(table: Path, row: dict, lock: threading.Lock) -> None:
+    """Writes ``row`` into the study CSV ``table`` (one row per run, sorted), replacing a row of the same run."""
     with lock:
         rows = []
         if table.exists():
             with table.open(newline="") as f:
-                rows = [r for r in csv.DictReader(f) if r["run"] != run.name]
+                rows = [r for r in csv.DictReader(f) if r["run"] != row["run"]]
         rows.append({k: row[k] for k in ROW_FIELDS})
         rows.sort(key=lambda r: r["run"])
-        from io import StringIO
-        out = StringIO()
+        out = io.StringIO()
         writer = csv.DictWriter(out, fieldnames=ROW_FIELDS, lineterminator="\n")
         writer.writeheader()
         writer.writerows(rows)
         write_atomic(table, out.getvalue())
+
+
+def record(run: Run, run_dir: Path, summary: dict, results: Path, threads: int, lock: threading.Lock) -> None:
+    """Writes the run's per-epoch log and its row of the study CSV (replacing an older row of the same run)."""
+    log = results / "fashion_mnist_study" / f"{run.name}.csv"
+    history = [{"epoch": h["epoch"], "val_top1": h.get("val/top1"), "val_top5": h.get("val/top5"),
+                "val_loss": h.get("val/loss"), "train_top1": h.get("train/top1"), "train_loss": h.get("train/loss"),
+                "lr": h.get("lr"), "images_per_s": h.get("train/images_per_s")} for h in summary["history"]]
+    write_log(log, history)
+    meta = json.loads((run_dir / "study.json").read_text())
+    row = {
+        "run": run.name, "model": run.model, "variant": run.variant, "seed": run.seed, "epochs": summary["epochs"],
+        "train_images": summary["train_images"], "val_images": summary["val_images"], "top1": summary["top1"],
+        "top5": summary["top5"], "params": summary["params"], "macs": summary["macs"], "threads": meta["threads"],
+        "images_per_s": summary.get("images_per_s"),
+        "train_seconds": meta.get("train_seconds") or round(summary.get("train_seconds") or 0, 1),
+        "device": meta.get("device") if summary["device"] in ("cpu", "") else summary["device"],
+        "torch": summary["torch"], "finished": meta["finished"], "commit": meta["commit"], "command": meta["command"],
+        "log": f"{results.name}/fashion_mnist_study/{log.name}",
+    }
+    upsert_row(results / "fashion_mnist_study.csv", row, lock)
 
 
 class Study:

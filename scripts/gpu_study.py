@@ -17,21 +17,18 @@ Each finished run writes its per-epoch log to ``results/fashion_mnist_gpu_study/
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from scripts.fmnist_study import upsert_row, write_log  # noqa: E402  (one row and log format for both studies)
 PREFIX = "fashion_mnist_gpu_study"
-ROW_FIELDS = ("run", "model", "variant", "seed", "epochs", "train_images", "val_images", "top1", "top5", "params",
-              "macs", "threads", "images_per_s", "train_seconds", "device", "torch", "finished", "commit", "command",
-              "log")
 PLANS = {
     "main": [(m, "") for m in ("resnet50", "resnet50_compconv64", "resnet50_compconv128", "resnet50_compconv256",
                                 "resnet50_ghost")],
@@ -48,7 +45,6 @@ def run_name(model: str, variant: str, seed: int, epochs: int) -> str:
 
 def load_fashion_mnist(device, train_subset: int | None, val_subset: int | None):
     """(train images, train labels, val images, val labels) on ``device``: float 1x32x32, normalised."""
-    import torch
     import torch.nn.functional as F
 
     from compconv.data import FashionMNIST
@@ -160,15 +156,9 @@ def evaluate(model, images, labels, amp, batch: int = 1000) -> dict:
 
 
 def write_results(results: Path, spec: dict, summary: dict, commit: str, command: str) -> None:
+    """The run's per-epoch log and its row of ``results/fashion_mnist_gpu_study.csv`` (the CPU study's format)."""
     log = results / PREFIX / f"{spec['name']}.csv"
-    log.parent.mkdir(parents=True, exist_ok=True)
-    keys = ("epoch", "val_top1", "val_top5", "val_loss", "train_top1", "train_loss", "lr", "images_per_s")
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=keys, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows({k: (f"{h[k]:.6g}" if isinstance(h[k], float) else h[k]) for k in keys}
-                     for h in summary["history"])
-    log.write_text(buffer.getvalue())
+    write_log(log, summary["history"])
     last = summary["history"][-1]
     row = {"run": spec["name"], "model": spec["model"], "variant": spec["variant"], "seed": spec["seed"],
            "epochs": spec["epochs"], "train_images": summary["train_images"], "val_images": summary["val_images"],
@@ -177,19 +167,7 @@ def write_results(results: Path, spec: dict, summary: dict, commit: str, command
            "device": summary["device"], "torch": summary["torch"],
            "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "commit": commit, "command": command,
            "log": f"{results.name}/{PREFIX}/{log.name}"}
-    table = results / f"{PREFIX}.csv"
-    rows = []
-    if table.exists():
-        with table.open(newline="") as f:
-            rows = [r for r in csv.DictReader(f) if r["run"] != spec["name"]]
-    rows = sorted(rows + [row], key=lambda r: r["run"])
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=ROW_FIELDS, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    tmp = table.with_name(f".{table.name}.tmp")
-    tmp.write_text(buffer.getvalue())
-    os.replace(tmp, table)
+    upsert_row(results / f"{PREFIX}.csv", row, threading.Lock())
 
 
 def main(argv: list[str] | None = None) -> int:
