@@ -30,7 +30,7 @@ from torch import nn
 
 from .layers import CompConv2d, channel_shuffle
 from .nested import tensors
-from .pointwise import composed_weight, factorised_weights, part_map, shuffled_rows
+from .pointwise import LOWRANK_MAX_SHARE, composed_weight, factorised_weights, is_pointwise, part_map, shuffled_rows
 
 __all__ = ["ConcatShuffle", "EfficientCompConv2d", "IdentitySlices", "TrainingFormError", "assemble",
            "check_training_forms", "compiled_concat_shuffle", "concat_shuffle", "figure2_forms", "recording_graph",
@@ -46,7 +46,6 @@ SCALED_DENSE_MIN_POSITIONS = 56 * 56  # a depth-1 layer with a depthwise tail: o
 # assemble() with a norm's affine: written in the copy of each piece from this many elements per piece (measured
 # on the 2-core AVX-512 CPU: 1.24-1.35x at 1.6-3.2 M, 0.6-0.8x below 0.4 M, where per-call costs dominate)
 AFFINE_IN_COPY_MIN_ELEMENTS = 1 << 20
-LOWRANK_MAX_RATIO = 0.6  # training_form: the low-rank pair where it costs at most this share of the plain conv's MACs
 
 
 def _memory_format(x: torch.Tensor) -> torch.memory_format:
@@ -272,13 +271,13 @@ def pointwise_forward(module, x: torch.Tensor, form: str) -> torch.Tensor:
 
 def training_form(module, x: torch.Tensor) -> str:
     """The form a pointwise layer computes in for input ``x`` under ``pointwise_form="auto"``: ``lowrank``
-    where it costs at most :data:`LOWRANK_MAX_RATIO` of the plain conv's MACs (:func:`lowrank_macs`; measured
+    where it costs at most :data:`LOWRANK_MAX_SHARE` of the plain conv's MACs (:func:`lowrank_macs`; measured
     faster than the chain and than dense, results/benchmark_cpu_train.md), else ``dense`` where
     :func:`dense_pays`, else ``chain``. A depth-1 layer with a depthwise tail (one GEMM and a scale) is
     memory-bound where its output is large (:data:`SCALED_DENSE_MIN_POSITIONS`): there it trains dense too."""
     if _scaled_tail(module) and _positions(module, x) >= SCALED_DENSE_MIN_POSITIONS:
         return "dense"
-    if lowrank_macs(module) <= LOWRANK_MAX_RATIO * module.plan.plain_macs_per_position:
+    if lowrank_macs(module) <= LOWRANK_MAX_SHARE * module.plan.plain_macs_per_position:
         return "lowrank"
     return "dense" if dense_pays(module, x) else "chain"
 
@@ -344,10 +343,7 @@ class EfficientCompConv2d(CompConv2d):
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        tail = self.plan.tail
-        pointwise = (self.kernel_size == (1, 1) and self.padding == (0, 0) and not self.plan.options.inner_norm
-                     and (tail is None or tail.kernel_size == (1, 1)))
-        self.pointwise_form = self.plan.options.pointwise_form if pointwise else "chain"
+        self.pointwise_form = self.plan.options.pointwise_form if is_pointwise(self) else "chain"
 
     def __prepare_scriptable__(self) -> CompConv2d:
         """``torch.jit.script`` compiles the plain module (same parameters, same function)."""

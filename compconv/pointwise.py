@@ -13,8 +13,22 @@ from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-__all__ = ["composed_weight", "factorised_weights", "part_map", "shuffled_rows"]
+__all__ = ["LOWRANK_MAX_SHARE", "composed_weight", "factorised_weights", "is_pointwise", "part_map", "shuffled_rows"]
+
+# The low-rank pair ([U; S] then V) is used, in training and in deploy alike, where it costs at most this share of
+# the plain conv's MACs (measured: results/benchmark_cpu_train.md, per-layer table; docs/performance.md)
+LOWRANK_MAX_SHARE = 0.6
+
+
+def is_pointwise(module) -> bool:
+    """Whether a CompConv layer is a per-pixel linear map: 1x1 kernels, no padding, no BatchNorm inside (the
+    algebra of this module applies to it)."""
+    tail = module.plan.tail
+    return (module.kernel_size == (1, 1) and module.padding == (0, 0)
+            and (tail is None or tail.kernel_size == (1, 1))
+            and not any(isinstance(m, nn.BatchNorm2d) for m in module.modules() if m is not module))
 
 
 def _times(weight: torch.Tensor, rows, columns: int) -> torch.Tensor:

@@ -43,8 +43,9 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 from ..efficient import EfficientCompConv2d, to_plain
 from ..layers import CompConv2d
 from ..nested import map_tensors, tensors
+from ..pointwise import is_pointwise
 from .forms import FORMS, DeployedCompConv2d, LowRankConv2d, absorb_norm, build_form, fold_shuffle, form_macs, \
-    permute_input, pointwise
+    permute_input
 from .graph import Site, analyse, plain_conv_norms, trace
 from .timing import RUNTIMES, ChoiceCache, measured_choice, rule_choice
 
@@ -400,7 +401,7 @@ def _deploy_copy(model: nn.Module, example_input: Any, runtime: str,
             norm.running_mean.sub_(conv.bias)
             conv.bias = None
             report.biases_folded += 1
-        if not pointwise(conv):
+        if not is_pointwise(conv):
             continue
         times = {}
         if name in inputs:

@@ -19,7 +19,7 @@ from ..layers import CompConv2d, channel_shuffle, shuffle_source
 from ..pointwise import part_map
 
 __all__ = ["DeployedCompConv2d", "LowRankConv2d", "absorb_norm", "build_form", "form_macs", "fold_shuffle",
-           "permute_input", "pointwise"]
+           "permute_input"]
 
 FORMS = ("chain", "lowrank", "dense")
 
@@ -183,14 +183,6 @@ class DeployedCompConv2d(_SlicesOfIndex, CompConv2d):
 
 
 # ---------------------------------------------------------------------------------------------- 1x1 algebra
-def pointwise(module: CompConv2d) -> bool:
-    """True when the whole CompConv is a per-pixel affine map (1x1 kernels, no padding, no inner norms left)."""
-    tail = module.plan.tail
-    return (module.kernel_size == (1, 1) and module.padding == (0, 0)
-            and (tail is None or tail.kernel_size == (1, 1))
-            and not any(isinstance(n, nn.BatchNorm2d) for n in module.modules() if n is not module))
-
-
 def norm_affine(norm: Optional[nn.BatchNorm2d], channels: int) -> tuple[torch.Tensor, torch.Tensor]:
     """An eval BatchNorm as ``scale * y + shift`` (the identity without one)."""
     if norm is None:

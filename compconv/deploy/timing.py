@@ -16,10 +16,10 @@ from torch import nn
 
 from ..layers import CompConv2d
 from ..onnxrt import ort_session
+from ..pointwise import LOWRANK_MAX_SHARE
 from .forms import build_form, form_macs
 
 RUNTIMES = ("torch", "ort")
-LOWRANK_MAX_SHARE = 0.6  # rule_choice: the low-rank pair where it costs at most this share of the plain conv's MACs
 
 
 class ChoiceCache:
