@@ -53,8 +53,9 @@ def test_deploy_variants_ort_and_per_layer_table(tmp_path):
             torch.manual_seed(1)
             model = bench.create_variant(f"resnet18_compconv128+{variant}", x)
             torch.testing.assert_close(model(x), expected, rtol=1e-4, atol=1e-4)
-            # timm's reparameterize_model reaches the deployed forms too
-            assert any(type(m).__module__ == "compconv.deploy.forms" for m in model.modules()), variant
+            # every layer in its inference form (timm's path: each CompConv2d.fuse(); 1x1 downsamples go dense)
+            assert not any(isinstance(m, compconv.EfficientCompConv2d) for m in model.modules()), variant
+            assert type(model.layer2[0].downsample[0]).__name__ in ("Conv2d", "LowRankConv2d"), variant
     out = tmp_path / "opt.md"
     assert bench.main(["--models", "resnet18,resnet18_compconv128+deploy", "--workloads", "infer:2",
                        "--settings", "eager-cl,ort", "--img-size", "32", "--repeats", "1", "--min-seconds", "0.01",

@@ -195,7 +195,7 @@ def test_compile_calls_concat_shuffle_as_one_operator_and_export_records_standar
 DDP_SCRIPT = """
 import os, sys, torch, torch.distributed as dist
 from torch import nn
-from compconv import CompConv2d
+from compconv import CompConv2d, EfficientCompConv2d
 dist.init_process_group("gloo")
 rank = dist.get_rank()
 torch.manual_seed(0)
@@ -274,9 +274,9 @@ def test_a_run_whose_training_forms_differ_stops_with_one_error_line(tmp_path):
     patch = tmp_path / "inject"
     patch.mkdir()
     (patch / "sitecustomize.py").write_text(
-        "import compconv.layers as layers\n"
-        "_forward = layers.pointwise_forward\n"
-        "layers.pointwise_forward = lambda module, x, form: 1.5 * _forward(module, x, form)\n")
+        "import compconv.efficient as efficient\n"
+        "_forward = efficient.pointwise_forward\n"
+        "efficient.pointwise_forward = lambda module, x, form: 1.5 * _forward(module, x, form)\n")
     run = tmp_path / "run"
     proc = subprocess.run([sys.executable, str(ROOT / "train_cls.py"), "model=resnet50_compconv128", *TINY,
                            "trainer.epochs=1", f"hydra.run.dir={run}"], cwd=ROOT, capture_output=True, text=True,
