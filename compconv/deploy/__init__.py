@@ -23,7 +23,8 @@ pass the check on one input and not on the next. On the copy:
    (:func:`compconv.deploy.forms.absorb_norm`): in the copy that concatenates its parts, so the norm costs
    no pass and no output tensor of its own (ONNX Runtime keeps the norm, which it runs nearly for free).
 
-A model FX cannot trace gets only the steps that need no neighbours (1, and 3 without a norm), and
+A model FX cannot trace as a whole is traced in its largest traceable subtrees (a detector's backbone); a layer
+in none of them gets only the steps that need no neighbours (1, and 3 without a norm), and
 the report says so. :class:`DeployReport` lists each layer's form and MACs, and each fold left out
 with the reason.
 """
