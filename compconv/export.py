@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .deploy import DeployReport, deploy
-from .nested import map_tensors, tensors
+from .nested import leaves
 from .onnxrt import ort_session, require
 
 __all__ = ["ExportError", "ExportReport", "export_onnx", "ort_session"]
@@ -55,7 +55,7 @@ def export_onnx(model: nn.Module, path: str | Path, input_size: tuple[int, ...] 
             to the largest output (at least 1).
 
     Outputs may be a tensor or any nest of tensors (dicts, lists, tuples: segmentation models, feature
-    pyramids); the file's outputs are their tensors in order (:func:`compconv.nested.tensors`), each compared.
+    pyramids); the file's outputs are their tensors in order (:func:`compconv.nested.leaves`), each compared.
 
     Raises:
         DeployError: the deployed copy differs from ``model`` (nothing is written).
@@ -112,22 +112,11 @@ def _leaves(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
             f"{str(error).splitlines()[0][:160]}); export_onnx exports models that take one image batch: for a "
             "detector that takes a list of images, export its backbone (e.g. model.backbone), or pass the right "
             "input_size") from error
-    leaves = tensors(output)
-    if not leaves or map_tensors(lambda t: None, output) != _empty(output):
+    found = leaves(output)
+    if not found or not all(isinstance(leaf, torch.Tensor) for leaf in found):
         raise ExportError(f"the model returns {type(output).__name__} holding more than tensors; export_onnx needs "
                           "outputs that are tensors or dicts, lists and tuples of tensors")
-    return leaves
-
-
-def _empty(value):
-    """``value``'s nesting with every leaf None (what :func:`map_tensors` gives when every leaf is a tensor)."""
-    if isinstance(value, dict):
-        return type(value)((k, _empty(v)) for k, v in value.items())
-    if isinstance(value, tuple) and hasattr(value, "_fields"):
-        return type(value)(*(_empty(v) for v in value))
-    if isinstance(value, (list, tuple)):
-        return type(value)(_empty(v) for v in value)
-    return None
+    return found
 
 
 def _is_detector(model: nn.Module) -> bool:

@@ -13,7 +13,7 @@ from typing import Any, List, Optional
 
 import torch
 import torch.nn.functional as F
-from timm.layers import to_2tuple
+from timm.layers import is_exportable, is_scriptable, to_2tuple
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
@@ -254,7 +254,7 @@ class CompConv2d(nn.Module):
         from .deploy import deploy  # deploy builds on this module
 
         holder = nn.Sequential(self)
-        deploy(holder, tolerance=None)
+        deploy(holder)
         return holder[0]
 
     def extra_repr(self) -> str:
@@ -300,8 +300,6 @@ def create_conv2d(
 
 def compconv_class(options: CompConvOptions) -> type:
     """The CompConv class to build: the fast path, or the plain module (see :func:`create_conv2d`)."""
-    from timm.layers import is_exportable, is_scriptable
-
     from .efficient import EfficientCompConv2d  # the fast path subclasses this module's CompConv2d
 
     if options.efficient and not (is_scriptable() or is_exportable()):

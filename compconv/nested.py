@@ -6,19 +6,21 @@ from typing import Any, Callable
 
 import torch
 
-__all__ = ["map_tensors", "tensors"]
+__all__ = ["leaves", "map_tensors", "tensors"]
 
 
-def tensors(value: Any) -> list[torch.Tensor]:
-    """Every tensor in ``value`` (a tensor, or dicts, lists and tuples of them, in order; dict values by key
-    order as stored)."""
-    if isinstance(value, torch.Tensor):
-        return [value]
+def leaves(value: Any) -> list[Any]:
+    """Every leaf of ``value`` (what is not a dict, list or tuple), in order; dict values in stored order."""
     if isinstance(value, dict):
         value = list(value.values())
     if isinstance(value, (list, tuple)):
-        return [t for item in value for t in tensors(item)]
-    return []
+        return [leaf for item in value for leaf in leaves(item)]
+    return [value]
+
+
+def tensors(value: Any) -> list[torch.Tensor]:
+    """Every tensor in ``value`` (a tensor, or dicts, lists and tuples of them), in :func:`leaves` order."""
+    return [leaf for leaf in leaves(value) if isinstance(leaf, torch.Tensor)]
 
 
 def map_tensors(fn: Callable[[torch.Tensor], Any], value: Any) -> Any:

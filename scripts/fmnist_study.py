@@ -65,6 +65,17 @@ class Run:
                 *extra, f"hydra.run.dir={runs / self.name}"]
 
 
+def variant_options(variant: str) -> dict:
+    """``"tail=dense"`` as ``{"tail": "dense"}``: the CompConv option a variant sets, its value read as YAML (as
+    Hydra reads ``model.compconv.tail=dense`` on the command line); ``{}`` for the defaults."""
+    import yaml
+
+    if not variant:
+        return {}
+    key, _, value = variant.partition("=")
+    return {key: yaml.safe_load(value)}
+
+
 def plan_runs(plans: list[str], epochs: int) -> list[Run]:
     """The runs of the named plans, longest first within the pilot, without repeats."""
     runs: list[Run] = []
@@ -169,7 +180,7 @@ def upsert_row(table: Path, row: dict, lock: threading.Lock) -> None:
         write_atomic(table, out.getvalue())
 
 
-def record(run: Run, run_dir: Path, summary: dict, results: Path, threads: int, lock: threading.Lock) -> None:
+def record(run: Run, run_dir: Path, summary: dict, results: Path, lock: threading.Lock) -> None:
     """Writes the run's per-epoch log and its row of the study CSV (replacing an older row of the same run)."""
     log = results / "fashion_mnist_study" / f"{run.name}.csv"
     history = [{"epoch": h["epoch"], "val_top1": h.get("val/top1"), "val_top5": h.get("val/top5"),
@@ -219,7 +230,7 @@ class Study:
                 meta["finished"] = time.strftime("%Y-%m-%d %H:%M UTC",
                                                  time.gmtime((run_dir / "summary.json").stat().st_mtime))
                 write_atomic(meta_path, json.dumps(meta, indent=2) + "\n")
-            record(run, run_dir, summary, args.results, args.threads, self.lock)
+            record(run, run_dir, summary, args.results, self.lock)
             return
         run_dir.mkdir(parents=True, exist_ok=True)
         meta_path = run_dir / "study.json"
@@ -248,7 +259,7 @@ class Study:
         if code == 0 and finished(summary):
             meta["finished"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
             write_atomic(meta_path, json.dumps(meta, indent=2) + "\n")
-            record(run, run_dir, summary, args.results, args.threads, self.lock)
+            record(run, run_dir, summary, args.results, self.lock)
             print(f"[{time.strftime('%H:%M:%S')}] done  {run.name}: top-1 {summary['top1']:.2f}", flush=True)
         elif self.stopping.is_set():
             write_atomic(meta_path, json.dumps(meta, indent=2) + "\n")

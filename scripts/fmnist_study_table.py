@@ -24,6 +24,7 @@ from collections import defaultdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 # two-sided 95 % quantiles of Student's t, by degrees of freedom (1..30)
 T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
@@ -71,11 +72,10 @@ def complexity_of(model: str, variant: str, img_size: int, in_chans: int) -> tup
 
     import compconv
 
-    kwargs = {}
-    if variant:
-        key, _, value = variant.partition("=")
-        kwargs["compconv"] = {key: {"true": True, "false": False}.get(value, int(value) if value.isdigit() else value)}
-    net = timm.create_model(model, num_classes=10, in_chans=in_chans, **kwargs)
+    from scripts.fmnist_study import variant_options
+
+    options = variant_options(variant)
+    net = timm.create_model(model, num_classes=10, in_chans=in_chans, **({"compconv": options} if options else {}))
     cost = compconv.complexity(net, (in_chans, img_size, img_size))
     return cost.macs, cost.params, cost.activations
 
@@ -163,7 +163,7 @@ def pilot(rows: list[dict], baseline: str, epochs: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(rows: list[dict], summary: dict, baseline: str, epochs: int, path: Path, title: str) -> None:
+def plot(rows: list[dict], summary: dict, epochs: int, path: Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -220,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     table += f"\nTable made by `{command}` from `results/{args.prefix}.csv` and the logs it names.\n"
     (args.results / f"{args.prefix}.md").write_text(table)
     (args.results / f"{args.prefix}_pilot.md").write_text(pilot(rows, args.baseline, epochs))
-    plot(rows, summary, args.baseline, epochs, args.results / f"{args.prefix}.png", args.title)
+    plot(rows, summary, epochs, args.results / f"{args.prefix}.png", args.title)
     print(table)
     return 0
 

@@ -27,7 +27,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from scripts.fmnist_study import upsert_row, write_log  # noqa: E402  (one row and log format for both studies)
+from scripts.fmnist_study import upsert_row, variant_options, write_log  # noqa: E402  (one row and log format for both studies)
 PREFIX = "fashion_mnist_gpu_study"
 PLANS = {
     "main": [(m, "") for m in ("resnet50", "resnet50_compconv64", "resnet50_compconv128", "resnet50_compconv256",
@@ -90,11 +90,8 @@ def train_one(spec: dict) -> dict:
     device = torch.device(spec["device"])
     torch.manual_seed(spec["seed"])
     x_train, y_train, x_val, y_val = load_fashion_mnist(device, spec["train_subset"], spec["val_subset"])
-    kwargs = {}
-    if spec["variant"]:
-        key, _, value = spec["variant"].partition("=")
-        kwargs["compconv"] = {key: {"true": True, "false": False}.get(value, int(value) if value.isdigit() else value)}
-    model = timm.create_model(spec["model"], num_classes=10, in_chans=1, **kwargs)
+    options = variant_options(spec["variant"])
+    model = timm.create_model(spec["model"], num_classes=10, in_chans=1, **({"compconv": options} if options else {}))
     cost = compconv.complexity(model, (1, 32, 32))
     model = model.to(device, memory_format=torch.channels_last)
     net = torch.compile(model) if spec["compile"] else model
