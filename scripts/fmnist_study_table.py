@@ -163,7 +163,7 @@ def pilot(rows: list[dict], baseline: str, epochs: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(rows: list[dict], summary: dict, epochs: int, path: Path, title: str) -> None:
+def plot(rows: list[dict], summary: dict, epochs: int, img_size: int, path: Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -183,7 +183,7 @@ def plot(rows: list[dict], summary: dict, epochs: int, path: Path, title: str) -
     for (model, variant), s in summary.items():
         scatter.errorbar(s["macs"] / 1e6, s["mean"], yerr=0 if math.isnan(s["std"]) else s["std"], fmt="o",
                          capsize=3, label=label(model, variant))
-    scatter.set(xlabel="MACs (M, one 32x32 image)", ylabel="final top-1 (%)",
+    scatter.set(xlabel=f"MACs (M, one {img_size}x{img_size} image)", ylabel="final top-1 (%)",
                 title=f"accuracy against MACs ({epochs} epochs, mean ± std)")
     scatter.legend(fontsize=7)
     fig.suptitle(title)
@@ -200,9 +200,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=None, help="the study's budget (default: the baseline's "
                                                                    "most common epoch count)")
     parser.add_argument("--speed", type=Path, default=None, help="benchmark.py CSV with train and infer img/s")
-    parser.add_argument("--img-size", type=int, default=32)
+    parser.add_argument("--img-size", type=int, default=64)
     parser.add_argument("--in-chans", type=int, default=1)
-    parser.add_argument("--title", default="Fashion-MNIST study (32x32, full 60k training set, CPU)")
+    parser.add_argument("--title", default="Fashion-MNIST study (64x64, full 60k training set, CPU)")
     parser.add_argument("--header", default="", help="a paragraph under the title (machine, date, what runs)")
     args = parser.parse_args(argv)
     try:
@@ -220,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     table += f"\nTable made by `{command}` from `results/{args.prefix}.csv` and the logs it names.\n"
     (args.results / f"{args.prefix}.md").write_text(table)
     (args.results / f"{args.prefix}_pilot.md").write_text(pilot(rows, args.baseline, epochs))
-    plot(rows, summary, epochs, args.results / f"{args.prefix}.png", args.title)
+    plot(rows, summary, epochs, args.img_size, args.results / f"{args.prefix}.png", args.title)
     print(table)
     return 0
 
