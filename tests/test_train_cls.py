@@ -149,6 +149,20 @@ def test_checkpoint_from_another_model_is_refused(tmp_path):
     assert not list(run.glob("*.pt"))
 
 
+def test_auto_resume_refuses_a_checkpoint_of_another_configuration(tmp_path):
+    run = tmp_path / "run"
+    args = [R18, *TINY, "trainer.epochs=2"]
+    run_script("train_cls.py", run, *args, "trainer.stop_after_epoch=1")
+    saved = (run / "last.pt").read_bytes()
+    proc = run_script("train_cls.py", run, *args, "data.img_size=40", check=False)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "is a checkpoint of another run (data.img_size: 32 -> 40)" in proc.stderr
+    assert "trainer.resume=never" in proc.stderr and (run / "last.pt").read_bytes() == saved
+    # an explicit path continues it with the new settings, as the message says
+    run_script("train_cls.py", run, *args, "data.img_size=40", f"trainer.resume={run / 'last.pt'}")
+    assert summary(run)["epochs"] == 2
+
+
 def test_submitit_local_multirun_runs_two_jobs(tmp_path):
     sweep = tmp_path / "sweep"
     proc = run_script("train_cls.py", None, "-m", "launcher=submitit_local", "model=resnet18,resnet18_compconv128",

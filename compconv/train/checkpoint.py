@@ -25,8 +25,15 @@ LOW_SPACE_FACTOR = 2  # warn before a save when less than this many checkpoints'
 _warned_low_space: set[str] = set()
 
 
+# the config keys that change what a run computes: an automatic resume continues a checkpoint only if they agree
+RUN_DEFINING = ("seed", "model", "optim", "sched", "data.name", "data.img_size", "data.in_chans", "data.num_classes",
+                "data.mean", "data.std", "data.batch_size", "data.train_subset", "data.crop_padding", "data.hflip",
+                "data.crop_pct", "data.interpolation", "data.color_jitter", "trainer.epochs", "trainer.amp",
+                "trainer.clip_grad", "trainer.label_smoothing", "trainer.ema_decay")
+
+
 class CheckpointMismatchError(RuntimeError):
-    pass
+    """The checkpoint belongs to another model, architecture or run configuration."""
 
 
 class CheckpointError(RuntimeError):
@@ -111,6 +118,24 @@ def load_checkpoint(path: str | Path, model_name: str, model: nn.Module) -> dict
             f"'{model_name}' (signature {model_signature(model)}); pass the matching model=... or another checkpoint"
         )
     return state
+
+
+def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """``key: saved -> current`` for each :data:`RUN_DEFINING` key whose value differs between a checkpoint's
+    config and this run's (a key either config lacks, as an older checkpoint may, is not compared)."""
+    missing = object()
+
+    def lookup(config: dict[str, Any], key: str) -> Any:
+        for part in key.split("."):
+            config = config.get(part, missing) if isinstance(config, dict) else missing
+        return config
+
+    changes = []
+    for key in RUN_DEFINING:
+        before, now = lookup(saved, key), lookup(current, key)
+        if before is not missing and now is not missing and before != now:
+            changes.append(f"{key}: {before!r} -> {now!r}")
+    return changes
 
 
 def resume_candidates(run_dir: str | Path) -> list[Path]:

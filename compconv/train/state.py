@@ -16,7 +16,8 @@ from torch import nn
 
 from ..efficient import check_training_forms
 from ..models import model_label
-from .checkpoint import load_newest, model_signature, resume_candidates, save_rotating
+from .checkpoint import CheckpointMismatchError, config_changes, load_newest, model_signature, resume_candidates, \
+    save_rotating
 from .config import ConfigError
 from .distributed import DistContext, barrier, broadcast_object, init_distributed, resolve_device, wrap_ddp
 from .optim import create_optimizer, create_scheduler
@@ -205,6 +206,12 @@ def resume(state: TrainState, cfg, rt: Runtime) -> None:
         found = load_newest(resume_candidates(rt.run_dir), run_label(cfg), state.model)
         if found is None:
             return
+        changes = config_changes(found[0].get("config") or {}, cfg.to_dict())
+        if changes and not cfg.trainer.eval_only:
+            raise CheckpointMismatchError(
+                f"{found[1]} is a checkpoint of another run ({'; '.join(changes)}): pass another hydra.run.dir, "
+                f"trainer.resume=never to start afresh there, or trainer.resume={found[1]} to continue it with "
+                "this run's settings")
     else:
         if not Path(choice).is_file():
             raise FileNotFoundError(f"trainer.resume={choice}: no such checkpoint (auto|never|<path to a .pt>)")
