@@ -4,12 +4,13 @@
     python scripts/gpu_study.py                       # on an H100/H200: every run, 6 at a time, then the table
     python scripts/gpu_study.py --device cpu --tiny   # the same code end to end in seconds (the test suite)
 
-Fashion-MNIST is held on the GPU (uint8, 47 MB; resized once to the CPU study's 64x64), so no loader runs. Each run is a
-process training one model with bf16 autocast and channels_last (``--compile`` adds torch.compile);
-``--concurrent`` runs share the GPU at once. The recipe is the CPU study's (configs/experiment/fmnist_study.yaml:
-SGD momentum 0.9, lr 0.1 per 128 images, weight decay 5e-4 off norms and biases, per-step cosine), at batch
-256, for the CPU study's 8 epochs. Augmentation (random crop padded by an eighth of the size, horizontal flip) and the data order are drawn from a
-generator seeded by (seed, epoch) on the CPU: for one seed every model sees the same images in the same order.
+Fashion-MNIST is held on the GPU (uint8, 47 MB; resized once), so no loader runs. Each run is a process
+training one model with bf16 autocast and channels_last (``--compile`` adds torch.compile); ``--concurrent``
+runs share the GPU at once. The recipe is the CPU study's, read from configs/experiment/fmnist_study.yaml
+(input size, crop padding, epochs, SGD momentum 0.9 with its lr per batch and weight decay off norms and
+biases, per-step cosine), at batch 256. Augmentation (random crop, horizontal flip) and the data order are
+drawn from a generator seeded by (seed, epoch) on the CPU: for one seed every model sees the same images in
+the same order.
 Each finished run writes its per-epoch log to ``results/fashion_mnist_gpu_study/`` and its row to
 ``results/fashion_mnist_gpu_study.csv``; then ``scripts/fmnist_study_table.py`` makes the table and plots.
 """
@@ -27,7 +28,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from scripts.fmnist_study import upsert_row, variant_options, write_log  # noqa: E402  (one row and log format for both studies)
+from scripts.fmnist_study import upsert_row, variant_options, write_log  # noqa: E402  (one format for both studies)
 PREFIX = "fashion_mnist_gpu_study"
 PLANS = {
     "main": [(m, "") for m in ("resnet50", "resnet50_compconv64", "resnet50_compconv128", "resnet50_compconv256",
@@ -39,12 +40,20 @@ PLANS = {
 TINY = [("resnet18", ""), ("resnet18_compconv128", "")]
 
 
+def study_recipe() -> dict:
+    """The CPU study's experiment config (its ``data``, ``optim`` and ``trainer`` entries), so both studies train
+    one recipe."""
+    import yaml
+
+    return yaml.safe_load((ROOT / "configs" / "experiment" / "fmnist_study.yaml").read_text())
+
+
 def run_name(model: str, variant: str, seed: int, epochs: int) -> str:
     return f"{model}{'-' + variant.replace('=', '_') if variant else ''}_s{seed}_e{epochs}"
 
 
 def load_fashion_mnist(device, img_size: int, train_subset: int | None, val_subset: int | None):
-    """(train images, train labels, val images, val labels) on ``device``: float 1 x img_size x img_size, normalised."""
+    """(train images, train labels, val images, val labels) on ``device``: float 1 x size x size, normalised."""
     import torch.nn.functional as F
 
     from compconv.data import FashionMNIST
@@ -89,7 +98,8 @@ def train_one(spec: dict) -> dict:
 
     device = torch.device(spec["device"])
     torch.manual_seed(spec["seed"])
-    x_train, y_train, x_val, y_val = load_fashion_mnist(device, spec["img_size"], spec["train_subset"], spec["val_subset"])
+    x_train, y_train, x_val, y_val = load_fashion_mnist(device, spec["img_size"], spec["train_subset"],
+                                                        spec["val_subset"])
     options = variant_options(spec["variant"])
     model = timm.create_model(spec["model"], num_classes=10, in_chans=1, **({"compconv": options} if options else {}))
     cost = compconv.complexity(model, (1, spec["img_size"], spec["img_size"]))
@@ -97,7 +107,7 @@ def train_one(spec: dict) -> dict:
     net = torch.compile(model) if spec["compile"] else model
     batch = spec["batch"]
     steps = len(x_train) // batch
-    optimizer = create_optimizer(model, OptimConfig(lr=0.1, lr_base_batch=128, weight_decay=5e-4), batch)
+    optimizer = create_optimizer(model, OptimConfig(**spec["optim"]), batch)
     scheduler = create_scheduler(optimizer, SchedConfig(), steps, spec["epochs"])
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=spec["bf16"])
     criterion = torch.nn.CrossEntropyLoss()
@@ -110,7 +120,8 @@ def train_one(spec: dict) -> dict:
         epoch_start = time.perf_counter()
         for i in range(steps):
             index = order[i * batch:(i + 1) * batch]
-            images = augment(x_train[index], generator, spec["img_size"] // 8).contiguous(memory_format=torch.channels_last)
+            images = augment(x_train[index], generator, spec["crop_padding"])
+            images = images.contiguous(memory_format=torch.channels_last)
             with amp:
                 logits = net(images)
                 loss = criterion(logits.float(), y_train[index])
@@ -170,8 +181,7 @@ def write_results(results: Path, spec: dict, summary: dict, commit: str, command
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--plan", default="main,vgg,ablation", help=f"comma-separated: {', '.join(PLANS)}")
-    parser.add_argument("--epochs", type=int, default=8, help="the CPU study's budget (its pilot)")
-    parser.add_argument("--img-size", type=int, default=64, help="the CPU study's input size")
+    parser.add_argument("--epochs", type=int, default=None, help="default: the CPU study's budget")
     parser.add_argument("--seeds", type=int, default=3, help="seeds of main and vgg; the ablations take 2")
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--concurrent", type=int, default=6, help="runs sharing the device at once")
@@ -193,14 +203,18 @@ def main(argv: list[str] | None = None) -> int:
             print("error: no CUDA device here; run on a GPU, or pass --device cpu --tiny to check the code",
                   file=sys.stderr)
             return 2
+    recipe = study_recipe()
+    img_size, crop_padding = recipe["data"]["img_size"], recipe["data"]["crop_padding"]
+    optim = {key: recipe["optim"][key] for key in ("lr", "lr_base_batch", "weight_decay")}
     pairs = TINY if args.tiny else [p for plan in args.plan.split(",") for p in PLANS[plan]]
     specs = []
     for model, variant in pairs:
         for seed in range(1 if args.tiny else (2 if variant else args.seeds)):
-            epochs = 1 if args.tiny else args.epochs
+            epochs = 1 if args.tiny else args.epochs or recipe["trainer"]["epochs"]
             specs.append({"name": run_name(model, variant, seed, epochs), "model": model, "variant": variant,
                           "seed": seed, "epochs": epochs, "device": args.device, "batch": 64 if args.tiny else args.batch,
-                          "bf16": args.device.startswith("cuda"), "compile": args.compile, "img_size": args.img_size,
+                          "bf16": args.device.startswith("cuda"), "compile": args.compile, "img_size": img_size,
+                          "crop_padding": crop_padding, "optim": optim,
                           "train_subset": 512 if args.tiny else None, "val_subset": 256 if args.tiny else None})
     commit = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=ROOT, capture_output=True,
                             text=True).stdout.strip()
@@ -238,8 +252,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{len(specs) - len(failed)} of {len(specs)} runs in {wall / 60:.1f} min wall, {args.concurrent} at a "
               f"time; bf16 autocast and channels_last on CUDA, batch {specs[0]['batch']}.")
     table(["--results", str(args.results), "--prefix", PREFIX, "--baseline", "resnet18" if args.tiny else "resnet50",
-           "--img-size", str(args.img_size), "--title",
-           f"Fashion-MNIST study on one GPU ({args.img_size}x{args.img_size}, full 60k training set)", "--header", header])
+           "--img-size", str(img_size), "--title",
+           f"Fashion-MNIST study on one GPU ({img_size}x{img_size}, full 60k training set)", "--header", header])
     return 1 if failed else 0
 
 
