@@ -9,8 +9,8 @@ training one model with bf16 autocast and channels_last (``--compile`` adds torc
 runs share the GPU at once. The recipe is the CPU study's, read from configs/experiment/fmnist_study.yaml
 (input size, crop padding, epochs, SGD momentum 0.9 with its lr per batch and weight decay off norms and
 biases, per-step cosine), at batch 256. Augmentation (horizontal flip; a random crop where the recipe pads) and
-the data order are drawn from a generator seeded by (seed, epoch) on the CPU: for one seed every model sees the same images in
-the same order.
+the data order are drawn from a generator seeded by (seed, epoch) on the CPU: for one seed every model sees
+the same images in the same order.
 Each finished run writes its per-epoch log to ``results/fashion_mnist_gpu_study/`` and its row to
 ``results/fashion_mnist_gpu_study.csv``; then ``scripts/fmnist_study_table.py`` makes the table and plots.
 """
