@@ -7,8 +7,8 @@
 Fashion-MNIST is held on the GPU (uint8, 47 MB; resized once), so no loader runs. Each run is a process
 training one model with bf16 autocast and channels_last (``--compile`` adds torch.compile); ``--concurrent``
 runs share the GPU at once. The recipe is the CPU study's, read from configs/experiment/fmnist_study.yaml
-(input size, crop padding, epochs, SGD momentum 0.9 with its lr per batch and weight decay off norms and
-biases, per-step cosine), at batch 256. Augmentation (horizontal flip; a random crop where the recipe pads) and
+(input size, crop padding, epochs, every optimiser setting it names; SGD momentum 0.9, weight decay off norms
+and biases, per-step cosine), at batch 256. Augmentation (horizontal flip; a random crop where the recipe pads) and
 the data order are drawn from a generator seeded by (seed, epoch) on the CPU: for one seed every model sees
 the same images in the same order.
 Each finished run writes its per-epoch log to ``results/fashion_mnist_gpu_study/`` and its row to
@@ -205,7 +205,6 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     recipe = study_recipe()
     img_size, crop_padding = recipe["data"]["img_size"], recipe["data"]["crop_padding"]
-    optim = {key: recipe["optim"][key] for key in ("lr", "lr_base_batch", "weight_decay")}
     pairs = TINY if args.tiny else [p for plan in args.plan.split(",") for p in PLANS[plan]]
     specs = []
     for model, variant in pairs:
@@ -214,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
             specs.append({"name": run_name(model, variant, seed, epochs), "model": model, "variant": variant,
                           "seed": seed, "epochs": epochs, "device": args.device, "batch": 64 if args.tiny else args.batch,
                           "bf16": args.device.startswith("cuda"), "compile": args.compile, "img_size": img_size,
-                          "crop_padding": crop_padding, "optim": optim,
+                          "crop_padding": crop_padding, "optim": recipe["optim"],
                           "train_subset": 512 if args.tiny else None, "val_subset": 256 if args.tiny else None})
     commit = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=ROOT, capture_output=True,
                             text=True).stdout.strip()
