@@ -1,7 +1,6 @@
 """CompConv: a compact convolution module (Zhang, Xu, Shen, CVPR-W 2021), for timm and torchvision models.
 
-Importing this package registers the CompConv models with timm (``resnet50_compconv128``, ...).
-It never imports Hydra or wandb.
+Importing this package registers the CompConv models with timm. It never imports Hydra or wandb.
 """
 
 from .complexity import ComplexityReport, complexity

@@ -1,8 +1,5 @@
-"""MACs and parameter accounting.
-
-Convention (the paper's "FLOPs"): multiply-accumulates of convolutions and linear layers, counted
-with ``torch.utils.flop_counter.FlopCounterMode`` and divided by 2. BatchNorm, activations,
-pooling, concatenation, shuffles and other elementwise ops are not counted.
+"""MACs and parameters: multiply-accumulates of convolutions and linear layers (the paper's "FLOPs"), counted
+with ``torch.utils.flop_counter.FlopCounterMode`` and divided by 2; norms and elementwise ops are not counted.
 """
 
 from __future__ import annotations
@@ -79,9 +76,6 @@ def complexity(model: nn.Module, input_size: tuple[int, int, int] = (3, 224, 224
     Args:
         model: Any module taking an ``(N, C, H, W)`` tensor (outputs may be tensors, lists or dicts).
         input_size: ``(C, H, W)`` of the input.
-
-    Returns:
-        A :class:`ComplexityReport`; MACs follow the convention in this module's docstring.
     """
     was_training = model.training
     model.eval()

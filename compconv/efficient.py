@@ -1,21 +1,8 @@
-"""The training fast path of CompConv: :class:`EfficientCompConv2d`, Figure 2's function and gradients with
-fewer passes over memory. It has :class:`compconv.CompConv2d`'s parameters and state-dict keys, and
-:func:`compconv.create_conv2d` builds it unless the plain module is asked for (option ``efficient=False``,
-or a timm model created ``scriptable``/``exportable``), as timm's ``create_act`` picks its memory-efficient
-activations. Where its input is being recorded into a graph (``torch.jit.trace``, ``torch.export`` and the
-ONNX exporters, ``torch.fx``) it runs the plain forward; ``torch.jit.script`` scripts the plain module.
-
-- :class:`ConcatShuffle`: ``channel_shuffle(torch.cat(parts))`` as one autograd node. Its forward writes each
-  part once into an output of the first part's memory format; its backward hands each part a *view* of the
-  output gradient (autograd's in-place assembly would clone the whole gradient once per part).
-  ``torch.compile`` calls :func:`compiled_concat_shuffle` instead, an operator it calls rather than fuses
-  (fused, the shuffle turns every per-channel reduction after it into a scalar strided gather).
-- :class:`IdentitySlices`: the identity parts as one autograd node whose input gradient keeps the input's
-  memory format (autograd's slice backward is NCHW, which slows every norm and activation backward upstream).
-- The ``lowrank`` and ``dense`` forms of a 1x1 layer (:mod:`compconv.pointwise`): two 1x1 convs ``[U; S]``
-  and ``V``, or one with ``V [U; S]``, in one or two GEMMs instead of a chain of memory-bound passes.
-  :func:`training_form` decides per layer and input; :func:`check_training_forms` checks a model's forms
-  against the plain module before training.
+"""The training fast path: :class:`EfficientCompConv2d`, Figure 2's function and gradients with fewer passes
+over memory and :class:`compconv.CompConv2d`'s parameters and state-dict keys. :func:`compconv.create_conv2d`
+builds it unless the plain module is asked for (``efficient=False``, or a timm model created scriptable or
+exportable), as timm's ``create_act`` picks memory-efficient activations. Graph capture (``torch.jit``,
+``torch.export``, ONNX, ``torch.fx``) records the plain forward. docs/performance.md says what each part saves.
 """
 
 from __future__ import annotations
@@ -58,17 +45,15 @@ def _cat_dtype(parts: List[torch.Tensor]) -> torch.dtype:
     return functools.reduce(torch.promote_types, [part.dtype for part in parts])
 
 
-
 def compiling_training_graph() -> bool:
-    """True while ``torch.compile`` records a graph with grad enabled (not ``torch.export``, whose graphs must
-    hold standard ops only): where :func:`compiled_concat_shuffle` replaces the plain concat + shuffle."""
+    """True while ``torch.compile`` records a training graph (not ``torch.export``, whose graphs hold standard ops)."""
     return torch.is_grad_enabled() and torch.compiler.is_compiling() and not torch.compiler.is_exporting()
 
 
 def _group_slices(widths: List[int], groups: int) -> Iterator[tuple[int, int, int, int, int]]:
-    """Where each part of a concatenation lands after the shuffle: ``(part, start, stop, group, offset)`` for
-    every run of the part's channels ``[start, stop)`` that falls in one shuffle ``group``, at channel ``offset``
-    of that group (output channel ``i * groups + j`` is concatenated channel ``j * size + i``)."""
+    """``(part, start, stop, group, offset)`` for every run of a part's channels ``[start, stop)`` that the shuffle
+    puts in one ``group``, at channel ``offset`` of it (output ``i * groups + j`` is concatenated ``j * size + i``).
+    """
     size = sum(widths) // groups
     offset = 0
     for index, width in enumerate(widths):
@@ -85,10 +70,8 @@ def assemble(parts: List[torch.Tensor], groups: int, scale: Optional[torch.Tenso
              shift: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``channel_shuffle(torch.cat(parts, 1), groups)`` with one copy of each part, in ``parts[0]``'s memory format.
 
-    With ``scale`` and ``shift`` (one value per output channel) it returns ``scale * y + shift``: an eval
-    BatchNorm with no output tensor of its own (deploy's ``DeployedCompConv2d``). Where each copied piece
-    holds at least ``AFFINE_IN_COPY_MIN_ELEMENTS`` the affine is written in the copy itself (one pass);
-    smaller outputs are assembled, then the affine runs in place (fewer calls, which dominate there).
+    With ``scale`` and ``shift`` (per output channel) it returns ``scale * y + shift``, an eval BatchNorm without an
+    output of its own: written in the copy for large pieces, in place afterwards for small ones (fewer calls).
     """
     first = parts[0]
     n, _, h, w = first.shape
@@ -148,13 +131,9 @@ class ConcatShuffle(torch.autograd.Function):
 
 @torch.library.custom_op("compconv::concat_shuffle", mutates_args=())
 def compiled_concat_shuffle(parts: List[torch.Tensor], groups: int) -> torch.Tensor:
-    """:func:`assemble` as an operator that ``torch.compile`` calls rather than traces into.
-
-    Inductor would otherwise fold the shuffle into every consumer's indexing: a BatchNorm's per-channel
-    statistics (or a depthwise tail's weight gradient) then gather across interleaved channels in scalar
-    loops, several times slower than the whole concatenation (results/benchmark_cpu_train_compiled.md).
-    As an operator its output is a real buffer in ``parts[0]``'s memory format, and its backward
-    (:func:`compiled_unshuffle`) hands each part a compact gradient.
+    """:func:`assemble` as an operator that ``torch.compile`` calls rather than traces into: fused, the shuffle
+    turns a BatchNorm's per-channel statistics into scalar strided gathers. Its backward hands each part a compact
+    gradient (:func:`compiled_unshuffle`).
     """
     return assemble(parts, groups)
 
@@ -193,11 +172,9 @@ compiled_concat_shuffle.register_autograd(_backward_concat_shuffle, setup_contex
 
 
 class IdentitySlices(torch.autograd.Function):
-    """The identity parts of a chain-form CompConv (``module.identity`` of each slice at a ``size`` grid) as one
-    autograd node (eager only; unpadded sampling). Autograd's own slice backward zero-fills an NCHW gradient
-    per slice, and its sum with the first conv's channels_last input gradient is NCHW, so every norm and
-    activation backward upstream runs on mixed layouts (2-3x slower, results/benchmark_cpu_train.md). Here the
-    input gradient is one zero tensor in x's memory format, each slice's gradient added into its view."""
+    """The identity parts of a chain-form CompConv as one autograd node (eager, unpadded sampling) whose input
+    gradient keeps ``x``'s memory format; autograd's slice backward is NCHW, which slows every layer upstream.
+    """
 
     @staticmethod
     def forward(ctx, module, size, x: torch.Tensor):
@@ -244,8 +221,7 @@ def _scaled_forward(module, x: torch.Tensor) -> torch.Tensor:
 
 
 def lowrank_macs(module) -> int:
-    """MACs per output position of the low-rank training form with ``W1`` as one GEMM (an upper bound: below
-    28x28 positions its identity rows are slices) and ``V`` (or a GEMM and a scale)."""
+    """MACs per output position of the low-rank training form (an upper bound: small inputs slice identities)."""
     plan = module.plan
     rank = plan.c_prim + plan.identity_channels
     if _scaled_tail(module):
@@ -270,11 +246,10 @@ def pointwise_forward(module, x: torch.Tensor, form: str) -> torch.Tensor:
 
 
 def training_form(module, x: torch.Tensor) -> str:
-    """The form a pointwise layer computes in for input ``x`` under ``pointwise_form="auto"``: ``lowrank``
-    where it costs at most :data:`LOWRANK_MAX_SHARE` of the plain conv's MACs (:func:`lowrank_macs`; measured
-    faster than the chain and than dense, results/benchmark_cpu_train.md), else ``dense`` where
-    :func:`dense_pays`, else ``chain``. A depth-1 layer with a depthwise tail (one GEMM and a scale) is
-    memory-bound where its output is large (:data:`SCALED_DENSE_MIN_POSITIONS`): there it trains dense too."""
+    """The form of a pointwise layer for input ``x`` under ``pointwise_form="auto"``: ``lowrank`` where it costs at
+    most :data:`LOWRANK_MAX_SHARE` of the plain conv's MACs, else ``dense`` where :func:`dense_pays`, else
+    ``chain``; a depth-1 layer with a depthwise tail trains dense at large outputs.
+    """
     if _scaled_tail(module) and _positions(module, x) >= SCALED_DENSE_MIN_POSITIONS:
         return "dense"
     if lowrank_macs(module) <= LOWRANK_MAX_SHARE * module.plan.plain_macs_per_position:
@@ -288,15 +263,11 @@ def _positions(module, x: torch.Tensor) -> int:
 
 
 def dense_pays(module, x: torch.Tensor) -> bool:
-    """Whether the dense training form is faster than the chain for this layer and input (a rule measured on
-    a 2-core AVX-512 CPU, batch 16 at 224: see :data:`DENSE_MIN_POSITIONS`). The dense form costs the plain
-    conv plus composing its weight (once per step); the chain's extra passes grow with the positions."""
+    """Whether the dense form beats the chain for this layer and input (a rule measured on a 2-core AVX-512 CPU)."""
     positions = _positions(module, x)
     if positions >= DENSE_MIN_POSITIONS:
         return True
     return positions >= DENSE_MIN_POSITIONS_HEAVY and module.plan.macs_ratio >= DENSE_MIN_CHAIN_SHARE
-
-
 
 
 def recording_graph(x: torch.Tensor) -> bool:
@@ -306,9 +277,7 @@ def recording_graph(x: torch.Tensor) -> bool:
 
 
 def shuffle_keeping_format(x: torch.Tensor, groups: int) -> torch.Tensor:
-    """:func:`compconv.layers.channel_shuffle` that returns channels_last for a channels_last input (the plain
-    reshape returns NCHW, and every layer after it, and any sum with a channels_last tensor, would run in
-    mixed layouts)."""
+    """:func:`compconv.layers.channel_shuffle` that keeps a channels_last input channels_last."""
     if groups == 1 or recording_graph(x) or x.is_contiguous() or not x.is_contiguous(memory_format=torch.channels_last):
         return channel_shuffle(x, groups)
     n, c, h, w = x.shape
@@ -317,10 +286,8 @@ def shuffle_keeping_format(x: torch.Tensor, groups: int) -> torch.Tensor:
 
 
 def concat_shuffle(parts: List[torch.Tensor], groups: int) -> torch.Tensor:
-    """``channel_shuffle(torch.cat(parts, 1), groups)`` with one copy, in ``parts[0]``'s memory format.
-
-    Eager: :func:`assemble` (:class:`ConcatShuffle` under autograd). A ``torch.compile`` training graph calls
-    :func:`compiled_concat_shuffle`; an inference graph records the plain ops, which the compiler fuses.
+    """``channel_shuffle(torch.cat(parts, 1), groups)`` with one copy: :class:`ConcatShuffle` in eager autograd,
+    :func:`compiled_concat_shuffle` in a compiled training graph, the plain ops in any other graph.
     """
     if torch.compiler.is_compiling() or recording_graph(parts[0]):
         if groups > 1 and compiling_training_graph():
@@ -334,11 +301,11 @@ def concat_shuffle(parts: List[torch.Tensor], groups: int) -> torch.Tensor:
 
 
 class EfficientCompConv2d(CompConv2d):
-    """:class:`compconv.CompConv2d` with the training fast path (see the module doc); same arguments.
+    """:class:`compconv.CompConv2d` with the training fast path; same arguments, parameters and function.
 
     Attributes:
-        pointwise_form: ``auto``, ``lowrank``, ``dense`` or ``chain`` for a 1x1 layer without inner norms (the
-            option of that name), ``chain`` for every other layer.
+        pointwise_form: ``auto``, ``lowrank``, ``dense`` or ``chain`` (the option) for a 1x1 layer without inner
+            norms, ``chain`` for every other layer.
     """
 
     def __init__(self, *args, **kwargs) -> None:
@@ -379,9 +346,9 @@ def to_plain(module: CompConv2d) -> CompConv2d:
 
 @contextmanager
 def figure2_forms(model: nn.Module) -> Iterator[None]:
-    """Runs every :class:`EfficientCompConv2d` of ``model`` as the plain :class:`compconv.CompConv2d` (Figure 2
-    as written) inside the block: what MACs accounting counts, since a dense training form computes the plain
-    conv's MACs, and the reference :func:`check_training_forms` compares with."""
+    """Runs every :class:`EfficientCompConv2d` of ``model`` as the plain :class:`compconv.CompConv2d` inside the
+    block: what MACs accounting counts and what :func:`check_training_forms` compares with.
+    """
     swapped = [m for m in model.modules() if type(m) is EfficientCompConv2d]
     try:
         for module in swapped:
@@ -397,14 +364,10 @@ class TrainingFormError(RuntimeError):
 
 
 def check_training_forms(model: torch.nn.Module, x: torch.Tensor, tolerance: float = 1e-2) -> float:
-    """Checks that ``model`` trains as Figure 2 computes: one forward and backward on ``x`` with its training
-    forms, and one with every CompConv as the chain (:func:`figure2_forms`), give the same output and the
-    same gradient of every parameter and of ``x``.
+    """Checks that ``model``'s training forms compute Figure 2: the output and every gradient (parameters and
+    ``x``) of one forward and backward equal those of the plain chain (:func:`figure2_forms`).
 
-    Runs in eval mode (BatchNorm statistics are not updated), outside autocast, with a random output
-    cotangent from a private generator (the global RNG is not touched); leaves ``.grad`` and the modules'
-    modes as they were. A wrong form differs by O(1); fp32 rounding (TF32 on GPUs) stays far below
-    ``tolerance``.
+    Runs in eval mode outside autocast with a private generator, and leaves ``.grad`` and modes as they were.
 
     Args:
         model: Any model; without an :class:`EfficientCompConv2d` nothing runs.

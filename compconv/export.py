@@ -1,7 +1,5 @@
-"""ONNX export the way timm users export: deploy, export, run the file in ONNX Runtime, compare outputs
-with the model the user gave (not with the deployed copy).
-
-Needs the ``export`` extra (``pip install 'compconv[export]'``: onnx, onnxruntime, onnxscript).
+"""ONNX export as timm users export: deploy, export, run the file in ONNX Runtime, compare its outputs with the
+model the user gave. Needs the ``export`` extra (``pip install 'compconv[export]'``).
 """
 
 from __future__ import annotations
@@ -48,18 +46,15 @@ def export_onnx(model: nn.Module, path: str | Path, input_size: tuple[int, ...] 
         batch_size: Batch of the traced example; the batch dimension is dynamic in the file.
         dynamo: ``True``: the ``torch.export``-based exporter; ``False``: the TorchScript-based one.
         deploy_model: Apply :func:`compconv.deploy` first (the inference form).
-        example_input: Passed to :func:`compconv.deploy`, which then times each layer's forms on it in ONNX
-            Runtime; by default deploy's ONNX Runtime rule decides (faster end to end, see ``rule_choice``).
+        example_input: Passed to :func:`compconv.deploy` (forms timed in ONNX Runtime); default its rule.
         opset: ONNX opset.
-        atol: Largest accepted difference between ONNX Runtime and ``model`` (the user's, in eval mode), relative
-            to the largest output (at least 1).
+        atol: Largest accepted difference from ``model`` (eval), relative to the largest output (at least 1).
 
-    Outputs may be a tensor or any nest of tensors (dicts, lists, tuples: segmentation models, feature
-    pyramids); the file's outputs are their tensors in order (:func:`compconv.nested.leaves`), each compared.
+    Outputs may be any nest of tensors (dicts, tuples); the file's outputs are its leaves in order, each compared.
 
     Raises:
         DeployError: the deployed copy differs from ``model`` (nothing is written).
-        ExportError: the model does not take one batch tensor or does not return tensors (a detector: export its
+        ExportError: the model does not take one batch tensor or return tensors (a detector: export its
             backbone), or ONNX Runtime's outputs differ from ``model``'s (the file is removed).
     """
     onnx = require("onnx")

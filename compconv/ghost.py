@@ -1,10 +1,6 @@
-"""Ghost module (Han et al., "GhostNet: More Features from Cheap Operations", CVPR 2020) as a conv drop-in.
-
-The peer CompConv is compared with: a primary convolution with the replaced layer's geometry
-produces ``ceil(C_out / ratio)`` channels, a depthwise ``dw_size`` x ``dw_size`` "cheap operation"
-derives the remaining ``(ratio - 1)`` x as many, and the concatenation is truncated to ``C_out``.
-Like :class:`compconv.CompConv2d` it is linear (no norm or activation inside), so it replaces any
-conv that a BatchNorm follows. Every parameter is used.
+"""Ghost module (Han et al., GhostNet, CVPR 2020) as a conv drop-in, the peer CompConv is compared with: a
+primary conv makes ``ceil(C_out / ratio)`` channels, a depthwise "cheap operation" the rest, truncated to
+``C_out``. Like :class:`compconv.CompConv2d` it is linear, so it replaces any conv a BatchNorm follows.
 """
 
 from __future__ import annotations

@@ -1,9 +1,5 @@
-"""Atomic file writes, and storage failures as one :class:`StorageError` that says what happened.
-
-A crash never leaves a half-written checkpoint or result file behind: each file is written to a
-temporary file beside it and renamed over it. A full disk, an exceeded quota, an I/O error or a
-directory that became read-only while writing becomes a :class:`StorageError` naming the file and
-the cause, with the temporary file removed.
+"""Atomic file writes (a temporary file renamed over the target), and storage failures (full disk, quota, I/O
+error, read-only directory) as one :class:`StorageError` naming the file and the cause.
 """
 
 from __future__ import annotations
@@ -70,11 +66,8 @@ def storage_errno(error: BaseException) -> int | None:
 
 
 def as_storage_error(error: BaseException, path: str | os.PathLike) -> StorageError | None:
-    """``error`` raised while writing ``path`` as a :class:`StorageError`, or None if storage is not the cause.
-
-    torch.save reports a failed write as ``RuntimeError: [enforce fail at inline_container.cc] ...
-    unexpected pos`` or ``PytorchStreamWriter failed writing file``, without the OSError; then the
-    free space of the directory decides whether the disk was full.
+    """``error`` raised while writing ``path`` as a :class:`StorageError`, or None. torch.save reports a failed
+    write without the OSError; then the directory's free space decides whether the disk was full.
     """
     if isinstance(error, StorageError):
         return error
@@ -107,14 +100,11 @@ def _umask() -> int:
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: str = "w") -> Path:
-    """Calls ``write(file)`` on a temporary file beside ``path``, then renames it over ``path``.
-
-    The file gets the permissions a plain ``open()`` would give it (0666 less the umask), not the
-    0600 of the temporary file, so lab-mates on a shared cluster can read checkpoints and summaries.
+    """Calls ``write(file)`` on a temporary file beside ``path``, then renames it over ``path`` (with a plain
+    ``open()``'s permissions, so lab-mates can read it).
 
     Raises:
-        StorageError: the storage failed (full disk, quota, I/O error, read-only); nothing is left behind
-            and an existing ``path`` is untouched.
+        StorageError: the storage failed; nothing is left behind and an existing ``path`` is untouched.
     """
     path = Path(path)
     tmp = None

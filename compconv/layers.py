@@ -1,10 +1,7 @@
-"""CompConv2d: a drop-in replacement for ``nn.Conv2d`` (Zhang et al., CVPR-W 2021, Figure 2).
+"""CompConv2d, a drop-in replacement for ``nn.Conv2d`` (Zhang et al., CVPR-W 2021, Figure 2).
 
-The forward is Figure 2 as written: the dependent convolutions, identity slices (views of the input),
-one concatenation and the channel shuffle, plus the bias. It has no runtime check: every branch depends
-on the module's fixed geometry, so eager PyTorch, ``torch.compile``, ``torch.jit.script``, ``torch.fx``,
-``torch.export`` and both ONNX exporters take it as written. The training fast path, with the same
-parameters, is :class:`compconv.efficient.EfficientCompConv2d`, chosen when the model is built.
+The forward is Figure 2 as written, with no runtime check, so every runtime and graph capture takes it as
+written. The training fast path with the same parameters is :class:`compconv.efficient.EfficientCompConv2d`.
 """
 
 
@@ -38,12 +35,9 @@ def shuffle_source(channels: int, groups: int) -> torch.Tensor:
 
 
 def identity_sampling(kernel: tuple[int, int], padding: tuple[int, int], dilation: tuple[int, int]):
-    """Where a centre-tap kernel of this geometry reads the input, as static slicing parameters.
-
-    Returns ``(pad, start, trim)``: ``pad`` for ``F.pad`` (left, right, top, bottom) where the centre
-    tap reaches into the zero padding, the first row/column read, and whether the strided slice can
-    run past the output size (then it is cut to the size of the conv output). All three depend on
-    the geometry only, never on the input size.
+    """Where a centre-tap kernel of this geometry reads the input, from the geometry alone: ``(pad, start, trim)``,
+    the ``F.pad`` argument where the tap reaches into the zero padding, the first row/column read, and whether
+    the strided slice can run past the output size (then it is cut to it).
     """
     pads, starts, trim = [], [], False
     for k, p, d in zip(kernel, padding, dilation):
@@ -86,21 +80,19 @@ def _same_padding(kernel: tuple[int, int], dilation: tuple[int, int]) -> tuple[i
 
 
 class CompConv2d(nn.Module):
-    """Compact convolution module with the constructor of ``nn.Conv2d``.
+    """Compact convolution module with the constructor of ``nn.Conv2d`` and the same output shape.
 
-    Figure 2 for depth 1..3: ``B(d-1) = Conv(x)``; for ``i = d-2 .. 0``: ``A(i+1)`` is an identity
-    slice of ``x`` and ``B(i) = Conv(B(i+1) ⊕ A(i+1))``; the tailing part ``A0 = tail(B0)``; the output
-    is ``shuffle(B(d-1) ⊕ A(d-1) ⊕ ... ⊕ B0 ⊕ A0)`` truncated to ``out_channels``. The output shape
-    equals that of ``nn.Conv2d`` with the same arguments for every geometry.
+    Figure 2 for depth 1..3: ``B(d-1) = Conv(x)``; for ``i = d-2 .. 0``, ``A(i+1)`` is an identity slice of ``x``
+    and ``B(i) = Conv(B(i+1) ⊕ A(i+1))``; ``A0 = tail(B0)``; the output is ``shuffle(B(d-1) ⊕ A(d-1) ⊕ ... ⊕ B0
+    ⊕ A0)`` truncated to ``out_channels``.
 
     Args:
         in_channels, out_channels, kernel_size, stride, padding, dilation, bias, device, dtype:
             As for ``nn.Conv2d``. ``groups`` must be 1 and ``padding_mode`` ``"zeros"``.
-        plan: A :class:`compconv.CompConvPlan` for these channels and kernel (as :func:`compconv.patch`
-            passes it, so each layer is planned once). Without it the layer is planned from ``options``.
-        options: A :class:`compconv.CompConvOptions`; keyword options (``c0``, ``depth``, ``tail``,
-            ``tail_kernel``, ``shuffle``, ``inner_norm``) override its fields. ``depth=0`` is rejected
-            here; :func:`create_conv2d` returns a plain ``nn.Conv2d`` for it.
+        plan: A :class:`compconv.CompConvPlan` for these channels and kernel; without it the layer is planned
+            from ``options``.
+        options: A :class:`compconv.CompConvOptions`; keyword options (``c0``, ``depth``, ...) override its
+            fields. ``depth=0`` is rejected (:func:`create_conv2d` returns an ``nn.Conv2d`` for it).
 
     Attributes:
         plan: The :class:`compconv.CompConvPlan` the module was built from.
@@ -230,9 +222,9 @@ class CompConv2d(nn.Module):
 
     @torch.no_grad()
     def reparameterize(self) -> int:
-        """Folds each inner BatchNorm (``inner_norm``) into the conv before it, in place (timm's convention,
-        called by ``timm.utils.reparameterize_model``). Returns the number of norms folded. Eval outputs
-        are unchanged; the module is for inference afterwards."""
+        """Folds each inner BatchNorm into the conv before it, in place (timm's convention, which
+        ``timm.utils.reparameterize_model`` calls); returns the number folded. Eval outputs are unchanged.
+        """
         folded = 0
         for index, (conv, norm) in enumerate(zip(self.convs, self.norms)):
             if isinstance(norm, nn.BatchNorm2d):
@@ -246,11 +238,10 @@ class CompConv2d(nn.Module):
         return folded
 
     def fuse(self) -> nn.Module:
-        """The layer's exact inference form (timm's ``fuse()`` convention, which
-        ``timm.utils.reparameterize_model`` calls): inner norms folded and, for a 1x1 layer, the form
-        :func:`compconv.deploy.rule_choice` picks, checked against this layer by :func:`compconv.deploy`
-        (which raises :class:`compconv.deploy.DeployError` rather than return a different function).
-        Folds that need the layer's neighbours (its BatchNorm, the shuffle) are :func:`compconv.deploy`'s."""
+        """The layer's exact inference form (timm's ``fuse()`` convention): inner norms folded and, for a 1x1
+        layer, :func:`compconv.deploy.rule_choice`'s form, checked by :func:`compconv.deploy`. Folds that need
+        the layer's neighbours (its BatchNorm, the shuffle) are :func:`compconv.deploy`'s.
+        """
         from .deploy import deploy  # deploy builds on this module
 
         holder = nn.Sequential(self)
@@ -284,12 +275,9 @@ def create_conv2d(
     options: CompConvOptions | None = None,
     **option_overrides: Any,
 ) -> nn.Module:
-    """Factory that returns a CompConv layer, or a plain ``nn.Conv2d`` when the planned depth is 0.
-
-    The layer is the training fast path :class:`compconv.efficient.EfficientCompConv2d` unless the option
-    ``efficient=False`` is set or timm builds a scriptable or exportable model (``timm.create_model(...,
-    scriptable=True)`` / ``exportable=True``, as ``timm.layers.create_act`` does for its activations);
-    then it is the plain :class:`CompConv2d`. Both have the same parameters and compute the same function.
+    """A CompConv layer, or a plain ``nn.Conv2d`` where the planned depth is 0. The layer is the training fast path
+    :class:`compconv.efficient.EfficientCompConv2d` unless ``efficient=False`` or timm builds a scriptable or
+    exportable model (as ``timm.layers.create_act`` does); then it is the plain :class:`CompConv2d`.
     """
     layer_plan = plan_layer(in_channels, out_channels, kernel_size, bias=bias, options=options, **option_overrides)
     if layer_plan.depth == 0:

@@ -1,9 +1,5 @@
-"""timm registrations of CompConv models: ``timm.create_model('resnet50_compconv128')`` after ``import compconv``.
-
-Every variant is one row of :data:`MODELS` (name, timm base, method, options, docstring), registered
-through :func:`register_variant`: a function that builds the plain timm architecture and patches it
-with :func:`compconv.patch`. Baselines keep their plain timm names (``resnet50``, ``vgg16``). CompConv
-options other than C_0 are passed as ``compconv={"tail": "dense", ...}``.
+"""timm registrations: ``timm.create_model('resnet50_compconv128')`` after ``import compconv``. Every variant
+is one row of :data:`MODELS`, registered by :func:`register_variant`; baselines keep their timm names.
 """
 
 from __future__ import annotations
@@ -53,11 +49,8 @@ def _create_patched(variant: str, base: str, pretrained: bool, method: str, opti
 
 
 def register_variant(name: str, base: str, method: str = "compconv", doc: str = "", **options: Any) -> None:
-    """Registers ``name`` with timm as the timm model ``base`` patched by ``method`` with these options.
-
-    A CompConv variant (``register_variant("resnet50_compconv128_dense", "resnet50", c0=128, tail="dense")``)
-    takes ``compconv={...}`` overrides at ``timm.create_model``; a Ghost variant takes ``ghost={...}``. The
-    entry points offer every registered variant as ``model=name``, a CompConv one with its options in full.
+    """Registers ``name`` with timm: the timm model ``base`` patched by ``method`` with these options; it takes
+    ``compconv={...}`` (or ``ghost={...}``) overrides at ``timm.create_model``.
     """
     if method == "compconv":
         options = CompConvOptions.from_mapping(options).as_dict()

@@ -1,7 +1,4 @@
-"""ONNX Runtime sessions, shared by deploy (timing layers there) and export (checking whole models there).
-
-Needs the ``export`` extra (``pip install 'compconv[export]'``: onnx, onnxruntime, onnxscript).
-"""
+"""ONNX Runtime sessions, shared by deploy (timing layers) and export (checking whole models)."""
 
 from __future__ import annotations
 

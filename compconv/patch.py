@@ -105,9 +105,9 @@ def _matches(name: str, patterns: Iterable[str]) -> bool:
 
 @functools.lru_cache(maxsize=None)
 def _parameters_read(owner: type) -> frozenset[str]:
-    """Attributes ``a`` whose ``self.a.weight`` or ``self.a.bias`` a ``forward*`` method of ``owner`` (not
-    ``nn.Module``'s own) reads, e.g. for a device or dtype: a CompConv there would fail the model's forward.
-    Initialisers (``reset_parameters``, ``zero_init_last``) ran when the model was built, before the patch."""
+    """Attributes ``a`` whose ``self.a.weight`` or ``.bias`` a ``forward*`` method of ``owner`` reads (for a device
+    or dtype, say): a CompConv there would fail the model's forward.
+    """
     read = set()
     for cls in owner.__mro__:
         if cls.__module__.startswith("torch.nn") or cls is object:
@@ -152,11 +152,9 @@ def patch(
 ) -> PatchReport:
     """Replaces eligible ``nn.Conv2d`` layers of ``model`` by CompConv modules, in place.
 
-    A conv is eligible when it is exactly ``nn.Conv2d`` (not a subclass with its own forward),
-    has ``groups == 1``, ``in_channels >= min_in_channels`` (so the RGB stem stays plain), zero
-    padding, matches ``include`` (if given), does not match ``exclude`` and is not read as ``.weight`` or
-    ``.bias`` by its parent's ``forward`` (a CompConv has several convs, so that read would fail). The classifier
-    (timm ``pretrained_cfg['classifier']``) and VGG's ``pre_logits`` convs are excluded by default.
+    Eligible: exactly ``nn.Conv2d``, ``groups == 1``, ``in_channels >= min_in_channels`` (the RGB stem stays
+    plain), zero padding, matching ``include`` and not ``exclude``, and its ``.weight``/``.bias`` not read by its
+    parent's ``forward``. The classifier (timm ``pretrained_cfg['classifier']``) is excluded by default.
 
     Args:
         model: Any ``nn.Module`` (timm, torchvision, your own).
@@ -165,9 +163,7 @@ def patch(
         include: fnmatch patterns of module names to consider (default: all).
         exclude: fnmatch patterns of module names to leave alone (default: :func:`default_exclude`).
         min_in_channels: Smallest C_in that is replaced.
-        options: CompConv options; keyword overrides (``tail="dense"``, ``depth=2``...) apply on top.
-            ``efficient=False`` builds the plain :class:`CompConv2d` instead of the training fast path
-            (:func:`compconv.layers.compconv_class`).
+        options: CompConv options; keyword overrides (``tail="dense"``, ``efficient=False``...) apply on top.
 
     Returns:
         A :class:`PatchReport` with one row per replaced layer and the skipped convs with reasons.

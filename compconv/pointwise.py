@@ -1,10 +1,7 @@
 """The 1x1 algebra of CompConv as pure functions, shared by the training forms and deploy.
 
-A 1x1 CompConv (no inner norms) is the linear map ``x -> V [U; S] x``: ``[U; S]`` stacks its first conv
-and the selection of the identity channels, ``V`` is a small product of its other factors. The training
-forms (:mod:`compconv.efficient`) compute with ``[U; S]`` and ``V`` or with their product; deploy
-(:mod:`compconv.deploy.forms`) folds BatchNorms and shuffles into them. Every function here reads the
-module's weights and returns tensors; none changes the module.
+A 1x1 CompConv without inner norms is ``x -> V [U; S] x``: ``[U; S]`` stacks its first conv and the selection
+of the identity channels, ``V`` is a small product of its other factors. Nothing here changes the module.
 """
 
 from __future__ import annotations
@@ -41,9 +38,9 @@ def _times(weight: torch.Tensor, rows, columns: int) -> torch.Tensor:
 
 def _parts_in_basis(module, first, identities: List[slice], columns: int, dtype: Optional[torch.dtype],
                     with_bias: bool) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """The concatenated parts of a pointwise CompConv as ``M b + f`` for a basis ``b`` of ``columns`` entries in
-    which ``B(d-1)`` is ``first`` and each identity part ``A(i)`` a selection ``identities[i]``; every product
-    with a selection is a pad (see :func:`part_map` for the two bases used)."""
+    """The concatenated parts as ``M b + f`` in a basis ``b`` (``columns`` entries) where ``B(d-1)`` is ``first`` and
+    each identity part a selection ``identities[i]`` (see :func:`part_map`).
+    """
     def matrix(conv: torch.nn.Conv2d) -> torch.Tensor:
         weight = conv.weight if dtype is None else conv.weight.to(dtype)
         return weight[:, :, 0, 0]
@@ -97,20 +94,14 @@ def _parts_in_basis(module, first, identities: List[slice], columns: int, dtype:
 
 def part_map(module, dtype: Optional[torch.dtype] = None,
              with_bias: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """``(M, f)``: the concatenated parts of a pointwise CompConv (before the shuffle) as ``M z + f``.
-
-    ``z = [U x; A(d-1); ...; A1]`` (rank = C_prim + identity channels) stacks the first conv's output without
-    its bias and the identity slices; each ``B(i) = W(i) [B(i+1); A(i+1)] + bias(i)`` and the tail are written
-    in terms of ``z``. The one copy of this algebra (:func:`_parts_in_basis`, which :func:`composed_weight`
-    runs in the basis ``x`` instead): the training forms (:func:`factorised_weights`) and deploy's exact forms
-    (``compconv.deploy.forms``) both read it.
+    """``(M, f)``: the concatenated parts of a pointwise CompConv (before the shuffle) as ``M z + f``, with
+    ``z = [U x; A(d-1); ...; A1]`` (rank C_prim + identity channels). The one copy of this algebra, which the
+    training forms and deploy's exact forms both read.
 
     Args:
         module: A pointwise :class:`compconv.CompConv2d` (1x1 kernels, no norms left inside).
-        dtype: Compute in this dtype (deploy: float64, under ``no_grad``); default the weights' own,
-            differentiable in the module's parameters.
-        with_bias: Also return ``f`` from the internal convs' biases (which ``reparameterize()`` gives them);
-            otherwise ``f`` is None (as trained, internal convs have none).
+        dtype: Compute in this dtype (deploy: float64); default the weights' own, differentiable.
+        with_bias: Also return ``f`` from the internal convs' biases (after ``reparameterize()``); else None.
     """
     c = module.plan.c_prim
     identities, offset = [], c
@@ -129,12 +120,9 @@ def shuffled_rows(matrix: torch.Tensor, groups: int) -> torch.Tensor:
 
 
 def factorised_weights(module) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(W1, V)`` with ``module(x) == conv1x1(conv1x1(x, W1), V) + bias`` for a pointwise CompConv.
-
-    ``W1 = [U; S]`` (rank x C_in) stacks the first conv's weight and one-hot rows selecting the identity
-    channels, so ``z = W1 x = [B(d-1); A(d-1); ...; A1]``; ``V`` (C_out x rank) is :func:`part_map`'s ``M``
-    in the shuffled order. Both are differentiable in the module's parameters (the low-rank training form);
-    ``V @ W1`` is the dense weight (:func:`composed_weight` computes it without the one-hot rows).
+    """``(W1, V)`` with ``module(x) == conv1x1(conv1x1(x, W1), V) + bias`` for a pointwise CompConv, differentiable:
+    ``W1 = [U; S]`` stacks the first conv's weight and one-hot rows selecting the identity channels, ``V`` is
+    :func:`part_map`'s ``M`` in the shuffled order.
     """
     first = module.convs[0].weight[:, :, 0, 0]
     in_channels = first.shape[1]
@@ -145,9 +133,7 @@ def factorised_weights(module) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def composed_weight(module) -> torch.Tensor:
-    """``M`` (C_out x C_in) with ``module(x) == conv1x1(x, M) + bias`` for a pointwise CompConv, differentiable
-    in the module's parameters (the dense training form): the parts algebra run on ``x`` itself, where
-    ``B(d-1) = U`` and each identity part selects input channels."""
+    """``M`` (C_out x C_in) with ``module(x) == conv1x1(x, M) + bias``, differentiable (the dense form)."""
     first = module.convs[0].weight[:, :, 0, 0]
     identities = [slice(start, stop) for start, stop in zip(module.identity_starts, module.identity_stops)]
     matrix, _ = _parts_in_basis(module, first, identities, first.shape[1], None, False)

@@ -1,7 +1,5 @@
-"""The rule that sizes a CompConv module: depth, C_prim, its parts and closed-form complexity.
-
-Everything here is plain integer arithmetic (no torch), so tables and the module are built from
-the same numbers and can never disagree.
+"""The rule that sizes a CompConv module: depth, C_prim, its parts and closed-form complexity, in plain integer
+arithmetic, so tables and modules are built from the same numbers.
 """
 
 from __future__ import annotations
@@ -24,10 +22,7 @@ def _pair(value: int | tuple[int, int]) -> tuple[int, int]:
 
 
 def adaptive_depth(in_channels: int, c0: int) -> int:
-    """Depth d of the adaptive rule: clamp(floor(log2(max(1, C_in / C_0))) + 1, 1, 3).
-
-    Integer arithmetic only, so C_in = 2^k * C_0 never suffers a float rounding error.
-    """
+    """Depth d of the adaptive rule, clamp(floor(log2(max(1, C_in / C_0))) + 1, 1, 3), in integers."""
     depth = 1
     while depth < MAX_DEPTH and in_channels >= c0 * (1 << depth):
         depth += 1
@@ -96,11 +91,8 @@ class ReplacedConvCost:
 
 @dataclass(frozen=True)
 class CompConvPlan(ReplacedConvCost):
-    """Complete sizing of one CompConv module.
-
-    MACs are per output position (one spatial location of the output): every internal op of the
-    module runs at the output resolution, so the module's MACs are exactly
-    ``macs_per_position * H_out * W_out``.
+    """Complete sizing of one CompConv module. MACs are per output position: every internal op runs at the output
+    resolution, so the module's MACs are ``macs_per_position * H_out * W_out``.
     """
 
     in_channels: int

@@ -18,10 +18,7 @@ __all__ = [
 
 
 def build_datasets(cfg, seed: int = 0) -> tuple[Dataset, Dataset, int]:
-    """Returns ``(train, val, num_classes)`` for a :class:`compconv.train.config.DataConfig`.
-
-    The training set is wrapped in :class:`EpochSeededDataset` (augmentation seeded by seed, epoch, index).
-    """
+    """``(train, val, num_classes)`` for a :class:`compconv.train.config.DataConfig`; train seeded per item."""
     if cfg.name == "fashion_mnist":
         def tf(train):
             return small_image_transform(cfg.img_size, cfg.in_chans, cfg.mean, cfg.std, train,

@@ -17,9 +17,8 @@ class UnreadableImageError(DataError):
 
 
 class CheckedImageFolder(ImageFolder):
-    """``torchvision.datasets.ImageFolder`` whose unreadable files raise an error naming the file.
-
-    With ``skip_bad=True`` such items come back as ``None``; :func:`collate_skipping_bad` drops and counts them.
+    """``ImageFolder`` whose unreadable files raise an error naming the file; with ``skip_bad=True`` they come back
+    as ``None`` and :func:`collate_skipping_bad` drops and counts them.
     """
 
     def __init__(self, root: str | Path, transform=None, skip_bad: bool = False) -> None:

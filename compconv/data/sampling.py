@@ -1,7 +1,5 @@
-"""Deterministic, resumable data order and augmentation.
-
-Augmentation randomness is a pure function of (seed, epoch, index), so a run resumed mid-epoch,
-with any number of loader workers, sees exactly the images an uninterrupted run would.
+"""Deterministic, resumable data order and augmentation: randomness is a pure function of (seed, epoch, index),
+so a run resumed mid-epoch, with any number of workers, sees the images an uninterrupted run would.
 """
 
 from __future__ import annotations
@@ -18,11 +16,8 @@ _logger = logging.getLogger("compconv.data")
 
 
 class EpochSeededDataset(Dataset):
-    """Wraps a dataset so that each item's random transforms are seeded by (seed, epoch, index).
-
-    Indexed by ``(epoch, index)`` pairs (what :class:`ResumableSampler` yields for training), the epoch
-    travels with each index, so persistent loader workers, which keep their own copy of the dataset,
-    still see the current epoch. A plain index uses the epoch set by :meth:`set_epoch`.
+    """Wraps a dataset so that each item's random transforms are seeded by (seed, epoch, index). Indexed by
+    ``(epoch, index)`` pairs, so persistent workers see the current epoch; a plain index uses :meth:`set_epoch`'s.
     """
 
     def __init__(self, dataset: Dataset, seed: int) -> None:
@@ -47,11 +42,8 @@ class EpochSeededDataset(Dataset):
 
 
 class ResumableSampler(Sampler[int]):
-    """Per-rank indices: a (seed, epoch) permutation for training, a strided split for evaluation.
-
-    Training drops the tail so every rank gets the same count; evaluation pads nothing, so
-    reduced sums count each example exactly once. ``start`` skips this rank's first indices
-    (a resumed epoch).
+    """Per-rank indices: a (seed, epoch) permutation for training (tail dropped, equal counts), a strided split for
+    evaluation (no padding: each example counted once). ``start`` skips this rank's first indices.
     """
 
     def __init__(self, size: int, rank: int = 0, world_size: int = 1, shuffle: bool = True, seed: int = 0) -> None:
@@ -102,10 +94,7 @@ def usable_workers(configured: int) -> int:
 
 
 def loader_options(workers: int, prefetch_factor: int, device) -> dict:
-    """DataLoader settings: pinned memory for GPUs, persistent workers that prefetch ``prefetch_factor`` batches.
-
-    ``workers`` is capped by :func:`usable_workers`.
-    """
+    """DataLoader settings: pinned memory on GPUs, persistent prefetching workers (:func:`usable_workers`)."""
     workers = usable_workers(workers)
     options = {"num_workers": workers, "pin_memory": device.type == "cuda"}
     if workers > 0:
@@ -115,9 +104,9 @@ def loader_options(workers: int, prefetch_factor: int, device) -> dict:
 
 def rank_loaders(train_set, val_set, data_cfg, seed: int, rank: int, world_size: int, device,
                  collate_fn) -> tuple[DataLoader, DataLoader]:
-    """This rank's training loader (shuffled by seed and epoch, resumable, full batches) and validation
-    loader (in order, no padding), with :func:`loader_options` from ``data_cfg``'s ``workers`` and
-    ``prefetch_factor`` and its ``batch_size`` / ``eval_batch_size``."""
+    """This rank's training loader (seeded order, resumable, full batches) and validation loader (in order, no
+    padding), with ``data_cfg``'s workers, prefetch and batch sizes.
+    """
     options = loader_options(data_cfg.workers, data_cfg.prefetch_factor, device)
     train = DataLoader(train_set, data_cfg.batch_size, drop_last=True, collate_fn=collate_fn, **options,
                        sampler=ResumableSampler(len(train_set), rank, world_size, shuffle=True, seed=seed))

@@ -1,32 +1,8 @@
 """Inference form of a CompConv model: exact folds proven on the traced dataflow, always checked.
 
-``deploy(model, example_input=None)`` works on a copy of ``model`` and swaps the result in only when
-the copy's outputs equal the model's (:func:`check_outputs`); otherwise it raises :class:`DeployError`
-naming the first layer whose output differs, and ``model`` is left as it was. A float32 model whose own
-outputs move under rounding by more than a quarter of the tolerance (:func:`rounding_error`, against a float64
-copy) is refused first: exact folds reassociate sums, and such a model amplifies that into differences that
-pass the check on one input and not on the next. On the copy:
-
-1. ``CompConv2d.reparameterize()`` folds each inner BatchNorm (``inner_norm``) into its conv (timm's
-   per-module convention, so ``timm.utils.reparameterize_model`` does this step too);
-2. the model is traced with ``torch.fx`` (:mod:`compconv.deploy.graph`); a CompConv whose only user is
-   a ``BatchNorm2d`` has its output bias moved into the norm's statistics; for PyTorch, a plain ``nn.Conv2d``
-   whose only user is a ``BatchNorm2d`` (the stem's) absorbs it (``fuse_conv_bn_eval``; ONNX Runtime does
-   this itself);
-3. every 1x1 CompConv (with that norm, if the graph proves one) is an affine map of rank at most
-   ``C_prim + identity channels`` and becomes the fastest of ``dense`` (one conv with bias), ``lowrank``
-   (:class:`LowRankConv2d`) or ``chain`` (as trained) — timed on its real input in the runtime it will
-   run in (:mod:`compconv.deploy.timing`), or by :func:`rule_choice`;
-4. the channel shuffle of a remaining CompConv moves into its norm and the input channels of the conv
-   that reads the norm's output through per-channel ops (``conv -> bn -> relu -> conv``, across pooling);
-5. for PyTorch (``runtime="torch"``), a remaining CompConv applies that norm itself
-   (:func:`compconv.deploy.forms.absorb_norm`): in the copy that concatenates its parts, so the norm costs
-   no pass and no output tensor of its own (ONNX Runtime keeps the norm, which it runs nearly for free).
-
-A model FX cannot trace as a whole is traced in its largest traceable subtrees (a detector's backbone); a layer
-in none of them gets only the steps that need no neighbours (1, and 3 without a norm), and
-the report says so. :class:`DeployReport` lists each layer's form and MACs, and each fold left out
-with the reason.
+:func:`deploy` works on a copy: inner norms, biases and BatchNorms folded, each 1x1 layer in its fastest exact
+form, shuffles moved into the next conv. The copy replaces the model only when its outputs equal the model's;
+otherwise :class:`DeployError` names the first layer that differs. docs/deploy.md describes each step.
 """
 
 from __future__ import annotations
@@ -183,10 +159,7 @@ def default_input(model: nn.Module) -> torch.Tensor:
 @torch.no_grad()
 def rounding_error(model: nn.Module, x: torch.Tensor) -> Optional[float]:
     """How far ``model``'s float32 outputs on ``x[:1]`` are from a float64 copy's (relative to max |output|): the
-    model's own sensitivity to rounding, which any exact rewrite of it (a fold reassociates sums) inherits.
-
-    None where it is not measured: ``x`` is not float32, the model does not run on it (:func:`check_outputs`
-    says so), or it does not run in float64.
+    rounding sensitivity any exact rewrite inherits. None where not measured (not float32, no float64 run).
     """
     if _input_dtype(x) != torch.float32:
         return None
@@ -272,24 +245,21 @@ def deploy(model: nn.Module, example_input: Any = None, runtime: str = "torch", 
 
     Args:
         model: Any model with :class:`CompConv2d` layers (timm/torchvision models, your own).
-        example_input: The model's input as it will see it (device, dtype, memory format): a batch tensor, or
-            whatever single argument the model takes (a detector's list of images). Each 1x1 layer's forms are
-            timed on its real input and the fastest is kept, and the check runs on it. None: :func:`rule_choice`
-            decides, and the check runs on :func:`default_input`.
-        runtime: Where the deployed model will run: ``"torch"`` (PyTorch; forms timed on ``example_input``'s
-            device) or ``"ort"`` (ONNX Runtime on the CPU; forms timed there, each layer exported alone).
+        example_input: The model's input as it will see it (a batch, or the single argument the model takes, e.g.
+            a detector's list of images): 1x1 forms are timed on it and the check runs on it. None:
+            :func:`rule_choice` decides and the check runs on :func:`default_input`.
+        runtime: ``"torch"`` (PyTorch) or ``"ort"`` (ONNX Runtime on the CPU): where forms are timed and run.
         cache: A :class:`ChoiceCache` to reuse timings across calls (default: a fresh one).
-        tolerance: Largest accepted relative error (max |deployed - original| / max |original|); default
-            :func:`tolerance_for` the input's dtype (1e-4 in fp32, 2e-2 in fp16/bf16).
+        tolerance: Largest accepted max |deployed - original| / max |original|; default :func:`tolerance_for`
+            the input's dtype (1e-4 in fp32, 2e-2 in fp16/bf16).
 
     Returns:
-        A :class:`DeployReport`; ``report.table()`` lists the form and MACs of each 1x1 layer,
-        ``report.left_table()`` the folds not proven by the dataflow.
+        A :class:`DeployReport`: ``table()`` lists each 1x1 layer's form and MACs, ``left_table()`` the folds
+        the dataflow did not prove.
 
     Raises:
-        DeployError: the deployed copy's outputs differ from ``model``'s, or (float32) the model's own outputs
-            move by more than ``ROUNDING_SHARE`` of the tolerance under rounding (:func:`rounding_error`), so
-            equality could not be promised beyond the checked input; ``model`` is unchanged.
+        DeployError: the copy's outputs differ from ``model``'s, or a float32 model's own outputs move by more
+            than ``ROUNDING_SHARE`` of the tolerance under rounding; ``model`` is unchanged.
     """
     if runtime not in RUNTIMES:
         raise ValueError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")
@@ -330,9 +300,9 @@ def _as_batch_norm(frozen: nn.Module) -> nn.BatchNorm2d:
 
 
 def _traced_sites(model: nn.Module, report: DeployReport) -> tuple[dict[str, Site], list[tuple[str, str]]]:
-    """Each CompConv's :class:`Site` and the plain conv-norm pairs, from the dataflow of the whole model or, where
-    it cannot be traced (a detector's list of images, a branch on a tensor's value), of its largest traceable
-    subtrees (``report.traced_parts``); a layer in no traced subtree gets per-module forms only."""
+    """Each CompConv's :class:`Site` and the plain conv-norm pairs, from the whole model's dataflow or, where it
+    cannot be traced, from its largest traceable subtrees; other layers get per-module forms only.
+    """
     sites: dict[str, Site] = {}
     pairs: list[tuple[str, str]] = []
 

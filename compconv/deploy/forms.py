@@ -1,11 +1,6 @@
-"""Exact inference forms of CompConv layers: the 1x1 algebra as pure functions, and the modules they build.
-
-A 1x1 CompConv (no inner norms left) followed by a BatchNorm is an affine map of its input of rank at
-most ``C_prim + identity channels``. :func:`build_form` writes it as ``dense`` (one plain conv with
-bias) or ``lowrank`` (:class:`LowRankConv2d`: the first conv, the identity slices, one conv with bias),
-with the BatchNorm and the channel shuffle absorbed; the parts' algebra is
-:func:`compconv.pointwise.part_map`, which the training forms use too. :class:`DeployedCompConv2d` is a CompConv whose
-input arrives with its channels permuted (an upstream shuffle folded into it).
+"""Exact inference forms of CompConv layers: ``dense`` (one conv) and ``lowrank`` (:class:`LowRankConv2d`)
+for 1x1 layers with their BatchNorm and shuffle absorbed (the algebra is :mod:`compconv.pointwise`), and
+:class:`DeployedCompConv2d`, a CompConv whose input channels arrive permuted.
 """
 
 
@@ -25,11 +20,8 @@ FORMS = ("chain", "lowrank", "dense")
 
 
 def gather_channels(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """``x.index_select(1, index)`` in ``x``'s memory format.
-
-    ``index_select`` returns NCHW even from a channels_last input, and every conv downstream of an NCHW
-    tensor then runs NCHW too, reordering for oneDNN on each call. Eager PyTorch gathers along the last
-    axis of the NHWC view instead; graph captures record the plain op (compilers and exporters pick layouts).
+    """``x.index_select(1, index)`` in ``x``'s memory format (``index_select`` returns NCHW, which would turn every
+    conv downstream NCHW). Graph captures record the plain op.
     """
     if not torch.jit.is_scripting():  # TorchScript compiles the plain op only
         if (x.dim() == 4 and not recording_graph(x) and not torch.compiler.is_compiling() and not x.is_contiguous()
@@ -39,11 +31,8 @@ def gather_channels(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 
 def channel_slice(index: torch.Tensor) -> Optional[Tuple[int, int, int]]:
-    """``index`` as one slice ``(start, stop, step)`` of channels (step >= 1), or None.
-
-    Deployed layers keep it beside their index buffer (recomputed whenever the buffer is set or loaded)
-    and read such channels as a view, so the concatenation that follows is their only copy, in every
-    runtime; only an index that is no slice (a folded shuffle's interleaving) is gathered.
+    """``index`` as one slice ``(start, stop, step)`` of channels (step >= 1), or None: such channels are read as a
+    view, so the concatenation after them is their only copy.
     """
     values = index.tolist()
     if not values:
@@ -55,9 +44,9 @@ def channel_slice(index: torch.Tensor) -> Optional[Tuple[int, int, int]]:
 
 
 class _SlicesOfIndex:
-    """Keeps a deployed layer's slices in step with its index buffer when a state dict is loaded or a module
-    pickled before the slices existed is unpickled. The layer class defines ``index_changed()`` (derives the
-    slices from the buffer) and names the attribute it sets in ``_slices_attribute``."""
+    """Keeps a deployed layer's slices (``_slices_attribute``, set by its ``index_changed()``) in step with its index
+    buffer when a state dict is loaded or an older pickle is unpickled.
+    """
 
     _slices_attribute = ""
 
@@ -112,14 +101,9 @@ class LowRankConv2d(_SlicesOfIndex, nn.Module):
 
 
 class DeployedCompConv2d(_SlicesOfIndex, CompConv2d):
-    """A :class:`CompConv2d` as deploy leaves it (built by :func:`permute_input` and :func:`absorb_norm`).
-
-    - Its input channels may arrive permuted (an upstream shuffle folded into it): original channel ``o``
-      is channel ``input_index``-mapped; the first conv's weight is reordered to match and the identity
-      slices are gathers of the right channels.
-    - It may apply the eval BatchNorm that followed it, ``out_scale * y + out_shift`` per output channel:
-      in eager PyTorch inside the one copy that concatenates (and shuffles) the parts, so the norm costs no
-      pass and no output tensor of its own; under graph capture as plain ops a compiler fuses.
+    """A :class:`CompConv2d` as deploy leaves it (:func:`permute_input`, :func:`absorb_norm`): its input channels may
+    arrive permuted (an upstream shuffle folded in), and it may apply the eval BatchNorm after it as
+    ``out_scale * y + out_shift`` inside the copy that concatenates its parts (in eager PyTorch).
     """
 
     identity_starts: List[int]  # TorchScript reads a class's own annotations only
@@ -252,10 +236,8 @@ def form_macs(module: CompConv2d, form: str) -> int:
 # ---------------------------------------------------------------------------------------------- permutations
 @torch.no_grad()
 def permute_input(consumer: nn.Module, source: torch.Tensor) -> nn.Module:
-    """``consumer`` rewritten for an input whose original channel ``o`` now arrives as channel ``source[o]``.
-
-    Returns the module to put in its place: a plain conv or :class:`LowRankConv2d` is changed in place;
-    a :class:`CompConv2d` becomes a :class:`DeployedCompConv2d`.
+    """``consumer`` rewritten for an input whose original channel ``o`` arrives as channel ``source[o]``: a plain
+    conv or :class:`LowRankConv2d` is changed in place, a :class:`CompConv2d` becomes a :class:`DeployedCompConv2d`.
     """
     if isinstance(consumer, LowRankConv2d):
         weight_holder = consumer.first
@@ -297,10 +279,9 @@ def fold_shuffle(conv: CompConv2d, norm: nn.BatchNorm2d) -> torch.Tensor:
 
 @torch.no_grad()
 def absorb_norm(conv: CompConv2d, norm: nn.BatchNorm2d) -> "DeployedCompConv2d":
-    """``conv`` (chain form, no output bias) as a :class:`DeployedCompConv2d` that applies ``norm`` (eval) itself.
-
-    Exact: the norm is ``scale * y + shift`` per channel, and the layer writes each output channel once.
-    The caller replaces ``norm`` by ``nn.Identity``."""
+    """``conv`` (chain form, no output bias) as a :class:`DeployedCompConv2d` that applies the eval ``norm`` itself;
+    the caller replaces ``norm`` by ``nn.Identity``.
+    """
     if conv.bias is not None:
         raise ValueError("absorb_norm needs the layer's bias moved into the norm first")
     deployed = conv if isinstance(conv, DeployedCompConv2d) else DeployedCompConv2d.from_compconv(conv)

@@ -1,15 +1,8 @@
 """Where deploy may fold, read from the traced dataflow (``torch.fx``), never from module names or order.
 
-For every :class:`CompConv2d` the graph tells:
-
-- ``norm``: the ``nn.BatchNorm2d`` (exactly that class) that is the only user of the layer's output,
-  itself called once. Its statistics absorb the layer's bias, a pointwise form absorbs it whole.
-- ``consumer``: the conv that reads the norm's output through per-channel ops only (activations,
-  identity, eval dropout, pooling), each intermediate with a single user, the conv itself called
-  once. The layer's channel shuffle can then move into the norm and the consumer's input channels.
-
-Anything else (a norm that also applies an activation, an output with two users, a module called twice,
-an op that mixes channels) is reported with the reason, and left as it is.
+For each :class:`CompConv2d`: ``norm``, the ``nn.BatchNorm2d`` that is the only user of its output, and
+``consumer``, the conv reading that norm's output through per-channel ops only (each intermediate with one
+user). Anything else is reported with the reason, and left as it is.
 """
 
 from __future__ import annotations
@@ -99,9 +92,9 @@ def _describe(node: fx.Node, modules: dict[str, nn.Module]) -> str:
 
 
 def plain_conv_norms(model: nn.Module, graph: fx.Graph) -> list[tuple[str, str]]:
-    """``(conv, norm)`` for each plain ``nn.Conv2d`` (exactly that class) whose only user is an eval-foldable
-    ``nn.BatchNorm2d`` (exactly that class, with running statistics), each called once: the norm is an affine
-    map of the conv's output alone, so it folds into the conv's weight and bias."""
+    """``(conv, norm)`` for each plain ``nn.Conv2d`` whose only user is an ``nn.BatchNorm2d`` with running
+    statistics (both exactly those classes, each called once): the norm folds into the conv.
+    """
     modules = dict(model.named_modules())
     calls = Counter(node.target for node in graph.nodes if node.op == "call_module")
     pairs = []
@@ -117,11 +110,8 @@ def plain_conv_norms(model: nn.Module, graph: fx.Graph) -> list[tuple[str, str]]
 
 
 def analyse(model: nn.Module, graph: Optional[fx.Graph] = None) -> dict[str, Site]:
-    """A :class:`Site` for every CompConv layer the traced ``model`` calls (``graph``: its trace, or traced
-    here), by module name.
-
-    Raises:
-        Exception: whatever ``torch.fx`` raises for a model it cannot trace.
+    """A :class:`Site` for every CompConv layer the traced ``model`` calls, by module name (``graph``: its trace,
+    or traced here; raises what ``torch.fx`` raises for a model it cannot trace).
     """
     graph = graph if graph is not None else trace(model)
     modules = dict(model.named_modules())

@@ -1,7 +1,5 @@
 """Which form a 1x1 CompConv layer takes: timed on its real input in the runtime it will run in, or a rule.
-
-Timings are kept in a :class:`ChoiceCache` the caller owns (pass the same one to several ``deploy``
-calls to time each geometry once); nothing is cached at module level.
+Timings are kept in a :class:`ChoiceCache` the caller owns; nothing is cached at module level.
 """
 
 from __future__ import annotations
@@ -45,16 +43,10 @@ class ChoiceCache:
 
 
 def rule_choice(module: CompConv2d, runtime: str = "torch") -> str:
-    """The form used without ``example_input``, from measurements on a 2-core AVX-512 CPU (README, Performance).
-
-    Both runtimes take the low-rank pair where it saves MACs (at most 0.6x the plain conv's).
-    PyTorch: for depth >= 2 only; depth-1 1x1 layers save at most half the MACs but add a memory-bound pass
-    over the output, so dense wins, and the other deeper ones stay the chain as trained (batch 32,
-    channels_last). Against the chain for the reduce layers, the low-rank rule ran CompConv128-ResNet-50
-    1.09x faster at batch 32 and 1.14x at batch 1 (paired A/B, 2026-12-03, after identity slices became views).
-    ONNX Runtime: every concatenation and slice costs layout reorders around its blocked convs, so dense
-    wherever low-rank does not pay; this beat per-layer timing (1.49x vs 1.41x ResNet-50 at batch 8), which
-    cannot see the reorders between layers.
+    """The form used without ``example_input``, measured on a 2-core AVX-512 CPU (docs/deploy.md): ``lowrank``
+    where it costs at most 0.6x the plain conv's MACs (in PyTorch for depth >= 2 only); else ``dense``, or in
+    PyTorch ``chain`` for the deeper layers. ONNX Runtime pays layout reorders around every concatenation and
+    slice, which per-layer timing cannot see, so dense wins wherever low-rank does not pay.
     """
     lowrank_pays = form_macs(module, "lowrank") <= LOWRANK_MAX_SHARE * module.plan.plain_macs_per_position
     if runtime == "ort":
@@ -86,10 +78,10 @@ def ort_runner(module: nn.Module, x: torch.Tensor, path: str) -> Callable[[], No
 
 def interleaved_times(runners: dict[str, Callable[[], None]], repeats: int, calls: Optional[dict[str, int]] = None,
                       idle_s: float = 0.0) -> dict[str, list[float]]:
-    """Seconds per call of each runner, in ``repeats`` rounds that each run every runner (``calls[name]`` times
-    back to back, default once), so a burst of load on a shared machine slows all candidates alike instead of
-    one. Runners synchronise their device themselves; warm them up first. ``idle_s``: sleep before each
-    measurement (an ONNX Runtime session's spinning threads would otherwise take the cores from the next)."""
+    """Seconds per call of each runner, in ``repeats`` rounds that each run every runner (``calls[name]`` times,
+    default once), so load on a shared machine slows all alike. Runners synchronise their device and are warmed
+    up by the caller; ``idle_s`` is slept before each measurement (ONNX Runtime's spinning threads).
+    """
     times: dict[str, list[float]] = {name: [] for name in runners}
     for _ in range(repeats):
         for name, run in runners.items():

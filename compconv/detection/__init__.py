@@ -1,6 +1,5 @@
-"""Detection helpers: Faster R-CNN + FPN on CompConv backbones, COCO data and metrics, a small real set.
-
-Nothing here imports Hydra, wandb or mmdetection (see ``compconv.integrations.mmdet`` for the latter).
+"""Detection: Faster R-CNN + FPN on CompConv backbones, COCO data and metrics, a small real set.
+Nothing here imports Hydra, wandb or mmdetection (``compconv.integrations.mmdet`` is the latter).
 """
 
 from .backbone import TimmFPNBackbone, build_detector

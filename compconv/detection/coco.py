@@ -60,11 +60,8 @@ def _valid_boxes(anns: list[dict], width: int, height: int) -> tuple[list[list[f
 
 
 class CocoDetection(Dataset):
-    """Images and Faster R-CNN targets from a COCO instances json.
-
-    Labels are contiguous 1..K in sorted category-id order (0 is background); ``category_ids``
-    maps them back for evaluation. For training (``remove_empty=True``) images without a usable
-    box are dropped, as torchvision's detection reference does; evaluation keeps every image.
+    """Images and Faster R-CNN targets from a COCO instances json. Labels are contiguous 1..K in category-id order
+    (``category_ids`` maps back); ``remove_empty=True`` drops images without a usable box, as torchvision does.
     """
 
     def __init__(self, image_dir: str | Path, ann_file: str | Path, train: bool, hflip: float = 0.5,
@@ -138,10 +135,8 @@ def coco_results(outputs: list[dict], targets: list[dict], category_ids: list[in
 
 
 def evaluate_bbox(coco, results: list[dict], image_ids: list[int], evaluator: str = "auto") -> dict[str, float]:
-    """COCOeval bbox metrics (AP, AP50, AP75, APs, APm, APl in percent) on ``image_ids``.
-
-    ``evaluator``: ``pycocotools``, ``faster_coco_eval`` (a faster drop-in), or ``auto`` (the latter
-    when installed).
+    """COCOeval bbox metrics (AP, AP50, AP75, APs, APm, APl, %) on ``image_ids``; ``evaluator``: ``pycocotools``,
+    ``faster_coco_eval`` or ``auto`` (the latter when installed).
     """
     if not results:
         return {name: 0.0 for name in METRIC_NAMES}

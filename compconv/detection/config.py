@@ -19,11 +19,8 @@ class DetModelConfig(ModelConfig):
 
 @dataclass
 class DetDataConfig:
-    """COCO-format detection data: ``root/<images>/`` folders and ``root/annotations/*.json``.
-
-    The defaults are the generated Fashion-MNIST detection set's (items on 128x128 canvases, written to
-    ``root`` by :func:`compconv.detection.write_fmnist_detection` on first use); ``configs/data/coco.yaml``
-    holds COCO 2017's differences.
+    """COCO-format detection data (``root/<images>/``, ``root/annotations/*.json``); the defaults are the generated
+    Fashion-MNIST set's, written on first use; ``configs/data/coco.yaml`` holds COCO 2017's.
     """
 
     name: str = "fmnist_det"

@@ -1,6 +1,5 @@
-"""Detection: Faster R-CNN + FPN on a CompConv backbone, COCO-format data, COCOeval box AP.
-
-:func:`run_detection` mirrors :func:`compconv.train.run_classification` and shares its loop.
+"""Detection runs: Faster R-CNN + FPN on a CompConv backbone, COCO-format data, COCOeval box AP, trained by
+the loop classification shares (:func:`compconv.train.engine.fit`).
 """
 
 from __future__ import annotations

@@ -1,7 +1,5 @@
-"""A small real detection set: Fashion-MNIST items placed on larger canvases, written in COCO format.
-
-Image content is real (Fashion-MNIST pixels); the layout is generated with a fixed seed. Boxes are
-the tight boxes of each placed item's visible pixels. A few images are left empty, as in COCO.
+"""A small real detection set: Fashion-MNIST items placed on larger canvases (fixed seed), written in COCO
+format with the tight box of each item's visible pixels; a few images are left empty, as in COCO.
 """
 
 from __future__ import annotations
@@ -72,9 +70,8 @@ def write_split(source: FashionMNIST, images_dir: Path, ann_file: Path, count: i
 
 def write_fmnist_detection(root: str | Path, fmnist_root: str | Path = "/usr/share/datasets/fashion-mnist",
                            train_images: int = 400, val_images: int = 100, canvas: int = 128, seed: int = 0) -> Path:
-    """Writes ``root/{train2017,val2017}/*.jpg`` and ``root/annotations/instances_{train,val}2017.json``.
-
-    Training canvases use Fashion-MNIST's training items; validation canvases its test items.
+    """Writes ``root/{train2017,val2017}/*.jpg`` and ``root/annotations/instances_{train,val}2017.json`` (train
+    canvases from Fashion-MNIST's training items, validation from its test items).
     """
     root = Path(root)
     write_split(FashionMNIST(fmnist_root, "train"), root / "train2017", root / "annotations/instances_train2017.json",

@@ -1,9 +1,6 @@
-"""mmdetection 3.x backbone: any timm/CompConv ResNet as ``type='CompConvResNet'``.
-
-Importing this module registers :class:`CompConvResNet` in mmdet's ``MODELS`` registry. mmdet configs
-load it with ``custom_imports = dict(imports=['compconv.integrations.mmdet'])``; see
-``configs/mmdet/faster-rcnn_r50-compconv128_fpn_1x_coco.py``. It needs mmengine and mmdet (built by
-``scripts/setup_mmdet.sh``); nothing else in :mod:`compconv` imports it.
+"""mmdetection 3.x backbone: any timm/CompConv ResNet as ``type='CompConvResNet'``, registered in mmdet's
+``MODELS`` on import (``custom_imports = dict(imports=['compconv.integrations.mmdet'])``; see
+``configs/mmdet/``). Needs mmengine and mmdet (``scripts/setup_mmdet.sh``).
 """
 
 from __future__ import annotations

@@ -1,5 +1,4 @@
 """Training: config schema, runtime and state, the shared loop, checkpoints, distributed helpers, loggers.
-
 Nothing here imports Hydra; wandb is imported only when a wandb logger is created.
 """
 

@@ -1,8 +1,5 @@
-"""Checkpoints: written atomically, the previous one and the best one kept, damaged files skipped on resume.
-
-A run directory holds ``last.pt`` (every epoch and at a stop signal), ``prev.pt`` (the ``last.pt``
-before it) and ``best.pt`` (the epoch with the best key metric). Resuming loads the newest of them
-(by modification time) that loads, warning about each newer one that does not.
+"""Checkpoints: ``last.pt``, ``prev.pt`` and ``best.pt``, written atomically; resume loads the newest one
+that loads, warning about each newer one that does not.
 """
 
 from __future__ import annotations
@@ -53,10 +50,8 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
 
 
 def save_rotating(run_dir: str | Path, state: dict[str, Any], is_best: bool = False) -> Path:
-    """Writes ``run_dir/last.pt``, keeping the one it replaces as ``prev.pt``; copies it to ``best.pt`` if best.
-
-    At every moment at least one complete checkpoint exists: the old ``last.pt`` is renamed (atomic)
-    before the new one is written (atomic).
+    """Writes ``run_dir/last.pt``, keeping the one it replaces as ``prev.pt`` (renamed first, so a complete
+    checkpoint always exists), and copies it to ``best.pt`` if best.
     """
     run_dir = Path(run_dir)
     last = run_dir / LAST

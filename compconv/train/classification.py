@@ -1,8 +1,4 @@
-"""Classification: Fashion-MNIST / ImageNet / ImageFolder data, a timm model, cross-entropy, top-1/top-5.
-
-:func:`run_classification` reads like a torchvision reference ``main``: runtime, data, model, state,
-resume, then the shared loop (:func:`compconv.train.engine.fit`).
-"""
+"""Classification: Fashion-MNIST / ImageNet / ImageFolder data, a timm model, cross-entropy, top-1/top-5."""
 
 from __future__ import annotations
 

@@ -1,9 +1,6 @@
-"""The schema of a classification run: typed dataclasses holding every default once.
-
-The entry points register these classes in Hydra's ConfigStore as structured configs, so OmegaConf
-checks types and rejects unknown keys while composing; each class checks its own values in
-``__post_init__`` (run by ``OmegaConf.to_object`` or a plain constructor call) and raises
-:class:`ConfigError` naming the key. Nothing here imports Hydra or OmegaConf.
+"""The schema of a classification run: typed dataclasses holding every default once. The entry points register
+them as Hydra structured configs; each checks its values in ``__post_init__`` and raises :class:`ConfigError`
+naming the key. Nothing here imports Hydra or OmegaConf.
 """
 
 from __future__ import annotations
@@ -71,11 +68,9 @@ DETECTION_DATASETS = ("coco", "fmnist_det")
 
 @dataclass
 class DataConfig:
-    """Classification data and loader; the defaults are Fashion-MNIST's (``configs/data/*.yaml`` hold the rest).
-
-    Fashion-MNIST comes from Debian's ``dataset-fashion-mnist``: 28x28 grey images resized to 32x32, one
-    input channel, random crop with ``crop_padding`` + horizontal flip. ImageNet / ImageFolder: train
-    RandomResizedCrop(img_size) + flip; eval resize to img_size / crop_pct + centre crop.
+    """Classification data and loader; the defaults are Fashion-MNIST's (Debian's ``dataset-fashion-mnist``),
+    ``configs/data/*.yaml`` hold the rest. Fashion-MNIST trains with a padded random crop and a flip; ImageNet /
+    ImageFolder with RandomResizedCrop and a flip, and evaluates on a centre crop of ``crop_pct``.
     """
 
     name: str = "fashion_mnist"
@@ -149,11 +144,8 @@ SCHEDULES = ("cosine", "multistep", "constant")
 
 @dataclass
 class SchedConfig:
-    """Per-step learning-rate schedule (timm's schedulers, stepped every optimizer step).
-
-    A linear warmup over ``warmup_epochs`` from ``warmup_start_factor`` x lr, then ``cosine`` decay to
-    ``min_lr_factor`` x lr at the end of training, ``multistep`` decay by ``gamma`` at each epoch in
-    ``milestones``, or ``constant``.
+    """Per-step learning-rate schedule (timm's): a linear warmup from ``warmup_start_factor`` x lr, then ``cosine``
+    to ``min_lr_factor`` x lr, ``multistep`` decay by ``gamma`` at each of ``milestones``, or ``constant``.
     """
 
     name: str = "cosine"

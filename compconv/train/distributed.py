@@ -24,11 +24,8 @@ class DistContext:
 
 
 def init_distributed(device_type: str) -> DistContext:
-    """Joins the process group described by torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK).
-
-    Under submitit (SLURM tasks started by hydra-submitit-launcher) those variables are first
-    exported from the SLURM environment. A process started by torchrun joins a group even when it is
-    alone (``--nproc_per_node=1``), so that path is the one a multi-GPU run takes.
+    """Joins the process group of torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK), exported first from SLURM's
+    under submitit; a torchrun process joins a group even when alone, as a multi-GPU run does.
     """
     if "RANK" not in os.environ and os.environ.get("SUBMITIT_EXECUTOR") == "slurm":
         import submitit
@@ -59,11 +56,8 @@ def resolve_device(choice: str, ctx: DistContext) -> torch.device:
 
 
 def wrap_ddp(model: nn.Module, device: torch.device, ctx: DistContext, sync_bn: bool = False) -> nn.Module:
-    """``DistributedDataParallel`` for this rank (``device_ids=[local_rank]`` on GPUs), or the model itself.
-
-    ``sync_bn`` converts BatchNorm layers to ``nn.SyncBatchNorm`` first (statistics over the global batch,
-    for small per-GPU batches as in detection); SyncBatchNorm needs GPUs, so CPU runs keep per-rank
-    statistics. The model must already be on ``device``.
+    """``DistributedDataParallel`` for this rank, or the model itself; ``sync_bn`` converts BatchNorms to
+    ``nn.SyncBatchNorm`` first (GPUs only). The model must already be on ``device``.
     """
     if not ctx.enabled:
         return model

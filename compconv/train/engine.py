@@ -1,8 +1,6 @@
-"""The loop shared by classification and detection: ``train_one_epoch`` and ``fit``, over a :class:`TrainState`.
-
-A task describes itself with a :class:`Task` (one training forward, an evaluation, its metrics); the
-loop does the rest: AMP, gradient clipping, EMA, per-step schedule, device-side sums, signals, exact
-resume, checkpoints, loggers and the summary.
+"""The loop shared by classification and detection. A :class:`Task` gives one training forward, an
+evaluation and its metrics; the loop does AMP, clipping, EMA, schedule, signals, exact resume, checkpoints
+and loggers.
 """
 
 from __future__ import annotations
@@ -65,11 +63,9 @@ def compconv_fields(model: nn.Module) -> dict[str, Any]:
 
 
 def train_one_epoch(state: TrainState, loader, task: Task, cfg, rt: Runtime, stop: StopRequest) -> dict | None:
-    """Trains the current epoch from ``state.step_in_epoch``; None if a stop signal interrupted it.
-
-    No step waits for the device: metric sums stay on it, and the loss, the non-finite check and the
-    ranks' agreement on a stop signal are read every ``trainer.log_interval`` steps and at the end (a
-    single process also honours a signal at the next step, which needs no sync).
+    """Trains the current epoch from ``state.step_in_epoch``; None if a stop signal interrupted it. No step waits
+    for the device: sums stay on it, and loss, non-finite check and stop agreement are read every
+    ``trainer.log_interval`` steps.
     """
     trainer = cfg.trainer
     state.net.train()
@@ -159,11 +155,8 @@ def _agree(stop: StopRequest, rt: Runtime, diverged: bool) -> tuple[bool, bool]:
 
 
 def fit(state: TrainState, task: Task, cfg, rt: Runtime, train_loader) -> dict[str, Any]:
-    """Trains to ``trainer.epochs`` (or only evaluates, with ``trainer.eval_only``) and writes the summary.
-
-    Each epoch: train, evaluate (and the EMA weights), log, checkpoint. A stop signal (SIGTERM, or
-    SIGUSR1/2 from SLURM) is honoured at the next step or, if it arrives during evaluation or saving, at
-    the epoch's end: checkpoint, then the previous handler (submitit's requeue) or exit ``128 + signum``.
+    """Trains to ``trainer.epochs`` (or only evaluates, with ``trainer.eval_only``) and writes the summary. Each
+    epoch: train, evaluate (and the EMA weights), log, checkpoint; a stop signal is honoured at the next step.
     """
     reset_peak_memory(rt.device)
     logger = _make_logger(state, task, cfg, rt)

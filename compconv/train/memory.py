@@ -1,8 +1,4 @@
-"""Peak memory of a run: CUDA max allocated, or the process's peak RSS on the CPU.
-
-Both are reset when a run starts, so the runs of a Hydra multirun that share one process
-(the basic launcher) each report their own peak rather than the largest so far.
-"""
+"""Peak memory of a run (CUDA max allocated, or peak RSS on the CPU), reset when each run starts."""
 
 from __future__ import annotations
 

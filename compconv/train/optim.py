@@ -23,12 +23,7 @@ def create_optimizer(model: nn.Module, cfg, global_batch: int) -> torch.optim.Op
 
 
 def create_scheduler(optimizer: torch.optim.Optimizer, cfg, steps_per_epoch: int, epochs: int) -> Scheduler:
-    """A timm scheduler stepped per optimizer step (``step_update(global_step)``).
-
-    Linear warmup from ``warmup_start_factor`` x lr over ``warmup_epochs``, then a cosine over the
-    remaining steps to ``min_lr_factor`` x lr, or a step decay by ``gamma`` at the first step of each
-    epoch in ``milestones`` (none for ``constant``).
-    """
+    """A timm scheduler stepped per optimizer step (``step_update(global_step)``), as :class:`SchedConfig` says."""
     lr = optimizer.param_groups[0]["lr"]
     warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
     common = {"warmup_t": warmup, "warmup_lr_init": cfg.warmup_start_factor * lr, "t_in_epochs": False}

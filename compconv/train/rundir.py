@@ -1,13 +1,6 @@
-"""One writer per run directory: an exclusive ``fcntl.flock`` held for the whole life of the run.
-
-The lock file ``<run_dir>/.run.lock`` records who holds it (pid, host, start time, command). The
-kernel drops an ``flock`` when its process dies, however it dies (SIGKILL, OOM, a crashed node's
-NFS lease expiring), so a lock left by a dead process is simply taken over; the record it left
-behind is reported in a warning. A process holds each run directory once: asking again for a
-directory it already holds returns the same lock.
-
-``flock`` is advisory and local on some network filesystems (NFSv3 without lockd, some FUSE
-mounts): where the filesystem refuses it, the run goes on unlocked with a warning.
+"""One writer per run directory: an exclusive ``fcntl.flock`` on ``<run_dir>/.run.lock`` for the run's life.
+The kernel drops it when the process dies, so a dead run's lock is taken over (its record is reported); where
+the filesystem refuses flock, the run goes on unlocked with a warning (docs/training.md).
 """
 
 from __future__ import annotations

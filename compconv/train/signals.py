@@ -1,9 +1,5 @@
-"""Deferred handling of SIGTERM / SIGUSR1 / SIGUSR2: finish the step, checkpoint, then act on the signal.
-
-A signal handler that checkpointed immediately could catch the optimizer half-way through a step;
-instead the loop polls :attr:`StopRequest.requested` at step boundaries. After the checkpoint,
-:meth:`StopRequest.forward` calls the handler that was installed before ours (e.g. submitit's
-requeue on SIGUSR2), or exits with the conventional ``128 + signum`` status.
+"""SIGTERM / SIGUSR1 / SIGUSR2, deferred: the loop finishes the step, checkpoints, then forwards the signal to
+the handler installed before ours (submitit's requeue) or exits with ``128 + signum``.
 """
 
 from __future__ import annotations

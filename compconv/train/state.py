@@ -64,11 +64,8 @@ def amp_dtype(choice: str, device: torch.device) -> torch.dtype | None:
 
 
 def setup_runtime(cfg) -> Runtime:
-    """Joins the process group (torchrun / SLURM), picks ``cuda:LOCAL_RANK`` or the CPU, seeds each rank,
-    and takes the run directory's lock on rank 0 (:func:`compconv.train.rundir.lock_run_dir`).
-
-    Raises:
-        RunDirInUseError: on every rank, when another live run holds the run directory.
+    """Joins the process group (torchrun / SLURM), picks ``cuda:LOCAL_RANK`` or the CPU, seeds each rank and takes
+    the run directory's lock on rank 0; raises :class:`RunDirInUseError` on every rank if another run holds it.
     """
     try:
         resolve_device(cfg.trainer.device, DistContext())  # a clear error before any process group exists
@@ -99,10 +96,8 @@ def setup_runtime(cfg) -> Runtime:
 
 @dataclass
 class TrainState:
-    """Everything the loop advances and a checkpoint holds.
-
-    ``model`` is the bare model (what is saved and evaluated); ``net`` runs the training batches
-    (the model, wrapped in DDP and/or compiled).
+    """Everything the loop advances and a checkpoint holds: ``model`` is the bare model (saved, evaluated), ``net``
+    runs the training batches (wrapped in DDP and/or compiled).
     """
 
     model: nn.Module
@@ -122,10 +117,8 @@ class TrainState:
 
 def create_state(model: nn.Module, cfg, rt: Runtime, train_loader,
                  input_size: tuple[int, int, int] | None = None) -> TrainState:
-    """Moves ``model`` to the run's device and builds its optimizer, schedule, scaler, EMA, DDP and compile.
-
-    With ``input_size`` (C, H, W of a training input) and ``trainer.check_training_forms``, first checks that
-    the model's CompConv training forms compute Figure 2 at that size (:func:`check_forms`).
+    """Moves ``model`` to the run's device and builds its optimizer, schedule, scaler, EMA, DDP and compile; with
+    ``input_size`` first checks its CompConv training forms (:func:`check_forms`).
     """
     steps_per_epoch = len(train_loader)
     if steps_per_epoch == 0:
@@ -147,9 +140,9 @@ def create_state(model: nn.Module, cfg, rt: Runtime, train_loader,
 
 
 def check_forms(model: nn.Module, input_size: tuple[int, int, int], rt: Runtime) -> None:
-    """:func:`compconv.efficient.check_training_forms` on a random batch of two at ``input_size`` (a detector's
-    backbone: it takes a batch tensor), on the run's device and memory format; raises
-    :class:`compconv.efficient.TrainingFormError` if a layer's training form is not Figure 2's."""
+    """:func:`compconv.efficient.check_training_forms` on a random batch of two at ``input_size``, on the run's
+    device and memory format.
+    """
     target = getattr(model, "backbone", model)
     x = torch.randn(2, *input_size, generator=torch.Generator().manual_seed(0))
     error = check_training_forms(target, x.to(rt.device, memory_format=rt.memory_format))
