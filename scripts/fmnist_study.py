@@ -256,7 +256,7 @@ class Study:
             self.children.discard(child)
         meta["train_seconds"] = round(meta["train_seconds"] + time.time() - started, 1)
         summary = read_summary(run_dir)
-        if code == 0 and finished(summary):
+        if finished(summary):  # also when a stop signal came after the summary was written: the run is complete
             meta["finished"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
             write_atomic(meta_path, json.dumps(meta, indent=2) + "\n")
             record(run, run_dir, summary, args.results, self.lock)

@@ -3,7 +3,9 @@ and the GPU study at CPU sizes. Tiny real runs: 256 training images, one or two 
 
 from __future__ import annotations
 
+import argparse
 import csv
+import json
 import math
 import subprocess
 import sys
@@ -56,8 +58,6 @@ def test_runner_records_skips_and_a_rerun_of_epoch_one_reproduces_the_log(tmp_pa
     check = subprocess.run([sys.executable, *command[1:], "trainer.stop_after_epoch=1"], cwd=ROOT,
                            capture_output=True, text=True, timeout=600)
     assert check.returncode == 0, check.stderr
-    import json
-
     summary = json.loads(next((tmp_path / "recheck").rglob("summary.json")).read_text())
     logged = (tmp_path / long["log"]).read_text().splitlines()[1].split(",")[1]
     assert summary["epochs"] == 1 and summary["schedule_epochs"] == 2
@@ -78,6 +78,31 @@ def test_runner_stops_on_time_with_a_checkpoint_and_resumes(tmp_path):
     assert [r["run"] for r in _rows(tmp_path)] == ["resnet18_s0_e2"]
     if "paused" in stopped.stdout and checkpointed:
         assert "resumed from" in (run_dir / "train_cls.log").read_text()
+
+
+def test_runner_records_a_run_whose_stop_signal_came_after_its_summary(tmp_path, monkeypatch):
+    """The race a timed stop can hit: the trainer wrote its summary, then SIGTERM ended it (exit 143)."""
+    run = fmnist_study.Run("resnet18", 0, 1)
+    args = argparse.Namespace(runs=tmp_path / "runs", results=tmp_path / "results", threads=1, extra=[],
+                              commit="abc", code_dir=ROOT, hours=None)
+    history = [{"epoch": 1, "val/top1": 80.0, "val/top5": 99.0, "val/loss": 0.5, "train/top1": 81.0,
+                "train/loss": 0.4, "lr": 0.1, "train/images_per_s": 100.0}]
+    summary = {"epochs": 1, "schedule_epochs": 1, "history": history, "train_images": 256, "val_images": 256,
+               "top1": 80.0, "top5": 99.0, "params": 1, "macs": 1, "device": "cpu", "torch": "2"}
+
+    class KilledAfterItsSummary:
+        def __init__(self, *_, **__):
+            (args.runs / run.name / "summary.json").write_text(json.dumps(summary))
+
+        def wait(self):
+            return 143
+
+    monkeypatch.setattr(fmnist_study.subprocess, "Popen", KilledAfterItsSummary)
+    study = fmnist_study.Study(args)
+    study.stopping.set()  # the runner had asked it to stop
+    study.train(run)
+    assert not study.failed
+    assert [r["run"] for r in _rows(tmp_path)] == [run.name] and _rows(tmp_path)[0]["top1"] == "80.0"
 
 
 def test_runner_refuses_a_directory_started_with_another_command(tmp_path):
