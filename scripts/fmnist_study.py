@@ -153,14 +153,22 @@ def write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-LOG_FIELDS = ("epoch", "val_top1", "val_top5", "val_loss", "train_top1", "train_loss", "lr", "images_per_s")
+# a per-epoch log's columns and the trainer's history keys they hold
+LOG_KEYS = {"epoch": "epoch", "val_top1": "val/top1", "val_top5": "val/top5", "val_loss": "val/loss",
+            "train_top1": "train/top1", "train_loss": "train/loss", "lr": "lr", "images_per_s": "train/images_per_s"}
+LOG_FIELDS = tuple(LOG_KEYS)
+
+
+def log_value(value) -> str:
+    """How a log writes one value (6 significant digits)."""
+    return f"{value:.6g}" if isinstance(value, float) else "" if value is None else str(value)
 
 
 def write_log(path: Path, history: list[dict]) -> None:
     """A run's per-epoch log: one row per epoch, :data:`LOG_FIELDS` (missing values empty)."""
     lines = [",".join(LOG_FIELDS)]
     for h in history:
-        lines.append(",".join(f"{h[k]:.6g}" if isinstance(h.get(k), float) else str(h.get(k, "")) for k in LOG_FIELDS))
+        lines.append(",".join(log_value(h.get(k)) for k in LOG_FIELDS))
     write_atomic(path, "\n".join(lines) + "\n")
 
 
@@ -183,9 +191,7 @@ def upsert_row(table: Path, row: dict, lock: threading.Lock) -> None:
 def record(run: Run, run_dir: Path, summary: dict, results: Path, lock: threading.Lock) -> None:
     """Writes the run's per-epoch log and its row of the study CSV (replacing an older row of the same run)."""
     log = results / "fashion_mnist_study" / f"{run.name}.csv"
-    history = [{"epoch": h["epoch"], "val_top1": h.get("val/top1"), "val_top5": h.get("val/top5"),
-                "val_loss": h.get("val/loss"), "train_top1": h.get("train/top1"), "train_loss": h.get("train/loss"),
-                "lr": h.get("lr"), "images_per_s": h.get("train/images_per_s")} for h in summary["history"]]
+    history = [{column: h.get(key) for column, key in LOG_KEYS.items()} for h in summary["history"]]
     write_log(log, history)
     meta = json.loads((run_dir / "study.json").read_text())
     row = {

@@ -13,7 +13,7 @@ import sys
 import pytest
 
 from helpers import ROOT
-from scripts import fmnist_study, fmnist_study_table
+from scripts import fmnist_study, fmnist_study_recheck, fmnist_study_table
 
 TINY = ["data.img_size=32", "data.train_subset=256", "data.val_subset=256", "trainer.check_training_forms=false"]
 
@@ -41,7 +41,7 @@ def test_plans_pair_every_model_with_the_baseline_and_run_each_once():
 
 
 @pytest.mark.slow
-def test_runner_records_skips_and_a_rerun_of_epoch_one_reproduces_the_log(tmp_path):
+def test_runner_records_skips_and_a_rerun_of_epoch_one_reproduces_the_log(tmp_path, capsys):
     done = _study(tmp_path, "--plan", "pilot")
     assert done.returncode == 0, done.stderr
     rows = _rows(tmp_path)
@@ -62,6 +62,20 @@ def test_runner_records_skips_and_a_rerun_of_epoch_one_reproduces_the_log(tmp_pa
     logged = (tmp_path / long["log"]).read_text().splitlines()[1].split(",")[1]
     assert summary["epochs"] == 1 and summary["schedule_epochs"] == 2
     assert f"{summary['top1']:.6g}" == logged
+    # The same check as a script, which also records it; and what it says when a log does not match its run.
+    recheck = ["--run", "resnet18_s0_e2", "--results", str(tmp_path / "results")]
+    assert fmnist_study_recheck.main([*recheck, "--record"]) == 0
+    assert "resnet18_s0_e2 epoch 1: bitwise" in capsys.readouterr().out
+    assert "| resnet18_s0_e2 | 1 |" in (tmp_path / "results" / "fashion_mnist_study_recheck.md").read_text()
+    log = tmp_path / long["log"]
+    lines = log.read_text().splitlines()
+    fields = lines[1].split(",")
+    fields[1] = f"{float(fields[1]) + 1:.6g}"
+    log.write_text("\n".join([lines[0], ",".join(fields), *lines[2:]]) + "\n")
+    assert fmnist_study_recheck.main(recheck) == 1
+    assert "resnet18_s0_e2 epoch 1: top-1 off by 1.00 pt" in capsys.readouterr().out
+    assert fmnist_study_recheck.main(["--run", "resnet18_s9_e2", "--results", str(tmp_path / "results")]) == 2
+    assert "error: no run 'resnet18_s9_e2'" in capsys.readouterr().err
 
 
 @pytest.mark.slow
