@@ -16,7 +16,6 @@ when it does not, 2 on bad input.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import re
 import shlex
@@ -29,6 +28,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from scripts.fmnist_study import LOG_KEYS, cpu_name, log_value  # noqa: E402  (one log format)
+from scripts.fmnist_study_table import TableError, read_log, read_rows  # noqa: E402  (one reader, checked)
+
 
 class RecheckError(ValueError):
     """The run, its log or its rerun cannot be compared; the message says why."""
@@ -37,23 +38,13 @@ class RecheckError(ValueError):
 COMPARED = ("val_top1", "val_top5", "val_loss", "train_top1", "train_loss", "lr")
 
 
-def find_row(results: Path, run: str) -> dict:
-    table = results / "fashion_mnist_study.csv"
-    if not table.exists():
-        raise RecheckError(f"{table} does not exist: pass --results, the folder holding the study's CSV")
-    with table.open(newline="") as f:
-        rows = {row["run"]: row for row in csv.DictReader(f)}
+def find_run(results: Path, run: str) -> tuple[dict, list[dict]]:
+    """The run's row of the study CSV and its per-epoch log (both checked by the table's reader)."""
+    rows = {row["run"]: row for row in read_rows(results, "fashion_mnist_study")}
     if run not in rows:
-        raise RecheckError(f"no run {run!r} in {table}; finished runs: {', '.join(sorted(rows))}")
-    return rows[run]
-
-
-def logged_epoch(results: Path, row: dict, epoch: int) -> dict:
-    with (results.parent / row["log"]).open(newline="") as f:
-        for line in csv.DictReader(f):
-            if int(line["epoch"]) == epoch:
-                return line
-    raise RecheckError(f"--epoch {epoch}: {row['log']} has epochs 1-{row['epochs']}")
+        raise RecheckError(f"no run {run!r} in {results / 'fashion_mnist_study.csv'}; finished runs: "
+                           f"{', '.join(sorted(rows))}")
+    return rows[run], read_log(results.parent / rows[run]["log"])
 
 
 def rerun(command: str, epoch: int, run_dir: Path) -> dict:
@@ -80,11 +71,13 @@ def main(argv: list[str] | None = None) -> int:
     results = args.results.resolve()
     started = time.time()
     try:
-        row = find_row(results, args.run)
-        logged = logged_epoch(results, row, args.epoch)
+        row, log = find_run(results, args.run)
+        if not 1 <= args.epoch <= len(log):
+            raise RecheckError(f"--epoch {args.epoch}: {row['log']} has epochs 1-{len(log)}")
+        logged = log[args.epoch - 1]
         with tempfile.TemporaryDirectory(prefix="recheck-") as folder:
             history = rerun(row["command"], args.epoch, Path(folder))
-    except RecheckError as error:
+    except (RecheckError, TableError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     again = {column: log_value(history.get(LOG_KEYS[column])) for column in COMPARED}
