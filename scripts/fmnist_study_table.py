@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import csv
 import math
+import re
 import shlex
 import statistics
 import sys
@@ -93,6 +94,11 @@ def read_speed(path: Path | None) -> dict[str, dict[str, float]]:
     return speed
 
 
+def natural(name: str) -> list:
+    """A sort key that reads the numbers in ``name`` as numbers (compconv64 before compconv128)."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
 def label(model: str, variant: str) -> str:
     return f"{model} ({variant})" if variant else model
 
@@ -104,7 +110,7 @@ def build(rows: list[dict], baseline: str, epochs: int, speed: dict, img_size: i
         if int(row["epochs"]) == epochs:
             groups[(row["model"], row["variant"])][int(row["seed"])] = row
     base = groups.get((baseline, ""), {})
-    order = sorted(groups, key=lambda k: (k != (baseline, ""), k[1] != "", k[0], k[1]))
+    order = sorted(groups, key=lambda k: (k != (baseline, ""), k[1] != "", natural(k[0]), k[1]))
     lines = [f"# {title}", "", header, "",
              "| model | seeds | top-1 (%) mean ± std | Δ top-1 vs baseline, paired [95 % CI] | MACs (M) | params (M) "
              "| activations (M) | train img/s | infer img/s |",

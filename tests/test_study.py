@@ -158,6 +158,15 @@ def test_table_gives_paired_differences_with_t_intervals(tmp_path):
     assert mean == 2.0 and math.isclose(half, 4.303 / math.sqrt(3))
 
 
+def test_table_lists_the_baseline_first_then_models_by_their_numbers(tmp_path):
+    _write_study(tmp_path, {("resnet18_compconv256", 0): 90.0, ("resnet18_ghost", 0): 90.0,
+                            ("resnet18_compconv64", 0): 90.0, ("resnet18", 0): 90.0})
+    assert fmnist_study_table.main(["--results", str(tmp_path / "results")]) == 0
+    text = (tmp_path / "results" / "fashion_mnist_study.md").read_text()
+    rows = [line.split(" | ")[0][2:] for line in text.splitlines() if line.startswith("| resnet18")]
+    assert rows == ["resnet18", "resnet18_compconv64", "resnet18_compconv256", "resnet18_ghost"]
+
+
 def test_table_refuses_a_row_whose_log_disagrees(tmp_path, capsys):
     _write_study(tmp_path, {("resnet18", 0): 90.0})
     (tmp_path / "results/fashion_mnist_study/resnet18_s0_e2.csv").write_text("epoch,val_top1\n1,80\n2,85\n")
