@@ -72,9 +72,10 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     try:
         row, log = find_run(results, args.run)
-        if not 1 <= args.epoch <= len(log):
-            raise RecheckError(f"--epoch {args.epoch}: {row['log']} has epochs 1-{len(log)}")
-        logged = log[args.epoch - 1]
+        logged = next((line for line in log if line.get("epoch") == str(args.epoch)), None)
+        if logged is None:
+            raise RecheckError(f"--epoch {args.epoch}: {row['log']} has epochs "
+                               f"{', '.join(line.get('epoch') or '?' for line in log)}")
         with tempfile.TemporaryDirectory(prefix="recheck-") as folder:
             history = rerun(row["command"], args.epoch, Path(folder))
     except (RecheckError, TableError) as error:

@@ -76,6 +76,8 @@ def test_runner_records_skips_and_a_rerun_of_epoch_one_reproduces_the_log(tmp_pa
     assert "resnet18_s0_e2 epoch 1: top-1 off by 1.00 pt" in capsys.readouterr().out
     assert fmnist_study_recheck.main(["--run", "resnet18_s9_e2", "--results", str(tmp_path / "results")]) == 2
     assert "error: no run 'resnet18_s9_e2'" in capsys.readouterr().err
+    assert fmnist_study_recheck.main([*recheck, "--epoch", "5"]) == 2
+    assert "error: --epoch 5: results/fashion_mnist_study/resnet18_s0_e2.csv has epochs 1, 2" in capsys.readouterr().err
 
 
 @pytest.mark.slow
