@@ -103,6 +103,32 @@ def label(model: str, variant: str) -> str:
     return f"{model} ({variant})" if variant else model
 
 
+def paired_delta(runs: dict[int, dict], reference: dict[int, dict]) -> str:
+    """Mean top-1 difference of ``runs`` to ``reference`` over their shared seeds, with its 95 % t interval."""
+    pairs = [float(runs[s]["top1"]) - float(reference[s]["top1"]) for s in sorted(runs) if s in reference]
+    if not pairs:
+        return "no paired seeds"
+    d, half = t_interval(pairs)
+    return f"{d:+.2f} [{d - half:+.2f}, {d + half:+.2f}] (n={len(pairs)})" if len(pairs) > 1 else f"{d:+.2f} (n=1)"
+
+
+def ablations(groups: dict, summary: dict, order: list) -> list[str]:
+    """Each variant against the same model with its defaults, paired by seed: what the one option changes."""
+    variants = [key for key in order if key[1] and (key[0], "") in groups]
+    if not variants:
+        return []
+    lines = ["", "Ablations: each option against the same model with the defaults (paired by seed).", "",
+             "| model | option | seeds | Δ top-1 vs defaults, paired [95 % CI] | Δ MACs (M) | Δ params (M) |",
+             "|---|---|---:|---:|---:|---:|"]
+    for model, variant in variants:
+        runs, defaults = groups[(model, variant)], summary[(model, "")]
+        ablated = summary[(model, variant)]
+        lines.append(f"| {model} | {variant} | {len(runs)} | {paired_delta(runs, groups[(model, '')])} | "
+                     f"{(ablated['macs'] - defaults['macs']) / 1e6:+.1f} | "
+                     f"{(ablated['params'] - defaults['params']) / 1e6:+.2f} |")
+    return lines
+
+
 def build(rows: list[dict], baseline: str, epochs: int, speed: dict, img_size: int, in_chans: int,
           title: str, header: str) -> tuple[str, dict]:
     groups: dict[tuple[str, str], dict[int, dict]] = defaultdict(dict)
@@ -121,15 +147,7 @@ def build(rows: list[dict], baseline: str, epochs: int, speed: dict, img_size: i
         top1 = [float(r["top1"]) for r in runs.values()]
         mean = statistics.fmean(top1)
         std = statistics.stdev(top1) if len(top1) > 1 else math.nan
-        pairs = [float(runs[s]["top1"]) - float(base[s]["top1"]) for s in sorted(runs) if s in base]
-        if key == (baseline, ""):
-            delta = "—"
-        elif pairs:
-            d, half = t_interval(pairs)
-            delta = f"{d:+.2f} [{d - half:+.2f}, {d + half:+.2f}] (n={len(pairs)})" if len(pairs) > 1 else \
-                f"{d:+.2f} (n=1)"
-        else:
-            delta = "no paired seeds"
+        delta = "—" if key == (baseline, "") else paired_delta(runs, base)
         macs, params, acts = complexity_of(*key, img_size, in_chans)
         model_speed = speed.get(key[0], {}) if not key[1] else {}
         train = f"{model_speed['train']:.0f}" if "train" in model_speed else "—"
@@ -137,7 +155,8 @@ def build(rows: list[dict], baseline: str, epochs: int, speed: dict, img_size: i
         std_text = f"{std:.2f}" if not math.isnan(std) else "—"
         lines.append(f"| {label(*key)} | {len(top1)} | {mean:.2f} ± {std_text} | {delta} | {macs / 1e6:.1f} | "
                      f"{params / 1e6:.2f} | {acts / 1e6:.3f} | {train} | {infer} |")
-        summary[key] = {"mean": mean, "std": std, "macs": macs, "runs": runs}
+        summary[key] = {"mean": mean, "std": std, "macs": macs, "params": params, "runs": runs}
+    lines += ablations(groups, summary, order)
     first = next(iter(base.values()), None) or next((r for g in groups.values() for r in g.values()), None)
     if first is not None:
         lines += ["", f"Epochs {epochs}; training images {first['train_images']}; validation images "

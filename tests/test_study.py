@@ -130,14 +130,17 @@ def test_runner_refuses_a_directory_started_with_another_command(tmp_path):
     assert done.returncode == 1 and "was started as `python other.py`; remove it to start again" in done.stderr
 
 
-def _write_study(tmp_path, tops: dict[tuple[str, int], float]) -> None:
+def _write_study(tmp_path, tops: dict[tuple, float]) -> None:
+    """Rows and logs of a 2-epoch study: ``tops[(model, seed)]`` or ``tops[(model, variant, seed)]`` = top-1."""
     results = tmp_path / "results"
     (results / "fashion_mnist_study").mkdir(parents=True)
     rows = []
-    for (model, seed), top1 in tops.items():
-        log = f"results/fashion_mnist_study/{model}_s{seed}_e2.csv"
+    for key, top1 in tops.items():
+        model, variant, seed = key if len(key) == 3 else (key[0], "", key[1])
+        run = fmnist_study.Run(model, seed, 2, variant).name
+        log = f"results/fashion_mnist_study/{run}.csv"
         (tmp_path / log).write_text(f"epoch,val_top1\n1,{top1 - 5}\n2,{top1}\n")
-        rows.append({"run": f"{model}_s{seed}_e2", "model": model, "variant": "", "seed": seed, "epochs": 2,
+        rows.append({"run": run, "model": model, "variant": variant, "seed": seed, "epochs": 2,
                      "train_images": 60000, "val_images": 10000, "top1": top1, "command": "python train_cls.py",
                      "log": log})
     with (results / "fashion_mnist_study.csv").open("w", newline="") as f:
@@ -167,6 +170,21 @@ def test_table_lists_the_baseline_first_then_models_by_their_numbers(tmp_path):
     text = (tmp_path / "results" / "fashion_mnist_study.md").read_text()
     rows = [line.split(" | ")[0][2:] for line in text.splitlines() if line.startswith("| resnet18")]
     assert rows == ["resnet18", "resnet18_compconv64", "resnet18_compconv256", "resnet18_ghost"]
+
+
+def test_table_pairs_each_ablation_with_the_same_model_at_its_defaults(tmp_path):
+    _write_study(tmp_path, {("resnet18", 0): 92.0, ("resnet18", 1): 92.0,
+                            ("resnet18_compconv128", 0): 91.0, ("resnet18_compconv128", 1): 91.5,
+                            ("resnet18_compconv128", "tail=dense", 0): 91.5,
+                            ("resnet18_compconv128", "tail=dense", 1): 91.5})
+    assert fmnist_study_table.main(["--results", str(tmp_path / "results")]) == 0
+    text = (tmp_path / "results" / "fashion_mnist_study.md").read_text()
+    # against the baseline: -0.5, -0.5; against the defaults: +0.5, 0.0 -> mean +0.25, half-width 12.706 * 0.25
+    assert "| resnet18_compconv128 (tail=dense) | 2 | 91.50 ± 0.00 | -0.50 [-0.50, -0.50] (n=2) |" in text
+    row = next(line for line in text.splitlines() if line.startswith("| resnet18_compconv128 | tail=dense |"))
+    cells = [cell.strip() for cell in row.strip("|").split("|")]
+    assert cells[2:4] == ["2", "+0.25 [-2.93, +3.43] (n=2)"]
+    assert float(cells[4]) > 0 and float(cells[5]) > 0  # a dense tail costs MACs and params
 
 
 def test_table_refuses_a_row_whose_log_disagrees(tmp_path, capsys):
