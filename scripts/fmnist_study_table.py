@@ -112,18 +112,18 @@ def paired_delta(runs: dict[int, dict], reference: dict[int, dict]) -> str:
     return f"{d:+.2f} [{d - half:+.2f}, {d + half:+.2f}] (n={len(pairs)})" if len(pairs) > 1 else f"{d:+.2f} (n=1)"
 
 
-def ablations(groups: dict, summary: dict, order: list) -> list[str]:
+def ablations(summary: dict) -> list[str]:
     """Each variant against the same model with its defaults, paired by seed: what the one option changes."""
-    variants = [key for key in order if key[1] and (key[0], "") in groups]
+    variants = [key for key in summary if key[1] and (key[0], "") in summary]
     if not variants:
         return []
     lines = ["", "Ablations: each option against the same model with the defaults (paired by seed).", "",
              "| model | option | seeds | Δ top-1 vs defaults, paired [95 % CI] | Δ MACs (M) | Δ params (M) |",
              "|---|---|---:|---:|---:|---:|"]
     for model, variant in variants:
-        runs, defaults = groups[(model, variant)], summary[(model, "")]
-        ablated = summary[(model, variant)]
-        lines.append(f"| {model} | {variant} | {len(runs)} | {paired_delta(runs, groups[(model, '')])} | "
+        ablated, defaults = summary[(model, variant)], summary[(model, "")]
+        lines.append(f"| {model} | {variant} | {len(ablated['runs'])} | "
+                     f"{paired_delta(ablated['runs'], defaults['runs'])} | "
                      f"{(ablated['macs'] - defaults['macs']) / 1e6:+.1f} | "
                      f"{(ablated['params'] - defaults['params']) / 1e6:+.2f} |")
     return lines
@@ -156,7 +156,7 @@ def build(rows: list[dict], baseline: str, epochs: int, speed: dict, img_size: i
         lines.append(f"| {label(*key)} | {len(top1)} | {mean:.2f} ± {std_text} | {delta} | {macs / 1e6:.1f} | "
                      f"{params / 1e6:.2f} | {acts / 1e6:.3f} | {train} | {infer} |")
         summary[key] = {"mean": mean, "std": std, "macs": macs, "params": params, "runs": runs}
-    lines += ablations(groups, summary, order)
+    lines += ablations(summary)
     first = next(iter(base.values()), None) or next((r for g in groups.values() for r in g.values()), None)
     if first is not None:
         lines += ["", f"Epochs {epochs}; training images {first['train_images']}; validation images "
