@@ -12,7 +12,14 @@ and biases, per-step cosine), at batch 256. Augmentation (horizontal flip; a ran
 the data order are drawn from a generator seeded by (seed, epoch) on the CPU: for one seed every model sees
 the same images in the same order.
 Each finished run writes its per-epoch log to ``results/fashion_mnist_gpu_study/`` and its row to
-``results/fashion_mnist_gpu_study.csv``; then ``scripts/fmnist_study_table.py`` makes the table and plots.
+``results/fashion_mnist_gpu_study.csv``; then ``scripts/fmnist_study_table.py`` makes the table and plots, whose
+header gives the GPU's name and the measured wall time.
+
+How long: not yet measured, as no GPU has been lent to this project. The default plan is 29 runs of 8 epochs
+(5 ResNet-50 models and the VGG-16 pair, 3 seeds each; 4 ablations, 2 seeds each): 1.4e16 MACs of training and
+evaluation at 64x64 (each model's MACs from ``compconv.complexity``, a training step taken as 3 forwards), which
+is 28 s at an H100's bf16 dense peak (989 TFLOPS). Ten minutes therefore asks for about 5 % of that peak across
+the six concurrent runs. ``--minutes 10`` starts no run after ten minutes.
 """
 
 from __future__ import annotations
@@ -246,7 +253,14 @@ def main(argv: list[str] | None = None) -> int:
     wall = time.time() - started
     from scripts.fmnist_study_table import main as table
 
-    device = "CPU (--tiny)" if args.tiny else args.device
+    if args.tiny:
+        device = "CPU (--tiny)"
+    elif args.device.startswith("cuda"):
+        import torch
+
+        device = f"{torch.cuda.get_device_name(args.device)} ({args.device})"
+    else:
+        device = args.device
     header = (f"Runs: `{command.strip()}` on {device}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}: "
               f"{len(specs) - len(failed)} of {len(specs)} runs in {wall / 60:.1f} min wall, {args.concurrent} at a "
               f"time; bf16 autocast and channels_last on CUDA, batch {specs[0]['batch']}.")
