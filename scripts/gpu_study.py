@@ -225,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     commit = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=ROOT, capture_output=True,
                             text=True).stdout.strip()
     command = "python scripts/gpu_study.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    started, pending, running, failed = time.time(), list(specs), {}, []
+    started, pending, running, failed, devices = time.time(), list(specs), {}, [], set()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     while pending or running:
         while pending and len(running) < args.concurrent and not (
@@ -247,20 +247,15 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"error: {name} failed: {err.strip().splitlines()[-1] if err.strip() else proc.returncode}",
                       file=sys.stderr)
                 continue
-            write_results(args.results, spec, json.loads(out.strip().splitlines()[-1]), commit, command)
+            summary = json.loads(out.strip().splitlines()[-1])
+            devices.add(summary["device"])
+            write_results(args.results, spec, summary, commit, command)
             print(f"[{time.time() - started:6.0f} s] {name} done", flush=True)
         time.sleep(0.2)
     wall = time.time() - started
     from scripts.fmnist_study_table import main as table
 
-    if args.tiny:
-        device = "CPU (--tiny)"
-    elif args.device.startswith("cuda"):
-        import torch
-
-        device = f"{torch.cuda.get_device_name(args.device)} ({args.device})"
-    else:
-        device = args.device
+    device = "CPU (--tiny)" if args.tiny else ", ".join(sorted(devices)) or args.device  # as the runs report it
     header = (f"Runs: `{command.strip()}` on {device}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}: "
               f"{len(specs) - len(failed)} of {len(specs)} runs in {wall / 60:.1f} min wall, {args.concurrent} at a "
               f"time; bf16 autocast and channels_last on CUDA, batch {specs[0]['batch']}.")
