@@ -39,7 +39,7 @@ import yaml
 from torch import nn
 
 from compconv.complexity import complexity
-from compconv.deploy.timing import interleaved_times
+from compconv.inference.timing import interleaved_times
 from compconv.io import atomic_write_text
 from compconv.train.memory import peak_memory_mb as peak_mb
 from compconv.train.memory import reset_peak_memory, resident_memory_mb
@@ -105,7 +105,7 @@ def create_variant(name: str, example_input: torch.Tensor | None = None, runtime
     ``NAME+plain`` builds the plain :class:`compconv.CompConv2d` (Figure 2 as written, no training fast path);
     ``NAME+OPTION=VALUE`` overrides a CompConv option (e.g. ``+c_prim_divisor=16``). Training
     workloads run the model as trained (``+plain`` and options kept)."""
-    from compconv.deploy import deploy
+    from compconv import deploy
 
     base, *variants = name.split("+")
     options = dict(_option(v) for v in variants if "=" in v)

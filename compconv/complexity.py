@@ -1,5 +1,9 @@
 """MACs and parameters: multiply-accumulates of convolutions and linear layers (the paper's "FLOPs"), counted
 with ``torch.utils.flop_counter.FlopCounterMode`` and divided by 2; norms and elementwise ops are not counted.
+
+Two counts where they differ: Figure 2's (every CompConv as the paper draws it: what the paper's FLOPs mean) and
+the executed count (what the model built here runs: the training fast path computes some 1x1 layers as one dense
+GEMM, which any FLOP counter, fvcore's or timm's, sees). A model built with ``efficient=False`` runs Figure 2.
 """
 
 from __future__ import annotations
@@ -11,7 +15,6 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from .efficient import figure2_forms
-
 from .ghost import GhostConv2d
 from .layers import CompConv2d
 
@@ -35,12 +38,14 @@ class ComplexityReport:
 
     Attributes:
         input_size: (C, H, W) of the counted forward pass.
-        macs: Total MACs of one image.
+        macs: Total MACs of one image with every CompConv as Figure 2 draws it (the paper's count).
         params: Total parameters (unique tensors).
         module_macs: MACs of every module that ran a counted op, by qualified name ("" = model).
         layers: One row per conv / linear / CompConv2d layer (the layers a patch acts on).
         activations: Output elements of every conv and linear op of one image (as timm's benchmark reports
             beside MACs: they predict memory traffic, and so GPU speed, better than MACs do).
+        executed_macs: Total MACs of one image as the model runs them (the fast path's forms, see the module
+            doc); equal to ``macs`` for a model without :class:`compconv.EfficientCompConv2d` layers.
     """
 
     input_size: tuple[int, int, int]
@@ -49,16 +54,22 @@ class ComplexityReport:
     module_macs: dict[str, int] = field(default_factory=dict)
     layers: list[LayerCost] = field(default_factory=list)
     activations: int = 0
+    executed_macs: int = 0
 
     def macs_of(self, prefix: str) -> int:
         """MACs of the module called ``prefix`` (e.g. ``layer3``), 0 if it ran no counted op."""
         return self.module_macs.get(prefix, 0)
 
 
-def count_macs(model: nn.Module, inputs: torch.Tensor) -> tuple[int, dict[str, int]]:
-    """MACs of ``model(inputs)`` in total and per module name (FlopCounterMode FLOPs / 2)."""
-    with FlopCounterMode(display=False) as counter, figure2_forms(model):
-        model(inputs)
+def count_macs(model: nn.Module, inputs: torch.Tensor, figure2: bool = True) -> tuple[int, dict[str, int]]:
+    """MACs of ``model(inputs)`` in total and per module name (FlopCounterMode FLOPs / 2), with every CompConv as
+    Figure 2 draws it (``figure2``) or as the model runs it."""
+    with FlopCounterMode(display=False) as counter:
+        if figure2:
+            with figure2_forms(model):
+                model(inputs)
+        else:
+            model(inputs)
     per_module: dict[str, int] = {}
     root = type(model).__name__
     for key, ops in counter.get_flop_counts().items():
@@ -85,19 +96,23 @@ def complexity(model: nn.Module, input_size: tuple[int, int, int] = (3, 224, 224
     outputs = []
     hooks = [m.register_forward_hook(lambda mod, args, out: outputs.append(out.numel()))
              for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    x = torch.zeros(1, *input_size, device=device, dtype=dtype)
     try:
-        total, per_module = count_macs(model, torch.zeros(1, *input_size, device=device, dtype=dtype))
+        total, per_module = count_macs(model, x)
     finally:
-        model.train(was_training)
         for hook in hooks:
             hook.remove()
+    try:
+        executed, _ = count_macs(model, x, figure2=False)
+    finally:
+        model.train(was_training)
     layers = [
         LayerCost(name, type(m).__name__, per_module.get(name, 0), sum(p.numel() for p in m.parameters()))
         for name, m in model.named_modules()
         if isinstance(m, _LAYER_TYPES) and not _inside_compconv(name, model)
     ]
     params = sum(p.numel() for p in model.parameters())
-    return ComplexityReport(tuple(input_size), total, params, per_module, layers, sum(outputs))
+    return ComplexityReport(tuple(input_size), total, params, per_module, layers, sum(outputs), executed)
 
 
 def _inside_compconv(name: str, model: nn.Module) -> bool:

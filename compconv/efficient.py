@@ -9,61 +9,59 @@ from __future__ import annotations
 
 import functools
 from contextlib import contextmanager
-from typing import Iterator, List, Optional
+from dataclasses import dataclass
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import CompConv2d, channel_shuffle
+from .capture import compiling_training_graph, memory_format_of, recording_graph
+from .checks import relative_error
+from .layers import CompConv2d
 from .nested import tensors
-from .pointwise import LOWRANK_MAX_SHARE, composed_weight, factorised_weights, is_pointwise, part_map, shuffled_rows
+from .pointwise import LOWRANK_MAX_SHARE, composed_weight, factorised_weights, is_pointwise, lowrank_macs, part_map, \
+    scaled_tail
+from .shuffle import group_runs, shuffle_keeping_format, shuffled_rows
 
-__all__ = ["ConcatShuffle", "EfficientCompConv2d", "IdentitySlices", "TrainingFormError", "assemble",
-           "check_training_forms", "compiled_concat_shuffle", "concat_shuffle", "figure2_forms", "recording_graph",
-           "shuffle_keeping_format", "training_form"]
-
-# dense_pays: train a pointwise layer through its composed weight when its output has at least this many
-# positions per image, or at least DENSE_MIN_POSITIONS_HEAVY where the chain keeps DENSE_MIN_CHAIN_SHARE or more
-# of the plain conv's MACs (measured: the per-layer table of results/benchmark_cpu_train.md)
-DENSE_MIN_POSITIONS = 28 * 28
-DENSE_MIN_POSITIONS_HEAVY = 14 * 14
-DENSE_MIN_CHAIN_SHARE = 0.5
-SCALED_DENSE_MIN_POSITIONS = 56 * 56  # a depth-1 layer with a depthwise tail: one GEMM and a scale wins below
-# assemble() with a norm's affine: written in the copy of each piece from this many elements per piece (measured
-# on the 2-core AVX-512 CPU: 1.24-1.35x at 1.6-3.2 M, 0.6-0.8x below 0.4 M, where per-call costs dominate)
-AFFINE_IN_COPY_MIN_ELEMENTS = 1 << 20
+__all__ = ["FORM_RULES", "ConcatShuffle", "EfficientCompConv2d", "FormRule", "IdentitySlices", "TrainingFormError",
+           "assemble", "check_training_forms", "compiled_concat_shuffle", "concat_shuffle", "figure2_forms",
+           "training_form"]
 
 
-def _memory_format(x: torch.Tensor) -> torch.memory_format:
-    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-    return torch.channels_last if channels_last else torch.contiguous_format
+@dataclass(frozen=True)
+class FormRule:
+    """When a pointwise layer trains in its dense or low-rank form rather than the chain, on one kind of device.
+
+    Attributes:
+        dense_min_positions: Dense from this many output positions per image ...
+        dense_min_positions_heavy: ... or from this many where the chain keeps ``dense_min_chain_share`` or more
+            of the plain conv's MACs.
+        dense_min_chain_share: See above.
+        scaled_dense_min_positions: A depth-1 layer with a depthwise tail trains dense from this many positions.
+        affine_in_copy_min_elements: :func:`assemble` writes a norm's affine in the copy of each piece from this
+            many elements per piece (per-call costs dominate below).
+    """
+
+    dense_min_positions: int
+    dense_min_positions_heavy: int
+    dense_min_chain_share: float
+    scaled_dense_min_positions: int
+    affine_in_copy_min_elements: int
+
+
+# Measured on the 2-core AVX-512 CPU (the per-layer table of results/benchmark_cpu_train.md; assemble's affine
+# 1.24-1.35x at 1.6-3.2 M elements, 0.6-0.8x below 0.4 M). A device without a rule trains every layer in the chain
+# form, the simplest exact one, until it is measured there.
+FORM_RULES: Dict[str, FormRule] = {
+    "cpu": FormRule(dense_min_positions=28 * 28, dense_min_positions_heavy=14 * 14, dense_min_chain_share=0.5,
+                    scaled_dense_min_positions=56 * 56, affine_in_copy_min_elements=1 << 20),
+}
 
 
 def _cat_dtype(parts: List[torch.Tensor]) -> torch.dtype:
     """The dtype ``torch.cat(parts)`` returns (promoted across parts)."""
     return functools.reduce(torch.promote_types, [part.dtype for part in parts])
-
-
-def compiling_training_graph() -> bool:
-    """True while ``torch.compile`` records a training graph (not ``torch.export``, whose graphs hold standard ops)."""
-    return torch.is_grad_enabled() and torch.compiler.is_compiling() and not torch.compiler.is_exporting()
-
-
-def _group_slices(widths: List[int], groups: int) -> Iterator[tuple[int, int, int, int, int]]:
-    """``(part, start, stop, group, offset)`` for every run of a part's channels ``[start, stop)`` that the shuffle
-    puts in one ``group``, at channel ``offset`` of it (output ``i * groups + j`` is concatenated ``j * size + i``).
-    """
-    size = sum(widths) // groups
-    offset = 0
-    for index, width in enumerate(widths):
-        start, stop = offset, offset + width
-        while start < stop:
-            group = start // size
-            end = min(stop, (group + 1) * size)
-            yield index, start - offset, end - offset, group, start - group * size
-            start = end
-        offset = stop
 
 
 def assemble(parts: List[torch.Tensor], groups: int, scale: Optional[torch.Tensor] = None,
@@ -78,11 +76,12 @@ def assemble(parts: List[torch.Tensor], groups: int, scale: Optional[torch.Tenso
     widths = [part.shape[1] for part in parts]
     channels = sum(widths)
     if scale is not None and shift is not None:
-        pieces = len(parts) if groups == 1 else len(list(_group_slices(widths, groups)))
-        if n * channels * h * w < pieces * AFFINE_IN_COPY_MIN_ELEMENTS:
+        pieces = len(parts) if groups == 1 else len(list(group_runs(widths, groups)))
+        rule = FORM_RULES.get(first.device.type)
+        if rule is None or n * channels * h * w < pieces * rule.affine_in_copy_min_elements:
             if groups == 1:  # out= keeps parts[0]'s memory format (cat alone returns NCHW for mixed inputs)
                 out = torch.empty((n, channels, h, w), dtype=_cat_dtype(parts), device=first.device,
-                                  memory_format=_memory_format(first))
+                                  memory_format=memory_format_of(first))
                 torch.cat(parts, dim=1, out=out)
             else:
                 out = assemble(parts, groups)
@@ -90,12 +89,12 @@ def assemble(parts: List[torch.Tensor], groups: int, scale: Optional[torch.Tenso
                 scale, shift = scale.to(out.dtype), shift.to(out.dtype)
             return torch.addcmul(shift.view(1, -1, 1, 1), out, scale.view(1, -1, 1, 1), out=out)
     dtype = _cat_dtype(parts)
-    out = torch.empty((n, channels, h, w), dtype=dtype, device=first.device, memory_format=_memory_format(first))
+    out = torch.empty((n, channels, h, w), dtype=dtype, device=first.device, memory_format=memory_format_of(first))
     view = out.view(n, channels // groups, groups, h, w)
     if scale is not None and shift is not None:
         scale = scale.to(dtype).view(1, channels // groups, groups, 1, 1)
         shift = shift.to(dtype).view(1, channels // groups, groups, 1, 1)
-    for index, start, stop, group, at in _group_slices(widths, groups):
+    for index, start, stop, group, at in group_runs(widths, groups):
         target = view[:, at:at + stop - start, group]
         if scale is None or shift is None:
             target.copy_(parts[index][:, start:stop])
@@ -111,7 +110,7 @@ def unshuffle_views(grad: torch.Tensor, widths: List[int], groups: int) -> List[
     n, channels, h, w = grad.shape
     view = grad.view(n, channels // groups, groups, h, w)
     pieces: list[list[torch.Tensor]] = [[] for _ in widths]
-    for index, start, stop, group, at in _group_slices(widths, groups):
+    for index, start, stop, group, at in group_runs(widths, groups):
         pieces[index].append(view[:, at:at + stop - start, group])
     return [p[0] if len(p) == 1 else torch.cat(p, dim=1) for p in pieces]
 
@@ -143,20 +142,20 @@ def _(parts: List[torch.Tensor], groups: int) -> torch.Tensor:
     first = parts[0]
     n, _, h, w = first.shape
     return first.new_empty((n, sum(part.shape[1] for part in parts), h, w), dtype=_cat_dtype(parts)).contiguous(
-        memory_format=_memory_format(first))
+        memory_format=memory_format_of(first))
 
 
 @torch.library.custom_op("compconv::unshuffle", mutates_args=())
 def compiled_unshuffle(grad: torch.Tensor, widths: List[int], groups: int) -> List[torch.Tensor]:
     """The gradients of :func:`compiled_concat_shuffle`'s parts, each compact in ``grad``'s memory format."""
-    memory_format = _memory_format(grad)
+    memory_format = memory_format_of(grad)
     return [view.contiguous(memory_format=memory_format) for view in unshuffle_views(grad, widths, groups)]
 
 
 @compiled_unshuffle.register_fake
 def _(grad: torch.Tensor, widths: List[int], groups: int) -> List[torch.Tensor]:
     n, _, h, w = grad.shape
-    return [grad.new_empty((n, width, h, w)).contiguous(memory_format=_memory_format(grad)) for width in widths]
+    return [grad.new_empty((n, width, h, w)).contiguous(memory_format=memory_format_of(grad)) for width in widths]
 
 
 def _setup_concat_shuffle(ctx, inputs, output) -> None:
@@ -178,7 +177,7 @@ class IdentitySlices(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, module, size, x: torch.Tensor):
-        ctx.module, ctx.shape, ctx.format = module, x.shape, _memory_format(x)
+        ctx.module, ctx.shape, ctx.format = module, x.shape, memory_format_of(x)
         like = x.new_empty((0, 0, *size))  # sample_identity reads only its grid
         return tuple(module.sample_identity(x[:, start:stop], like)
                      for start, stop in zip(module.identity_starts, module.identity_stops))
@@ -196,12 +195,6 @@ class IdentitySlices(torch.autograd.Function):
         return None, None, grad_x
 
 
-def _scaled_tail(module) -> bool:
-    """Depth 1 with a depthwise 1x1 tail: ``y = shuffle([b; w * b])`` with ``b = U x`` (``V`` is a scale)."""
-    tail = module.tail
-    return len(module.convs) == 1 and tail is not None and tail.groups != 1 and tail.kernel_size == (1, 1)
-
-
 def _scaled_forward(module, x: torch.Tensor) -> torch.Tensor:
     b = F.conv2d(x, module.convs[0].weight, None, module.stride)
     a = b[:, :module.tail_in] * module.tail.weight.view(1, -1, 1, 1)
@@ -209,7 +202,7 @@ def _scaled_forward(module, x: torch.Tensor) -> torch.Tensor:
         y = compiled_concat_shuffle([b, a], module.shuffle_groups)
     elif module.shuffle_groups == 2 and a.shape[1] == b.shape[1]:
         # interleaving b and a channel by channel is the g = 2 shuffle, written in one pass
-        if _memory_format(b) == torch.channels_last:
+        if memory_format_of(b) == torch.channels_last:
             y = torch.stack([b.permute(0, 2, 3, 1), a.permute(0, 2, 3, 1)], dim=-1).flatten(-2).permute(0, 3, 1, 2)
         else:
             y = torch.stack([b, a], dim=2).flatten(1, 2)
@@ -220,22 +213,13 @@ def _scaled_forward(module, x: torch.Tensor) -> torch.Tensor:
     return y if module.bias is None else y + module.bias.view(1, -1, 1, 1)
 
 
-def lowrank_macs(module) -> int:
-    """MACs per output position of the low-rank training form (an upper bound: small inputs slice identities)."""
-    plan = module.plan
-    rank = plan.c_prim + plan.identity_channels
-    if _scaled_tail(module):
-        return plan.in_channels * rank + plan.out_channels
-    return rank * (plan.in_channels + plan.out_channels)
-
-
-def pointwise_forward(module, x: torch.Tensor, form: str) -> torch.Tensor:
+def pointwise_forward(module, x: torch.Tensor, form: str, rule: FormRule) -> torch.Tensor:
     """A pointwise CompConv in its ``dense`` or ``lowrank`` training form (same function and gradients)."""
-    if form == "lowrank" and _scaled_tail(module):
+    if form == "lowrank" and scaled_tail(module):
         return _scaled_forward(module, x)
     if form == "dense":
         return F.conv2d(x, composed_weight(module)[:, :, None, None], module.bias, module.stride)
-    if _positions(module, x) >= DENSE_MIN_POSITIONS or not module.identity_starts:
+    if _positions(module, x) >= rule.dense_min_positions or not module.identity_starts:
         w1, v = factorised_weights(module)
         z = F.conv2d(x, w1[:, :, None, None], None, module.stride)
     else:  # z = [U x; identity slices of x]: where the input is small, slices cost less than one-hot GEMM rows
@@ -245,16 +229,19 @@ def pointwise_forward(module, x: torch.Tensor, form: str) -> torch.Tensor:
     return F.conv2d(z, v[:, :, None, None], module.bias)
 
 
-def training_form(module, x: torch.Tensor) -> str:
-    """The form of a pointwise layer for input ``x`` under ``pointwise_form="auto"``: ``lowrank`` where it costs at
-    most :data:`LOWRANK_MAX_SHARE` of the plain conv's MACs, else ``dense`` where :func:`dense_pays`, else
-    ``chain``; a depth-1 layer with a depthwise tail trains dense at large outputs.
+def training_form(module, x: torch.Tensor, rule: FormRule) -> str:
+    """The form of a pointwise layer for input ``x`` under ``pointwise_form="auto"`` and the device's ``rule``:
+    ``lowrank`` where it costs at most :data:`compconv.pointwise.LOWRANK_MAX_SHARE` of the plain conv's MACs, else
+    ``dense`` where :func:`dense_pays`, else ``chain``; a depth-1 layer with a depthwise tail trains dense at large
+    outputs.
     """
-    if _scaled_tail(module) and _positions(module, x) >= SCALED_DENSE_MIN_POSITIONS:
+    scaled = scaled_tail(module)
+    if scaled and _positions(module, x) >= rule.scaled_dense_min_positions:
         return "dense"
-    if lowrank_macs(module) <= LOWRANK_MAX_SHARE * module.plan.plain_macs_per_position:
+    macs = lowrank_macs(module, identities_by_gemm=True, scale_v=scaled)
+    if macs <= LOWRANK_MAX_SHARE * module.plan.plain_macs_per_position:
         return "lowrank"
-    return "dense" if dense_pays(module, x) else "chain"
+    return "dense" if dense_pays(module, x, rule) else "chain"
 
 
 def _positions(module, x: torch.Tensor) -> int:
@@ -262,27 +249,12 @@ def _positions(module, x: torch.Tensor) -> int:
     return (x.shape[-2] // module.stride[0]) * (x.shape[-1] // module.stride[1])
 
 
-def dense_pays(module, x: torch.Tensor) -> bool:
-    """Whether the dense form beats the chain for this layer and input (a rule measured on a 2-core AVX-512 CPU)."""
+def dense_pays(module, x: torch.Tensor, rule: FormRule) -> bool:
+    """Whether the dense form beats the chain for this layer and input, by the device's ``rule``."""
     positions = _positions(module, x)
-    if positions >= DENSE_MIN_POSITIONS:
+    if positions >= rule.dense_min_positions:
         return True
-    return positions >= DENSE_MIN_POSITIONS_HEAVY and module.plan.macs_ratio >= DENSE_MIN_CHAIN_SHARE
-
-
-def recording_graph(x: torch.Tensor) -> bool:
-    """True while ``x`` is being recorded into a graph rather than computed: ``torch.jit.trace``, ``torch.export``
-    (and the ONNX exporters built on either), ``torch.fx`` symbolic tracing. Such graphs hold the plain ops."""
-    return torch.jit.is_tracing() or torch.compiler.is_exporting() or isinstance(x, torch.fx.Proxy)
-
-
-def shuffle_keeping_format(x: torch.Tensor, groups: int) -> torch.Tensor:
-    """:func:`compconv.layers.channel_shuffle` that keeps a channels_last input channels_last."""
-    if groups == 1 or recording_graph(x) or x.is_contiguous() or not x.is_contiguous(memory_format=torch.channels_last):
-        return channel_shuffle(x, groups)
-    n, c, h, w = x.shape
-    nhwc = x.permute(0, 2, 3, 1)
-    return nhwc.view(n, h, w, groups, c // groups).transpose(3, 4).reshape(n, h, w, c).permute(0, 3, 1, 2)
+    return positions >= rule.dense_min_positions_heavy and module.plan.macs_ratio >= rule.dense_min_chain_share
 
 
 def concat_shuffle(parts: List[torch.Tensor], groups: int) -> torch.Tensor:
@@ -306,57 +278,65 @@ class EfficientCompConv2d(CompConv2d):
     Attributes:
         pointwise_form: ``auto``, ``lowrank``, ``dense`` or ``chain`` (the option) for a 1x1 layer without inner
             norms, ``chain`` for every other layer.
+        figure2: Run Figure 2 as written (the plain module's forward) while true; see :func:`figure2_forms`.
     """
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.pointwise_form = self.plan.options.pointwise_form if is_pointwise(self) else "chain"
+        self.figure2 = False
+        self.forms: Dict[Tuple[str, int, int], str] = {}  # (device type, H, W) -> form, chosen once under "auto"
 
     def __prepare_scriptable__(self) -> CompConv2d:
         """``torch.jit.script`` compiles the plain module (same parameters, same function)."""
-        return to_plain(self)
+        return CompConv2d.from_layer(self)
 
     def form_for(self, x: torch.Tensor) -> str:
-        """The form this layer computes in for input ``x``: ``chain``, ``lowrank`` or ``dense``."""
-        return training_form(self, x) if self.pointwise_form == "auto" else self.pointwise_form
+        """The form this layer computes in for input ``x``: ``chain``, ``lowrank`` or ``dense``. Under ``auto`` it is
+        chosen by the device's :data:`FORM_RULES` entry the first time the layer sees that device and input size
+        (``chain`` on a device without one)."""
+        if self.pointwise_form != "auto":
+            return self.pointwise_form
+        key = (x.device.type, x.shape[-2], x.shape[-1])
+        form = self.forms.get(key)
+        if form is None:
+            rule = FORM_RULES.get(x.device.type)
+            form = training_form(self, x, rule) if rule is not None else "chain"
+            if not torch.compiler.is_compiling():
+                self.forms[key] = form
+        return form
 
     def identities(self, x: torch.Tensor, like: torch.Tensor) -> List[torch.Tensor]:
-        if (self.identity_starts and not self.identity_padded and not recording_graph(x)
+        if (not self.figure2 and self.identity_starts and not self.identity_padded and not recording_graph(x)
                 and not torch.compiler.is_compiling() and torch.is_grad_enabled() and x.requires_grad):
             return list(IdentitySlices.apply(self, like.shape[-2:], x))
         return super().identities(x, like)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if recording_graph(x):
+        if self.figure2 or recording_graph(x):
             return super().forward(x)
         if self.pointwise_form != "chain":
             form = self.form_for(x)
             if form != "chain":  # the same function and gradients, fewer passes
-                return pointwise_forward(self, x, form)
+                rule = FORM_RULES.get(x.device.type) or FORM_RULES["cpu"]  # explicit forms take the measured rule
+                return pointwise_forward(self, x, form, rule)
         y = concat_shuffle(self.parts(x), self.shuffle_groups)
         return y if self.bias is None else y + self.bias.view(1, -1, 1, 1)
 
 
-def to_plain(module: CompConv2d) -> CompConv2d:
-    """A plain :class:`compconv.CompConv2d` sharing ``module``'s parameters, buffers and hooks."""
-    plain = CompConv2d.__new__(CompConv2d)
-    plain.__dict__.update({k: v for k, v in module.__dict__.items() if k != "pointwise_form"})
-    return plain
-
-
 @contextmanager
 def figure2_forms(model: nn.Module) -> Iterator[None]:
-    """Runs every :class:`EfficientCompConv2d` of ``model`` as the plain :class:`compconv.CompConv2d` inside the
-    block: what MACs accounting counts and what :func:`check_training_forms` compares with.
+    """Runs every :class:`EfficientCompConv2d` of ``model`` as Figure 2 is written inside the block (its
+    ``figure2`` attribute): what MACs accounting counts and what :func:`check_training_forms` compares with.
     """
-    swapped = [m for m in model.modules() if type(m) is EfficientCompConv2d]
+    layers = [m for m in model.modules() if isinstance(m, EfficientCompConv2d) and not m.figure2]
     try:
-        for module in swapped:
-            module.__class__ = CompConv2d
+        for layer in layers:
+            layer.figure2 = True
         yield
     finally:
-        for module in swapped:
-            module.__class__ = EfficientCompConv2d
+        for layer in layers:
+            layer.figure2 = False
 
 
 class TrainingFormError(RuntimeError):
@@ -413,8 +393,7 @@ def check_training_forms(model: torch.nn.Module, x: torch.Tensor, tolerance: flo
             continue
         got = torch.zeros_like(want) if got is None else got  # a gradient one form has and the other not
         want = torch.zeros_like(got) if want is None else want
-        scale = float(want.abs().max()) if want.numel() else 0.0
-        error = float((got - want).abs().max()) / scale if scale > 0 else float((got - want).abs().max())
+        error = relative_error(got, want)
         if not error <= tolerance:  # NaN fails too
             raise TrainingFormError(
                 f"CompConv's training forms differ from Figure 2 in {label} by {error:.3g} (relative; tolerance "

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .deploy import DeployReport, deploy
+from .inference import DeployReport, deploy
 from .nested import leaves
 from .onnxrt import ort_session, require
 

@@ -1,37 +1,30 @@
 """CompConv2d, a drop-in replacement for ``nn.Conv2d`` (Zhang et al., CVPR-W 2021, Figure 2).
 
 The forward is Figure 2 as written, with no runtime check, so every runtime and graph capture takes it as
-written. The training fast path with the same parameters is :class:`compconv.efficient.EfficientCompConv2d`.
+written. The training fast path with the same parameters is :class:`compconv.efficient.EfficientCompConv2d`, and
+:func:`compconv.create_conv2d` (:mod:`compconv.factory`) picks between the two; this module knows neither.
 """
 
 
+import copy
 import math
 from typing import Any, List, Optional
 
 import torch
 import torch.nn.functional as F
-from timm.layers import is_exportable, is_scriptable, to_2tuple
+from timm.layers import to_2tuple
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
+from .checks import DeployError, relative_error, tolerance_for
+from .lowrank import build_form, rule_choice
 from .options import CompConvOptions
+from .pointwise import is_pointwise
+from .shuffle import channel_shuffle
 from .sizing import CompConvPlan
 from .sizing import plan as plan_layer
 
-__all__ = ["CompConv2d", "channel_shuffle", "create_conv2d", "identity_sampling", "shuffle_source"]
-
-
-def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
-    """ShuffleNet channel shuffle: output channel ``i * groups + j`` is input channel ``j * C / groups + i``."""
-    if groups == 1:
-        return x
-    n, c, h, w = x.shape
-    return x.view(n, groups, c // groups, h, w).transpose(1, 2).reshape(n, c, h, w)
-
-
-def shuffle_source(channels: int, groups: int) -> torch.Tensor:
-    """``source[o]``: the pre-shuffle channel that :func:`channel_shuffle` puts at output channel ``o``."""
-    return torch.arange(channels).view(groups, channels // groups).t().reshape(-1)
+__all__ = ["CompConv2d", "identity_sampling"]
 
 
 def identity_sampling(kernel: tuple[int, int], padding: tuple[int, int], dilation: tuple[int, int]):
@@ -124,25 +117,42 @@ class CompConv2d(nn.Module):
             raise ValueError(f"CompConv2d replaces dense convolutions only (groups=1), got groups={groups}")
         if padding_mode != "zeros":
             raise ValueError(f"CompConv2d supports padding_mode='zeros' only, got {padding_mode!r}")
-        factory = {"device": device, "dtype": dtype}
         self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size = to_2tuple(kernel_size)
         self.stride = to_2tuple(stride)
         self.dilation = to_2tuple(dilation)
         self.padding = _resolve_padding(padding, self.kernel_size, self.stride, self.dilation)
+        self.plan: CompConvPlan = self._checked_plan(plan, bias, options, option_overrides)
+        self._build_parts(self.plan, {"device": device, "dtype": dtype})
+        self.bias = nn.Parameter(torch.empty(out_channels, device=device, dtype=dtype)) if bias else None
+        # Identity slices: input channels [start, stop) of each A part, sampled where a centre tap reads.
+        self.identity_starts = [p.identity_slice[0] for p in self.plan.identities]
+        self.identity_stops = [p.identity_slice[1] for p in self.plan.identities]
+        self.identity_pad, self.identity_origin, self.identity_trim = identity_sampling(
+            self.kernel_size, self.padding, self.dilation)
+        self.identity_padded = any(self.identity_pad)
+        self.shuffle_groups = self.plan.shuffle_groups
+        self.reset_parameters()
+
+    def _checked_plan(self, plan: CompConvPlan | None, bias: bool, options: CompConvOptions | None,
+                      option_overrides: dict) -> CompConvPlan:
+        """``plan`` checked against this layer's geometry, or the layer planned from ``options``."""
         if plan is None:
-            plan = plan_layer(in_channels, out_channels, self.kernel_size, bias=bias, options=options,
-                                  **option_overrides)
+            plan = plan_layer(self.in_channels, self.out_channels, self.kernel_size, bias=bias, options=options,
+                              **option_overrides)
         elif options is not None or option_overrides:
             raise ValueError("pass either a plan or options, not both")
         elif (plan.in_channels, plan.out_channels, plan.kernel_size, plan.bias) != (
-                in_channels, out_channels, self.kernel_size, bias):
+                self.in_channels, self.out_channels, self.kernel_size, bias):
             raise ValueError(f"plan for {plan.in_channels}->{plan.out_channels} {plan.kernel_size} bias={plan.bias} "
-                             f"does not fit this layer ({in_channels}->{out_channels} {self.kernel_size} bias={bias})")
+                             f"does not fit this layer ({self.in_channels}->{self.out_channels} {self.kernel_size} "
+                             f"bias={bias})")
         if plan.depth == 0:
             raise ValueError("depth=0 means a plain convolution; build it with compconv.create_conv2d(...)")
-        self.plan: CompConvPlan = plan
+        return plan
 
+    def _build_parts(self, plan: CompConvPlan, factory: dict) -> None:
+        """The B convs (the first carries stride and padding), their norms, and the tail that makes A0."""
         same = _same_padding(self.kernel_size, self.dilation)
         self.convs = nn.ModuleList(
             nn.Conv2d(part.in_channels, part.channels, self.kernel_size,
@@ -163,15 +173,18 @@ class CompConv2d(nn.Module):
                                   **factory)
             self.tail_norm = nn.BatchNorm2d(tail.channels, **factory) if inner_norm else nn.Identity()
             self.tail_in = tail.in_channels
-        self.bias = nn.Parameter(torch.empty(out_channels, **factory)) if bias else None
-        # Identity slices: input channels [start, stop) of each A part, sampled where a centre tap reads.
-        self.identity_starts = [p.identity_slice[0] for p in plan.identities]
-        self.identity_stops = [p.identity_slice[1] for p in plan.identities]
-        self.identity_pad, self.identity_origin, self.identity_trim = identity_sampling(
-            self.kernel_size, self.padding, self.dilation)
-        self.identity_padded = any(self.identity_pad)
-        self.shuffle_groups = plan.shuffle_groups
-        self.reset_parameters()
+
+    @classmethod
+    def from_layer(cls, layer: "CompConv2d") -> "CompConv2d":
+        """A ``cls`` (this class or a subclass) sharing ``layer``'s submodules, parameters and shuffle: the same layer
+        seen as another class, built through the constructor (on the meta device, so nothing is allocated or drawn
+        from the random generator) and given ``layer``'s parts."""
+        new = cls(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
+                  layer.dilation, bias=layer.plan.bias, device="meta", plan=layer.plan)
+        new.convs, new.norms, new.tail, new.tail_norm = layer.convs, layer.norms, layer.tail, layer.tail_norm
+        new.bias = layer.bias
+        new.shuffle_groups = layer.shuffle_groups
+        return new.train(layer.training)
 
     def reset_parameters(self) -> None:
         # As timm and torchvision initialise the convs of ResNet/VGG, so patched models train like baselines.
@@ -237,16 +250,36 @@ class CompConv2d(nn.Module):
             folded += 1
         return folded
 
+    @torch.no_grad()
     def fuse(self) -> nn.Module:
-        """The layer's exact inference form (timm's ``fuse()`` convention): inner norms folded and, for a 1x1
-        layer, :func:`compconv.deploy.rule_choice`'s form, checked by :func:`compconv.deploy`. Folds that need
-        the layer's neighbours (its BatchNorm, the shuffle) are :func:`compconv.deploy`'s.
+        """The layer's exact inference form (timm's ``fuse()`` convention, which ``timm.utils.reparameterize_model``
+        calls): a plain :class:`CompConv2d` with its inner norms folded or, for a pointwise layer,
+        :func:`compconv.lowrank.rule_choice`'s ``dense`` or ``lowrank`` form. ``self`` is not changed. The result is
+        checked against the layer in eval mode on a random input (:class:`compconv.DeployError` if it differs).
+        Folds that need the layer's neighbours (its BatchNorm, the shuffle) are :func:`compconv.deploy`'s.
         """
-        from .deploy import deploy  # deploy builds on this module
+        fused = CompConv2d.from_layer(copy.deepcopy(self))
+        fused.reparameterize()
+        if is_pointwise(fused):
+            form = rule_choice(fused)
+            if form != "chain":
+                fused = build_form(fused, None, form)
+        self._check_fused(fused.eval())
+        return fused.train(self.training)
 
-        holder = nn.Sequential(self)
-        deploy(holder)
-        return holder[0]
+    def _check_fused(self, fused: nn.Module) -> None:
+        weight = self.convs[0].weight
+        generator = torch.Generator().manual_seed(0)
+        x = torch.randn(2, self.in_channels, 16, 16, generator=generator).to(weight.device, weight.dtype)
+        training = self.training
+        try:
+            want = self.eval()(x)
+        finally:
+            self.train(training)
+        error, tolerance = relative_error(fused(x), want), tolerance_for(weight.dtype)
+        if not error <= tolerance:
+            raise DeployError(f"the fused form of {self.extra_repr()} differs from the layer by {error:.3g} "
+                              f"(relative; tolerance {tolerance:.2g}); the layer was not changed: please report it")
 
     def extra_repr(self) -> str:
         text = f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}"
@@ -262,34 +295,3 @@ class CompConv2d(nn.Module):
             text += ", bias=False"
         return text
 
-
-def create_conv2d(
-    in_channels: int,
-    out_channels: int,
-    kernel_size: int | tuple[int, int],
-    stride: int | tuple[int, int] = 1,
-    padding: int | tuple[int, int] | str = 0,
-    dilation: int | tuple[int, int] = 1,
-    bias: bool = True,
-    *,
-    options: CompConvOptions | None = None,
-    **option_overrides: Any,
-) -> nn.Module:
-    """A CompConv layer, or a plain ``nn.Conv2d`` where the planned depth is 0. The layer is the training fast path
-    :class:`compconv.efficient.EfficientCompConv2d` unless ``efficient=False`` or timm builds a scriptable or
-    exportable model (as ``timm.layers.create_act`` does); then it is the plain :class:`CompConv2d`.
-    """
-    layer_plan = plan_layer(in_channels, out_channels, kernel_size, bias=bias, options=options, **option_overrides)
-    if layer_plan.depth == 0:
-        return nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation, bias=bias)
-    return compconv_class(layer_plan.options)(in_channels, out_channels, kernel_size, stride, padding, dilation,
-                                              bias=bias, plan=layer_plan)
-
-
-def compconv_class(options: CompConvOptions) -> type:
-    """The CompConv class to build: the fast path, or the plain module (see :func:`create_conv2d`)."""
-    from .efficient import EfficientCompConv2d  # the fast path subclasses this module's CompConv2d
-
-    if options.efficient and not (is_scriptable() or is_exportable()):
-        return EfficientCompConv2d
-    return CompConv2d

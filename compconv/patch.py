@@ -12,7 +12,8 @@ from typing import Any, Iterable
 from torch import nn
 
 from .ghost import GhostConv2d, GhostOptions, GhostPlan, ghost_plan
-from .layers import CompConv2d, compconv_class
+from .factory import compconv_class
+from .layers import CompConv2d
 from .options import CompConvOptions
 from .sizing import CompConvPlan, plan
 

@@ -12,7 +12,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["LOWRANK_MAX_SHARE", "composed_weight", "factorised_weights", "is_pointwise", "part_map", "shuffled_rows"]
+from .shuffle import shuffled_rows
+
+__all__ = ["LOWRANK_MAX_SHARE", "composed_weight", "factorised_weights", "is_pointwise", "lowrank_macs", "part_map",
+           "scaled_tail"]
 
 # The low-rank pair ([U; S] then V) is used, in training and in deploy alike, where it costs at most this share of
 # the plain conv's MACs (measured: results/benchmark_cpu_train.md, per-layer table; docs/performance.md)
@@ -26,6 +29,25 @@ def is_pointwise(module) -> bool:
     return (module.kernel_size == (1, 1) and module.padding == (0, 0)
             and (tail is None or tail.kernel_size == (1, 1))
             and not any(isinstance(m, nn.BatchNorm2d) for m in module.modules() if m is not module))
+
+
+def scaled_tail(module) -> bool:
+    """Depth 1 with a depthwise 1x1 tail: ``y = shuffle([b; w * b])`` with ``b = U x`` (``V`` is a scale)."""
+    tail = module.tail
+    return len(module.convs) == 1 and tail is not None and tail.groups != 1 and tail.kernel_size == (1, 1)
+
+
+def lowrank_macs(module, *, identities_by_gemm: bool, scale_v: bool) -> int:
+    """MACs per output position of a pointwise layer as ``V [U; S] x``, the one cost formula of the low-rank form:
+    ``U`` costs ``C_in * C_prim``; the identity selection ``S`` costs ``C_in`` per identity channel where it runs as
+    one-hot GEMM rows (``identities_by_gemm``: the training form), nothing where it is sliced (deploy's form); ``V``
+    costs ``(C_prim + identities) * C_out``, or ``C_out`` where it runs as a per-channel scale (``scale_v``: the
+    training form of a :func:`scaled_tail` layer).
+    """
+    plan = module.plan
+    rank = plan.c_prim + plan.identity_channels
+    first = plan.in_channels * (rank if identities_by_gemm else plan.c_prim)
+    return first + (plan.out_channels if scale_v else rank * plan.out_channels)
 
 
 def _times(weight: torch.Tensor, rows, columns: int) -> torch.Tensor:
@@ -109,14 +131,6 @@ def part_map(module, dtype: Optional[torch.dtype] = None,
         identities.append(slice(offset, offset + stop - start))
         offset += stop - start
     return _parts_in_basis(module, slice(0, c), identities, offset, dtype, with_bias)
-
-
-def shuffled_rows(matrix: torch.Tensor, groups: int) -> torch.Tensor:
-    """The rows of a concatenation's map in the shuffled order (output channel ``i * groups + j`` is
-    concatenated channel ``j * size + i``)."""
-    if groups == 1:
-        return matrix
-    return matrix.view(groups, -1, matrix.shape[1]).transpose(0, 1).reshape(-1, matrix.shape[1])
 
 
 def factorised_weights(module) -> tuple[torch.Tensor, torch.Tensor]:

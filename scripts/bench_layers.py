@@ -5,7 +5,7 @@
     python scripts/bench_layers.py --per-layer-train resnet50_compconv128:16    # forward + backward per layer
     python scripts/bench_layers.py --profile resnet50_compconv128 --workload infer:32 --setting eager-cl
 
-Timing interleaves the candidates of each layer (:func:`compconv.deploy.timing.interleaved_times`).
+Timing interleaves the candidates of each layer (:func:`compconv.inference.timing.interleaved_times`).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from benchmark import Setting, Workload, _sync, build_step  # noqa: E402
 
 import compconv  # noqa: E402,F401
 from compconv import CompConv2d  # noqa: E402
-from compconv.deploy.timing import interleaved_times  # noqa: E402
+from compconv.inference.timing import interleaved_times  # noqa: E402
 
 
 def _timed_ms(runners: dict, device: torch.device, repeats: int) -> dict[str, float]:
@@ -61,7 +61,7 @@ def per_layer_table(name: str, batch: int, img_size: int, device: torch.device, 
 
     Inference, eager channels_last, on the layer's real input; ms are medians of ``repeats``, and the
     three forms of a layer are timed interleaved."""
-    from compconv.deploy import deploy
+    from compconv import deploy
 
     x = torch.randn(batch, 3, img_size, img_size, device=device).to(memory_format=torch.channels_last)
     model = timm.create_model(name).eval().to(device, memory_format=torch.channels_last)

@@ -29,7 +29,7 @@ from zoo import EXTRA, SIZES, ZOO, prepared  # noqa: E402  (the zoo the tests us
 
 from compconv import deploy, export_onnx  # noqa: E402
 from benchmark import device_name  # noqa: E402
-from compconv.deploy import DeployError, tolerance_for  # noqa: E402
+from compconv.inference import DeployError, tolerance_for  # noqa: E402
 from compconv.onnxrt import ort_session  # noqa: E402
 
 SIZE = 64

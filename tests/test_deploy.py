@@ -11,8 +11,8 @@ from torch import nn
 from helpers import randomise_norms
 
 from compconv import CompConv2d, deploy
-from compconv.deploy import DeployedCompConv2d, DeployError, LowRankConv2d, build_form, form_macs, rule_choice
-from compconv.deploy.forms import permute_input
+from compconv.inference import DeployedCompConv2d, DeployError, LowRankConv2d, build_form, form_macs, rule_choice
+from compconv.inference.forms import permute_input
 
 
 def _close(got, want):
@@ -156,10 +156,13 @@ def test_deploy_for_onnx_runtime_times_forms_there_and_keeps_outputs():
 @pytest.mark.parametrize("channels_last", [True, False])
 @torch.no_grad()
 def test_assemble_with_a_norms_affine_equals_shuffle_of_cat_then_affine(monkeypatch, in_copy, groups, channels_last):
-    from compconv import efficient as fastpath
-    from compconv.layers import channel_shuffle
+    import dataclasses
 
-    monkeypatch.setattr(fastpath, "AFFINE_IN_COPY_MIN_ELEMENTS", 1 if in_copy else 1 << 40)
+    from compconv import efficient as fastpath
+    from compconv.shuffle import channel_shuffle
+
+    rule = dataclasses.replace(fastpath.FORM_RULES["cpu"], affine_in_copy_min_elements=1 if in_copy else 1 << 40)
+    monkeypatch.setitem(fastpath.FORM_RULES, "cpu", rule)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     parts = [torch.randn(2, c, 5, 6).to(memory_format=fmt) for c in (3, 3, 6, 12)]  # 24 channels
     scale, shift = torch.randn(24), torch.randn(24)
@@ -172,7 +175,7 @@ def test_assemble_with_a_norms_affine_equals_shuffle_of_cat_then_affine(monkeypa
 @pytest.mark.parametrize("kernel, depth, stride", [(3, 1, 1), (3, 2, 2), (3, 3, 1), (1, 3, 1), (1, 2, 2)])
 @torch.no_grad()
 def test_chain_layer_applying_its_norm_equals_layer_then_norm_in_every_runtime(kernel, depth, stride):
-    from compconv.deploy.forms import absorb_norm
+    from compconv.inference.forms import absorb_norm
 
     conv = CompConv2d(64, 64, kernel, stride, padding=kernel // 2, bias=False, depth=depth)
     norm = nn.BatchNorm2d(64)
@@ -252,7 +255,7 @@ def test_deploy_folds_a_norm_into_a_plain_conv_only_where_the_dataflow_proves_it
 
 @torch.no_grad()
 def test_a_wrong_absorbed_norm_is_refused_and_the_model_is_untouched(monkeypatch):
-    from compconv.deploy import forms
+    from compconv.inference import forms
 
     real = forms.absorb_norm
 
@@ -261,7 +264,7 @@ def test_a_wrong_absorbed_norm_is_refused_and_the_model_is_untouched(monkeypatch
         deployed.out_shift = torch.zeros_like(deployed.out_shift)
         return deployed
 
-    monkeypatch.setattr(importlib.import_module("compconv.deploy"), "absorb_norm", forgets_the_shift)
+    monkeypatch.setattr(importlib.import_module("compconv.inference.pipeline"), "absorb_norm", forgets_the_shift)
     model = timm.create_model("resnet18_compconv128", num_classes=10)
     randomise_norms(model)
     model.eval()
@@ -275,7 +278,7 @@ def test_a_wrong_absorbed_norm_is_refused_and_the_model_is_untouched(monkeypatch
 @pytest.mark.parametrize("form", ["lowrank", "chain"])
 @torch.no_grad()
 def test_permuted_identity_gathers_keep_channels_last(form):
-    from compconv.deploy.forms import gather_channels
+    from compconv.lowrank import gather_channels
 
     x = torch.randn(2, 12, 5, 5).to(memory_format=torch.channels_last)
     index = torch.tensor([7, 0, 3, 11])
@@ -308,7 +311,7 @@ def test_deployed_resnet_keeps_channels_last_through_every_layer():
 
 
 def test_channel_slice_reads_arithmetic_runs_only():
-    from compconv.deploy.forms import channel_slice
+    from compconv.lowrank import channel_slice
 
     assert channel_slice(torch.arange(3, 9)) == (3, 9, 1)
     assert channel_slice(torch.tensor([1, 5, 9])) == (1, 10, 4)
@@ -326,7 +329,7 @@ def test_identity_channels_that_are_one_slice_are_views_in_every_form(kernel):
     conv = CompConv2d(64, 64, kernel, padding=kernel // 2, depth=3).eval()
     x = torch.randn(2, 64, 8, 8)
     want = conv(x)
-    layer = build_form(conv, None, "lowrank") if kernel == 1 else DeployedCompConv2d.from_compconv(conv)
+    layer = build_form(conv, None, "lowrank") if kernel == 1 else DeployedCompConv2d.from_layer(conv)
     if kernel == 3:
         layer = permute_input(layer, torch.arange(64))  # a permutation that keeps every slice
         assert sorted(layer.input_slices) == list(layer.identity_starts)

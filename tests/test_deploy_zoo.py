@@ -14,7 +14,7 @@ from torch import nn
 
 import compconv
 from compconv import deploy
-from compconv.deploy import ROUNDING_SHARE, DeployError, forms, rounding_error, tolerance_for
+from compconv.inference import ROUNDING_SHARE, DeployError, forms, rounding_error, tolerance_for
 from zoo import EXPORTED, ZOO, prepared
 
 FAST = ["preact_cifar", "two_consumers", "shared_conv", "tv_resnet18"]
@@ -79,11 +79,11 @@ def test_export_onnx_is_equal_to_the_users_model_or_refused(name, tmp_path):
 @torch.no_grad()
 def test_a_wrong_fold_is_refused_naming_the_layer_and_the_model_is_untouched(monkeypatch):
     def forgets_the_norm(conv, norm):  # drops the shuffle but leaves the norm's channels in place: wrong
-        source = compconv.layers.shuffle_source(conv.out_channels, conv.shuffle_groups)
+        source = compconv.shuffle.shuffle_source(conv.out_channels, conv.shuffle_groups)
         conv.shuffle_groups = 1
         return source
 
-    monkeypatch.setattr(importlib.import_module("compconv.deploy"), "fold_shuffle", forgets_the_norm)
+    monkeypatch.setattr(importlib.import_module("compconv.inference.pipeline"), "fold_shuffle", forgets_the_norm)
     model = prepared("tv_resnet18")
     model.train()
     snapshot = _snapshot(model)
@@ -136,7 +136,7 @@ def test_report_says_why_folds_were_left_out():
 def test_timm_reparameterize_model_gives_each_layer_its_inference_form():
     """timm's convention (``fuse()`` on the module): each CompConv becomes its checked per-layer form; the folds
     that need neighbours (norms, shuffles) are deploy()'s, so the model keeps timm's plain classes around them."""
-    from compconv.deploy import LowRankConv2d, rule_choice
+    from compconv.inference import LowRankConv2d, rule_choice
 
     model = timm.create_model("resnet50_compconv128", num_classes=10).eval()
     for module in model.modules():
@@ -150,7 +150,7 @@ def test_timm_reparameterize_model_gives_each_layer_its_inference_form():
     layers = {n: m for n, m in model.named_modules() if isinstance(m, compconv.CompConv2d)}
     forms = {"dense": nn.Conv2d, "lowrank": LowRankConv2d, "chain": compconv.CompConv2d}
     for name, layer in layers.items():
-        form = rule_choice(compconv.efficient.to_plain(layer)) if layer.kernel_size == (1, 1) else "chain"
+        form = rule_choice(compconv.CompConv2d.from_layer(layer)) if layer.kernel_size == (1, 1) else "chain"
         assert type(fused.get_submodule(name)) is forms[form], name
     assert {type(m) for m in fused.modules()} & {compconv.EfficientCompConv2d} == set()
     assert type(fused.layer1) is nn.Sequential and isinstance(fused.bn1, nn.BatchNorm2d)
@@ -161,7 +161,7 @@ def test_timm_reparameterize_model_gives_each_layer_its_inference_form():
 def test_timm_reparameterize_model_in_benchmark_scripts_order():
     """timm's benchmark.py reparameterizes the model as create_model returns it (training mode) and calls eval()
     after; the model's eval outputs are kept."""
-    from compconv.deploy import LowRankConv2d
+    from compconv.inference import LowRankConv2d
 
     model = timm.create_model("resnet50_compconv128", num_classes=10)
     assert model.training
@@ -181,10 +181,10 @@ def test_timm_reparameterize_model_in_benchmark_scripts_order():
 def test_deploy_forms_are_pure_functions_of_the_layer():
     conv = compconv.CompConv2d(256, 64, 1, depth=2, bias=False).double().eval()
     weight = conv.convs[0].weight.clone()
-    dense = forms.build_form(conv, None, "dense")
+    dense = compconv.lowrank.build_form(conv, None, "dense")
     assert torch.equal(conv.convs[0].weight, weight) and isinstance(dense, nn.Conv2d)
     with pytest.raises(ValueError, match="form must be"):
-        forms.build_form(conv, None, "chain")
+        compconv.lowrank.build_form(conv, None, "chain")
 
 
 class Cancelling(nn.Module):

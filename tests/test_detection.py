@@ -192,7 +192,7 @@ def test_deploy_takes_the_detector_of_train_det_and_checks_its_boxes_scores_labe
     assert not report.traced and report.traced_parts == ["backbone"]
     assert report.shuffles_folded > 0 and report.norms_absorbed
     assert all("residual sum" in reason for reason in report.left.values())  # as in the classifier
-    assert any(type(m).__module__ == "compconv.deploy.forms" for m in deployed.modules())
+    assert any(type(m).__module__ == "compconv.inference.forms" for m in deployed.modules())
     for got, want in zip(deployed(images), expected):
         assert set(got) == {"boxes", "scores", "labels"} and torch.equal(got["labels"], want["labels"])
         torch.testing.assert_close(got["boxes"], want["boxes"], rtol=1e-4, atol=1e-3)

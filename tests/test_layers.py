@@ -8,7 +8,8 @@ from torch import nn
 
 from compconv import CompConv2d, channel_shuffle, create_conv2d
 from compconv.complexity import count_macs
-from compconv.efficient import EfficientCompConv2d, figure2_forms, shuffle_keeping_format
+from compconv.efficient import EfficientCompConv2d, figure2_forms
+from compconv.shuffle import shuffle_keeping_format
 
 
 def literal(module, x):

@@ -11,7 +11,7 @@ from compconv import CompConv2d
 
 
 def _convs(model, kind):
-    return [name for name, m in model.named_modules() if isinstance(m, kind) and type(m).__module__ != "compconv.deploy.forms" and ".convs." not in name and not name.endswith(".tail")]
+    return [name for name, m in model.named_modules() if isinstance(m, kind) and type(m).__module__ != "compconv.inference.forms" and ".convs." not in name and not name.endswith(".tail")]
 
 
 def test_patches_torchvision_resnet_keeping_outputs_shaped():

@@ -17,6 +17,9 @@ from torch import nn
 from compconv import CompConv2d, channel_shuffle
 from compconv.efficient import EfficientCompConv2d, TrainingFormError, check_training_forms, composed_weight, dense_pays, \
     factorised_weights, figure2_forms, training_form, unshuffle_views
+from compconv.efficient import FORM_RULES
+
+CPU = FORM_RULES["cpu"]
 
 
 def literal(module, x):
@@ -79,16 +82,17 @@ def test_training_path_equals_the_literal_form(g):
 def test_dense_form_is_taken_where_it_pays_and_only_for_pointwise_layers():
     deep = EfficientCompConv2d(256, 64, 1, bias=False, depth=2)
     assert deep.pointwise_form == "auto"
-    assert dense_pays(deep, torch.empty(1, 256, 56, 56)) and not dense_pays(deep, torch.empty(1, 256, 14, 14))
-    assert not dense_pays(EfficientCompConv2d(64, 256, 1, bias=False), torch.empty(1, 64, 7, 7))
+    assert dense_pays(deep, torch.empty(1, 256, 56, 56), CPU) and not dense_pays(deep, torch.empty(1, 256, 14, 14), CPU)
+    assert not dense_pays(EfficientCompConv2d(64, 256, 1, bias=False), torch.empty(1, 64, 7, 7), CPU)
     expand = EfficientCompConv2d(256, 1024, 1, bias=False, depth=2)  # ResNet-50 layer 3's conv3: the chain keeps > half the MACs
     assert expand.plan.macs_ratio >= 0.5 and deep.plan.macs_ratio < 0.5
-    assert dense_pays(expand, torch.empty(1, 256, 14, 14)) and not dense_pays(expand, torch.empty(1, 256, 7, 7))
+    assert dense_pays(expand, torch.empty(1, 256, 14, 14), CPU) and not dense_pays(expand, torch.empty(1, 256, 7, 7), CPU)
     assert EfficientCompConv2d(64, 64, 3, padding=1).pointwise_form == "chain"
     assert EfficientCompConv2d(256, 64, 1, inner_norm=True).pointwise_form == "chain"
-    with figure2_forms(nn.Sequential(deep)):  # the plain module, as Figure 2 is written
-        assert type(deep) is CompConv2d
-    assert type(deep) is EfficientCompConv2d and deep.pointwise_form == "auto"
+    x = torch.randn(1, 256, 56, 56)
+    with figure2_forms(nn.Sequential(deep)):  # the plain module's forward, as Figure 2 is written
+        assert deep.figure2 and torch.equal(deep(x), CompConv2d.forward(deep, x))
+    assert type(deep) is EfficientCompConv2d and not deep.figure2 and deep.pointwise_form == "auto"
 
 
 def test_unshuffle_views_are_views_of_the_output_gradient():
@@ -101,13 +105,13 @@ def test_unshuffle_views_are_views_of_the_output_gradient():
 
 
 def test_training_form_rule():
-    assert training_form(EfficientCompConv2d(256, 64, 1, depth=2), torch.empty(1, 256, 7, 7)) == "lowrank"
-    assert training_form(EfficientCompConv2d(2048, 512, 1), torch.empty(1, 2048, 7, 7)) == "lowrank"
+    assert training_form(EfficientCompConv2d(256, 64, 1, depth=2), torch.empty(1, 256, 7, 7), CPU) == "lowrank"
+    assert training_form(EfficientCompConv2d(2048, 512, 1), torch.empty(1, 2048, 7, 7), CPU) == "lowrank"
     # d = 1 with a depthwise tail: a GEMM and a scale, memory-bound where the output is large
-    assert training_form(EfficientCompConv2d(64, 256, 1), torch.empty(1, 64, 14, 14)) == "lowrank"
-    assert training_form(EfficientCompConv2d(64, 256, 1), torch.empty(1, 64, 28, 28)) == "lowrank"
-    assert training_form(EfficientCompConv2d(64, 256, 1), torch.empty(1, 64, 56, 56)) == "dense"
-    assert training_form(EfficientCompConv2d(64, 256, 1, tail="dense"), torch.empty(1, 64, 56, 56)) == "dense"
+    assert training_form(EfficientCompConv2d(64, 256, 1), torch.empty(1, 64, 14, 14), CPU) == "lowrank"
+    assert training_form(EfficientCompConv2d(64, 256, 1), torch.empty(1, 64, 28, 28), CPU) == "lowrank"
+    assert training_form(EfficientCompConv2d(64, 256, 1), torch.empty(1, 64, 56, 56), CPU) == "dense"
+    assert training_form(EfficientCompConv2d(64, 256, 1, tail="dense"), torch.empty(1, 64, 56, 56), CPU) == "dense"
 
 
 @pytest.mark.parametrize("stride, dilation", [(1, 1), (2, 1), (1, 2)])
@@ -255,12 +259,12 @@ def test_check_training_forms_names_what_differs(monkeypatch):
     import compconv.efficient
 
     forward = compconv.efficient.pointwise_forward
-    monkeypatch.setattr(compconv.efficient, "pointwise_forward", lambda module, x, form: 1.5 * forward(module, x, form))
+    monkeypatch.setattr(compconv.efficient, "pointwise_forward", lambda module, x, form, rule: 1.5 * forward(module, x, form, rule))
     model = nn.Sequential(EfficientCompConv2d(64, 32, 1, depth=2), nn.ReLU(), nn.Conv2d(32, 8, 1))
     with pytest.raises(TrainingFormError, match=r"differ from Figure 2 in output 0 by 0\.5.*efficient=false"):
         check_training_forms(model, torch.randn(2, 64, 8, 8))
     monkeypatch.setattr(compconv.efficient, "pointwise_forward",  # the same output, a wrong gradient
-                        lambda module, x, form: forward(module, x.detach(), form))
+                        lambda module, x, form, rule: forward(module, x.detach(), form, rule))
     with pytest.raises(TrainingFormError, match="in the input's gradient"):
         check_training_forms(model, torch.randn(2, 64, 8, 8))
 
@@ -276,7 +280,7 @@ def test_a_run_whose_training_forms_differ_stops_with_one_error_line(tmp_path):
     (patch / "sitecustomize.py").write_text(
         "import compconv.efficient as efficient\n"
         "_forward = efficient.pointwise_forward\n"
-        "efficient.pointwise_forward = lambda module, x, form: 1.5 * _forward(module, x, form)\n")
+        "efficient.pointwise_forward = lambda module, x, form, rule: 1.5 * _forward(module, x, form, rule)\n")
     run = tmp_path / "run"
     proc = subprocess.run([sys.executable, str(ROOT / "train_cls.py"), "model=resnet50_compconv128", *TINY,
                            "trainer.epochs=1", f"hydra.run.dir={run}"], cwd=ROOT, capture_output=True, text=True,

@@ -114,6 +114,6 @@ def _run(cfg, rt: Runtime) -> dict[str, Any]:
         summary_fields={
             **compconv_fields(model), "dataset": cfg.data.name,
             "img_size": cfg.data.img_size, "in_chans": cfg.data.in_chans, "train_images": len(train_loader.dataset),
-            "val_images": len(val_loader.dataset), "params": cost.params, "macs": cost.macs,
+            "val_images": len(val_loader.dataset), "params": cost.params, "macs": cost.macs, "executed_macs": cost.executed_macs,
             "macs_note": "MACs of one image at the training input size"})
     return fit(state, task, cfg, rt, train_loader)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from ..layers import CompConv2d
-from .forms import LowRankConv2d
+from ..lowrank import LowRankConv2d
 
 __all__ = ["Site", "analyse", "plain_conv_norms"]
 

@@ -12,10 +12,10 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
+from ..capture import memory_format_of
 from ..layers import CompConv2d
+from ..lowrank import build_form
 from ..onnxrt import ort_session
-from ..pointwise import LOWRANK_MAX_SHARE
-from .forms import build_form, form_macs
 
 RUNTIMES = ("torch", "ort")
 
@@ -40,20 +40,6 @@ class ChoiceCache:
 
     def __len__(self) -> int:
         return len(self._choices)
-
-
-def rule_choice(module: CompConv2d, runtime: str = "torch") -> str:
-    """The form used without ``example_input``, measured on a 2-core AVX-512 CPU (docs/deploy.md): ``lowrank``
-    where it costs at most 0.6x the plain conv's MACs (in PyTorch for depth >= 2 only); else ``dense``, or in
-    PyTorch ``chain`` for the deeper layers. ONNX Runtime pays layout reorders around every concatenation and
-    slice, which per-layer timing cannot see, so dense wins wherever low-rank does not pay.
-    """
-    lowrank_pays = form_macs(module, "lowrank") <= LOWRANK_MAX_SHARE * module.plan.plain_macs_per_position
-    if runtime == "ort":
-        return "lowrank" if lowrank_pays else "dense"
-    if module.plan.depth == 1 or module.plan.macs_ratio > 0.5:
-        return "dense"
-    return "lowrank" if lowrank_pays else "chain"
 
 
 def torch_runner(module: nn.Module, x: torch.Tensor) -> Callable[[], None]:
@@ -102,7 +88,7 @@ def measured_choice(module: CompConv2d, norm: Optional[nn.BatchNorm2d], x: torch
     cached = cache.get(key)
     if cached is not None:
         return cached, {}
-    fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+    fmt = memory_format_of(x)
     # eval() on the wrapper too: an exporter restores the wrapper's mode, recursively, after exporting
     candidates = {"chain": nn.Sequential(module, norm).eval() if norm is not None else module}
     for form in ("lowrank", "dense"):

@@ -17,26 +17,22 @@ import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from ..efficient import EfficientCompConv2d, to_plain
+from ..checks import DeployError, relative_error, tolerance_for
+from ..efficient import EfficientCompConv2d
 from ..layers import CompConv2d
+from ..lowrank import FORMS, build_form, form_macs, rule_choice
 from ..nested import map_tensors, tensors
 from ..pointwise import is_pointwise
-from .forms import FORMS, DeployedCompConv2d, LowRankConv2d, absorb_norm, build_form, fold_shuffle, form_macs, \
-    permute_input
+from .forms import absorb_norm, fold_shuffle, permute_input
 from .graph import Site, analyse, plain_conv_norms, trace
-from .timing import RUNTIMES, ChoiceCache, measured_choice, rule_choice
+from .timing import RUNTIMES, ChoiceCache, measured_choice
 
-__all__ = ["ChoiceCache", "DeployError", "DeployReport", "DeployedCompConv2d", "LayerChoice", "LowRankConv2d",
-           "build_form", "check_outputs", "deploy", "form_macs", "rule_choice", "rounding_error", "tolerance_for"]
+__all__ = ["DeployReport", "LayerChoice", "ROUNDING_SHARE", "check_outputs", "default_input", "deploy",
+           "rounding_error"]
 
-RTOL_FP32, RTOL_HALF = 1e-4, 2e-2  # largest |deployed - original| accepted, relative to max |original output|
 # deploy refuses an fp32 model whose own outputs move by more than this share of the tolerance under rounding alone
 # (against a float64 copy): an exact fold then differs from the model by the model's rounding amplified, input by input
 ROUNDING_SHARE = 0.25
-
-
-class DeployError(RuntimeError):
-    """The deployed copy's outputs differ from the model's; the model was not changed."""
 
 
 @dataclass(frozen=True)
@@ -102,11 +98,6 @@ class DeployReport:
                 if self.max_error is not None else f"DeployReport(unchecked, forms {self.forms()})")
 
 
-def tolerance_for(dtype: torch.dtype) -> float:
-    """The accepted relative error of a deployed model computing in ``dtype``."""
-    return RTOL_HALF if dtype in (torch.float16, torch.bfloat16) else RTOL_FP32
-
-
 def _input_dtype(x: Any) -> torch.dtype:
     """The dtype of the first floating-point tensor of an input (a tensor, or a list of images...)."""
     return next((t.dtype for t in tensors(x) if t.is_floating_point()), torch.float32)
@@ -125,18 +116,6 @@ def _one_sample(x: Any) -> Any:
     if isinstance(x, (list, tuple)) and x:
         return type(x)(x[:1])
     return x
-
-
-def _relative_error(got: Any, want: Any) -> float:
-    got, want = tensors(got), tensors(want)
-    if len(got) != len(want) or any(g.shape != w.shape for g, w in zip(got, want)):
-        return math.inf
-    worst = 0.0
-    for g, w in zip(got, want):
-        scale = float(w.detach().abs().max()) if w.numel() else 0.0
-        error = float((g.detach().double() - w.detach().double()).abs().max()) if w.numel() else 0.0
-        worst = max(worst, error / max(scale, 1e-12) if math.isfinite(error) else math.inf)
-    return worst
 
 
 def default_input(model: nn.Module) -> torch.Tensor:
@@ -170,7 +149,7 @@ def rounding_error(model: nn.Module, x: torch.Tensor) -> Optional[float]:
                                                           sample))
     except Exception:  # e.g. an operator without a float64 kernel: nothing to compare with
         return None
-    return _relative_error(got, exact)
+    return relative_error(got, exact)
 
 
 @torch.no_grad()
@@ -183,7 +162,7 @@ def check_outputs(original: nn.Module, deployed: nn.Module, x: Any, tolerance: f
     except Exception as error:
         raise DeployError(f"cannot check the deployed model: the model does not run on {_describe(x)} "
                           f"({type(error).__name__}: {error}); pass example_input") from error
-    error = _relative_error(deployed(x), want)
+    error = relative_error(deployed(x), want)
     if error <= tolerance:
         return error
     where = _first_difference(original, deployed, x, tolerance, report)
@@ -227,7 +206,7 @@ def _first_difference(original: nn.Module, deployed: nn.Module, x: Any, toleranc
     for name in order:
         if name in permuted or name not in got:  # permuted by design, or replaced (its internals are gone)
             continue
-        error = _relative_error(got[name], want[name])
+        error = relative_error(got[name], want[name])
         if error > tolerance and math.isfinite(error):
             return f", first at layer {name} (error {error:.3g})"
         if error == math.inf:
@@ -263,6 +242,9 @@ def deploy(model: nn.Module, example_input: Any = None, runtime: str = "torch", 
     """
     if runtime not in RUNTIMES:
         raise ValueError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")
+    if isinstance(model, CompConv2d):
+        raise TypeError("deploy() rewrites the layers inside a model; for one layer use layer.fuse(), which returns "
+                        "its inference form")
     modes = _modes(model)
     model.eval()
     try:
@@ -283,8 +265,17 @@ def deploy(model: nn.Module, example_input: Any = None, runtime: str = "torch", 
         for module, training in modes.items():
             module.train(training)
         raise
-    model.__dict__.update(candidate.__dict__)  # swap the checked copy in (modules, parameters, attributes)
+    _adopt(model, candidate)
     return report
+
+
+def _adopt(model: nn.Module, candidate: nn.Module) -> None:
+    """Puts the checked copy's children, and any parameter or buffer it holds itself, in ``model`` (deploy rewrites
+    nothing else of the root)."""
+    for name, child in candidate.named_children():
+        setattr(model, name, child)
+    for name, tensor in [*candidate.named_parameters(recurse=False), *candidate.named_buffers(recurse=False)]:
+        setattr(model, name, tensor)
 
 
 def _as_batch_norm(frozen: nn.Module) -> nn.BatchNorm2d:
@@ -334,70 +325,20 @@ def _traced_sites(model: nn.Module, report: DeployReport) -> tuple[dict[str, Sit
 @torch.no_grad()
 def _deploy_copy(model: nn.Module, example_input: Any, runtime: str,
                  cache: ChoiceCache) -> DeployReport:
+    """Rewrites ``model`` (deploy's copy) into its inference form, step by step; returns what was done."""
     report = DeployReport()
-    from torchvision.ops.misc import FrozenBatchNorm2d
-
-    for name, module in list(model.named_modules()):
-        if type(module) is FrozenBatchNorm2d:
-            model.set_submodule(name, _as_batch_norm(module))
-        if type(module) is EfficientCompConv2d:  # deploy chooses (and times) each layer's form itself
-            module = to_plain(module)
-            model.set_submodule(name, module)
-        if isinstance(module, CompConv2d):
-            report.norms_folded += module.reparameterize()
+    _plain_layers(model, report)
     sites, plain_pairs = _traced_sites(model, report)
     if runtime == "torch":  # ONNX Runtime folds these itself
         for conv, norm in plain_pairs:
             model.set_submodule(conv, fuse_conv_bn_eval(model.get_submodule(conv), model.get_submodule(norm)))
             model.set_submodule(norm, nn.Identity())
             report.plain_norms_folded.append((conv, norm))
-
-    inputs: dict[str, torch.Tensor] = {}
-    if example_input is not None:
-        hooks = [model.get_submodule(n).register_forward_pre_hook(
-            lambda mod, args, n=n: inputs.setdefault(n, args[0])) for n in sites]
-        try:
-            model(example_input)
-        finally:
-            for hook in hooks:
-                hook.remove()
-
+    inputs = _layer_inputs(model, sites, example_input)
     for name, site in sites.items():
-        conv = model.get_submodule(name)
-        norm = model.get_submodule(site.norm) if site.norm else None
-        report.norm_of[name] = site.norm
-        if site.norm_reason:
-            report.left[name] = site.norm_reason
-        if conv.bias is not None and norm is not None:
-            norm.running_mean.sub_(conv.bias)
-            conv.bias = None
-            report.biases_folded += 1
-        if not is_pointwise(conv):
-            continue
-        times = {}
-        if name in inputs:
-            form, times = measured_choice(conv, norm, inputs[name], runtime, cache)
-        else:
-            form = rule_choice(conv, runtime)
-        report.layers.append(LayerChoice(name, form, form_macs(conv, form), conv.plan.plain_macs_per_position, times,
-                                         site.norm))
-        if form != "chain":
-            model.set_submodule(name, build_form(conv, norm, form).eval())
-            if site.norm:
-                model.set_submodule(site.norm, nn.Identity())
-
+        _choose_form(model, name, site, inputs.get(name), runtime, cache, report)
     for name, site in sites.items():
-        conv = model.get_submodule(name)
-        if not isinstance(conv, CompConv2d) or conv.shuffle_groups == 1 or site.norm is None:
-            continue
-        if site.consumer is None:
-            report.left.setdefault(name, f"shuffle kept: {site.consumer_reason}")
-            continue
-        source = fold_shuffle(conv, model.get_submodule(site.norm))
-        model.set_submodule(site.consumer, permute_input(model.get_submodule(site.consumer), source).eval())
-        report.shuffles_folded += 1
-        report.shuffle_folds.append((name, site.norm, *site.between, site.consumer))
-
+        _fold_shuffle(model, name, site, report)
     if runtime == "torch":
         for name, site in sites.items():
             conv = model.get_submodule(name)
@@ -407,3 +348,74 @@ def _deploy_copy(model: nn.Module, example_input: Any, runtime: str,
                 report.norms_absorbed.append((name, site.norm))
     return report
 
+
+def _plain_layers(model: nn.Module, report: DeployReport) -> None:
+    """Frozen norms as BatchNorm2d, fast-path layers as plain ones (deploy chooses each form itself), inner norms
+    folded."""
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    for name, module in list(model.named_modules()):
+        if type(module) is FrozenBatchNorm2d:
+            model.set_submodule(name, _as_batch_norm(module))
+        if type(module) is EfficientCompConv2d:
+            module = CompConv2d.from_layer(module)
+            model.set_submodule(name, module)
+        if isinstance(module, CompConv2d):
+            report.norms_folded += module.reparameterize()
+
+
+def _layer_inputs(model: nn.Module, sites: dict[str, Site], example_input: Any) -> dict[str, torch.Tensor]:
+    """Each CompConv layer's input on ``example_input`` (none without one)."""
+    inputs: dict[str, torch.Tensor] = {}
+    if example_input is None:
+        return inputs
+    hooks = [model.get_submodule(n).register_forward_pre_hook(
+        lambda mod, args, n=n: inputs.setdefault(n, args[0])) for n in sites]
+    try:
+        model(example_input)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return inputs
+
+
+def _choose_form(model: nn.Module, name: str, site: Site, x: Optional[torch.Tensor], runtime: str,
+                 cache: ChoiceCache, report: DeployReport) -> None:
+    """Moves the layer's bias into its norm and, for a pointwise layer, puts in its fastest exact form (timed on
+    ``x``, or by :func:`compconv.lowrank.rule_choice`) with the norm absorbed."""
+    conv = model.get_submodule(name)
+    norm = model.get_submodule(site.norm) if site.norm else None
+    report.norm_of[name] = site.norm
+    if site.norm_reason:
+        report.left[name] = site.norm_reason
+    if conv.bias is not None and norm is not None:
+        norm.running_mean.sub_(conv.bias)
+        conv.bias = None
+        report.biases_folded += 1
+    if not is_pointwise(conv):
+        return
+    times = {}
+    if x is not None:
+        form, times = measured_choice(conv, norm, x, runtime, cache)
+    else:
+        form = rule_choice(conv, runtime)
+    report.layers.append(LayerChoice(name, form, form_macs(conv, form), conv.plan.plain_macs_per_position, times,
+                                     site.norm))
+    if form != "chain":
+        model.set_submodule(name, build_form(conv, norm, form).eval())
+        if site.norm:
+            model.set_submodule(site.norm, nn.Identity())
+
+
+def _fold_shuffle(model: nn.Module, name: str, site: Site, report: DeployReport) -> None:
+    """Drops a chain layer's shuffle into the norm after it and the next conv's input channels, where proven."""
+    conv = model.get_submodule(name)
+    if not isinstance(conv, CompConv2d) or conv.shuffle_groups == 1 or site.norm is None:
+        return
+    if site.consumer is None:
+        report.left.setdefault(name, f"shuffle kept: {site.consumer_reason}")
+        return
+    source = fold_shuffle(conv, model.get_submodule(site.norm))
+    model.set_submodule(site.consumer, permute_input(model.get_submodule(site.consumer), source).eval())
+    report.shuffles_folded += 1
+    report.shuffle_folds.append((name, site.norm, *site.between, site.consumer))
