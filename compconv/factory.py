@@ -25,18 +25,8 @@ def compconv_class(options: CompConvOptions) -> type:
     return CompConv2d
 
 
-def create_conv2d(
-    in_channels: int,
-    out_channels: int,
-    kernel_size: int | tuple[int, int],
-    stride: int | tuple[int, int] = 1,
-    padding: int | tuple[int, int] | str = 0,
-    dilation: int | tuple[int, int] = 1,
-    bias: bool = True,
-    *,
-    options: CompConvOptions | None = None,
-    **option_overrides: Any,
-) -> nn.Module:
+def create_conv2d(in_channels: int, out_channels: int, kernel_size: int | tuple[int, int], stride=1, padding=0,
+                  dilation=1, bias: bool = True, *, options: CompConvOptions | None = None, **option_overrides: Any) -> nn.Module:
     """A CompConv layer of :func:`compconv_class`, or a plain ``nn.Conv2d`` where the planned depth is 0.
 
     Args:

@@ -178,6 +178,28 @@ def patch(
     exclude = tuple(exclude) if exclude is not None else default_exclude(model)
     include = tuple(include) if include is not None else None
     report = PatchReport(opts)
+    targets = _targets(model, include, exclude, min_in_channels, report)
+    for name, conv in targets:
+        bias = conv.bias is not None
+        layer_plan = plan_fn(conv.in_channels, conv.out_channels, conv.kernel_size, bias=bias, options=opts)
+        if layer_plan.depth > 0:  # depth 0 keeps the original conv and its weights
+            parent, attr = _parent(model, name), name.rpartition(".")[2]
+            # each layer is planned once: the module is built from the plan the report holds
+            sizing = {"plan": layer_plan} if module_cls is CompConv2d else {"options": opts}
+            layer_cls = compconv_class(opts) if module_cls is CompConv2d else module_cls
+            new = layer_cls(
+                conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+                bias=bias, device=conv.weight.device, dtype=conv.weight.dtype, **sizing,
+            )
+            new.train(conv.training)
+            setattr(parent, attr, new)
+        report.replaced.append(PatchedLayer(name, layer_plan, tuple(conv.stride)))
+    return report
+
+
+def _targets(model: nn.Module, include: tuple | None, exclude: tuple, min_in_channels: int,
+             report: PatchReport) -> list[tuple[str, nn.Conv2d]]:
+    """The convs :func:`patch` replaces, by name; every other conv goes to ``report.skipped`` with the reason."""
     targets = []
     inside = ()  # prefixes of existing CompConv modules: their internal convs are never patched again
     for name, module in model.named_modules():
@@ -195,20 +217,4 @@ def patch(
             report.skipped.append(SkippedLayer(name, f"{owner.__name__} reads its .weight or .bias"))
         else:
             targets.append((name, module))
-
-    for name, conv in targets:
-        bias = conv.bias is not None
-        layer_plan = plan_fn(conv.in_channels, conv.out_channels, conv.kernel_size, bias=bias, options=opts)
-        if layer_plan.depth > 0:  # depth 0 keeps the original conv and its weights
-            parent, attr = _parent(model, name), name.rpartition(".")[2]
-            # each layer is planned once: the module is built from the plan the report holds
-            sizing = {"plan": layer_plan} if module_cls is CompConv2d else {"options": opts}
-            layer_cls = compconv_class(opts) if module_cls is CompConv2d else module_cls
-            new = layer_cls(
-                conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
-                bias=bias, device=conv.weight.device, dtype=conv.weight.dtype, **sizing,
-            )
-            new.train(conv.training)
-            setattr(parent, attr, new)
-        report.replaced.append(PatchedLayer(name, layer_plan, tuple(conv.stride)))
-    return report
+    return targets

@@ -193,9 +193,27 @@ def plan(
     kernel = _pair(kernel_size)
     requested = options.depth if options.depth is not None else adaptive_depth(in_channels, options.c0)
 
+    depth, note = _fitting_depth(in_channels, out_channels, requested, options.c_prim_divisor)
+    if depth == 0:
+        conv = Part("conv", "conv", out_channels, in_channels, 1, kernel)
+        return CompConvPlan(in_channels, out_channels, kernel, 0, requested, 0, (conv,), 0, options, bias, 1, note)
+
+    c = c_prim_for(out_channels, depth, options.c_prim_divisor)
+    dropped = ((1 << (depth + 1)) - 2) * c - out_channels
+    parts = _parts(in_channels, kernel, depth, c, dropped, options)
+    groups = 1
+    if options.shuffle:
+        groups = 1 << depth
+        while out_channels % groups:
+            groups //= 2
+    return CompConvPlan(in_channels, out_channels, kernel, depth, requested, c, tuple(parts), dropped, options, bias, groups, note)
+
+
+def _fitting_depth(in_channels: int, out_channels: int, requested: int, divisor: int) -> tuple[int, str]:
+    """The largest depth up to ``requested`` that the channels fit, and why it was lowered (logged once)."""
     depth, note = requested, ""
     while depth > 1:
-        why = _fits(in_channels, out_channels, depth, options.c_prim_divisor)
+        why = _fits(in_channels, out_channels, depth, divisor)
         if not why:
             break
         note = note or f"depth lowered from {requested}: {why}"
@@ -206,13 +224,13 @@ def plan(
         if key not in _announced:
             _announced.add(key)
             _logger.info("CompConv %d->%d: %s", in_channels, out_channels, note)
+    return depth, note
 
-    if depth == 0:
-        conv = Part("conv", "conv", out_channels, in_channels, 1, kernel)
-        return CompConvPlan(in_channels, out_channels, kernel, 0, requested, 0, (conv,), 0, options, bias, 1, note)
 
-    c = c_prim_for(out_channels, depth, options.c_prim_divisor)
-    dropped = ((1 << (depth + 1)) - 2) * c - out_channels
+def _parts(in_channels: int, kernel: tuple[int, int], depth: int, c: int, dropped: int,
+           options: CompConvOptions) -> list[Part]:
+    """Figure 2's parts in concatenation order: B(d-1), then A(i+1) and B(i) down to B0, then the tail A0 (the
+    part of B0's width that the dropped channels leave)."""
     parts: list[Part] = [Part(f"B{depth - 1}", "conv", c, in_channels, 1, kernel)]
     offset = 0
     for i in range(depth - 2, -1, -1):
@@ -227,10 +245,4 @@ def plan(
         groups = kept if options.tail == "depthwise" else 1
         tail_in = kept if options.tail == "depthwise" else b0
         parts.append(Part("A0", "tail", kept, tail_in, groups, tail_kernel))
-
-    groups = 1
-    if options.shuffle:
-        groups = 1 << depth
-        while out_channels % groups:
-            groups //= 2
-    return CompConvPlan(in_channels, out_channels, kernel, depth, requested, c, tuple(parts), dropped, options, bias, groups, note)
+    return parts

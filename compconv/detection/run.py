@@ -15,7 +15,8 @@ from torch.utils.data import DataLoader
 
 from ..complexity import count_macs
 from ..data import EpochSeededDataset, rank_loaders
-from ..train import Runtime, Task, compconv_fields, create_state, fit, resume, setup_runtime
+from ..train import Runtime, Task, compconv_fields, create_state, fit, resume
+from ..train.state import in_runtime
 from ..train.distributed import barrier, broadcast_object
 from ..train.sums import Sums
 from .backbone import build_detector
@@ -98,11 +99,7 @@ def evaluate(model: nn.Module, loader: DataLoader, rt: Runtime, evaluator: str =
 
 def run_detection(cfg: DetTrainConfig) -> dict[str, Any]:
     """Trains (or, with ``trainer.eval_only``, evaluates) a detector; returns the summary it writes."""
-    rt = setup_runtime(cfg)
-    try:
-        return _run(cfg, rt)
-    finally:
-        rt.close()  # the run directory's lock
+    return in_runtime(cfg, _run)
 
 
 def _run(cfg, rt: Runtime) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from ..data import build_datasets, collate_skipping_bad, rank_loaders
 from ..models import compconv_model_names, registered_model_names
 from .config import ConfigError, TrainConfig
 from .engine import Task, compconv_fields, fit
-from .state import Runtime, create_state, resume, setup_runtime
+from .state import Runtime, create_state, in_runtime, resume
 from .sums import Sums
 
 
@@ -85,11 +85,7 @@ def evaluate(model: nn.Module, loader: DataLoader, rt: Runtime, max_steps: int |
 
 def run_classification(cfg: TrainConfig) -> dict[str, Any]:
     """Trains (or, with ``trainer.eval_only``, evaluates) a classifier; returns the summary it writes."""
-    rt = setup_runtime(cfg)
-    try:
-        return _run(cfg, rt)
-    finally:
-        rt.close()  # the run directory's lock
+    return in_runtime(cfg, _run)
 
 
 def _run(cfg, rt: Runtime) -> dict[str, Any]:

@@ -72,12 +72,7 @@ def train_one_epoch(state: TrainState, loader, task: Task, cfg, rt: Runtime, sto
     loader.dataset.set_epoch(state.epoch)
     loader.sampler.set_epoch(state.epoch, start=state.step_in_epoch * loader.batch_size)
     total = min(len(loader) + state.step_in_epoch, trainer.max_train_steps or math.inf)
-    bar = None
-    if trainer.progress and rt.dist.is_main:
-        from tqdm import tqdm
-
-        bar = tqdm(total=total, initial=state.step_in_epoch, desc=f"epoch {state.epoch + 1}/{trainer.epochs}",
-                   dynamic_ncols=True)
+    bar = _progress_bar(state, total, trainer.epochs) if trainer.progress and rt.dist.is_main else None
     sync_debug = trainer.sync_debug and rt.device.type == "cuda"
     start_time, data_time, seen, lr = time.perf_counter(), 0.0, 0, 0.0
     window_loss, window_steps = torch.zeros((), device=rt.device, dtype=torch.float64), 0
@@ -93,19 +88,7 @@ def train_one_epoch(state: TrainState, loader, task: Task, cfg, rt: Runtime, sto
                 torch.cuda.set_sync_debug_mode("error")  # any host sync inside a step raises
             with rt.autocast():
                 loss, sums = task.forward(state.net, batch)
-            state.optimizer.zero_grad(set_to_none=True)
-            state.scaler.scale(loss).backward()
-            if trainer.clip_grad:
-                state.scaler.unscale_(state.optimizer)
-                nn.utils.clip_grad_norm_(state.model.parameters(), trainer.clip_grad)
-            state.scaler.step(state.optimizer)
-            state.scaler.update()
-            lr = state.optimizer.param_groups[0]["lr"]  # the lr this step used (a host float)
-            state.global_step += 1
-            state.step_in_epoch += 1
-            state.scheduler.step_update(state.global_step)
-            if state.ema is not None:
-                state.ema.update(state.model, step=state.global_step - 1)
+            lr = _optimizer_step(state, loss, trainer.clip_grad)
             state.sums.add(**sums)
             window_loss += loss.detach()
             if sync_debug:
@@ -117,15 +100,7 @@ def train_one_epoch(state: TrainState, loader, task: Task, cfg, rt: Runtime, sto
             if window_steps >= trainer.log_interval or state.step_in_epoch >= total or \
                     (stop.requested and not rt.dist.enabled):
                 mean_loss = float(window_loss) / window_steps
-                stop_now, diverged = _agree(stop, rt, not math.isfinite(mean_loss))
-                if diverged:
-                    value = mean_loss if not math.isfinite(mean_loss) else "non-finite on another rank"
-                    raise NonFiniteLossError(
-                        f"training loss is {value} at epoch {state.epoch + 1}, step {state.step_in_epoch} (global "
-                        f"step {state.global_step}; checked every trainer.log_interval={trainer.log_interval} steps), "
-                        f"lr {lr:.4g}: the run diverged; {kept_checkpoint(rt.run_dir)}; lower optim.lr, add warmup "
-                        "(sched.warmup_epochs) or set trainer.clip_grad")
-                if stop_now:
+                if _stop_or_diverged(state, stop, rt, mean_loss, lr, trainer.log_interval):
                     return None
                 if bar is not None:
                     bar.set_postfix(loss=f"{mean_loss:.3f}", lr=f"{lr:.4g}", refresh=False)
@@ -144,6 +119,45 @@ def train_one_epoch(state: TrainState, loader, task: Task, cfg, rt: Runtime, sto
         _logger.warning("epoch %d: %.0f%% of the time went to waiting for data: the loader is the bottleneck "
                         "(raise data.workers, now %d)", state.epoch + 1, 100 * frac, cfg.data.workers)
     return {**metrics, "images_per_s": seen * rt.dist.world_size / max(elapsed, 1e-9), "data_time_frac": frac}
+
+
+def _progress_bar(state: TrainState, total: float, epochs: int):
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=state.step_in_epoch, desc=f"epoch {state.epoch + 1}/{epochs}", dynamic_ncols=True)
+
+
+def _optimizer_step(state: TrainState, loss: torch.Tensor, clip_grad: float | None) -> float:
+    """Backward, optional clipping, the (scaled) optimizer step, the scheduler and EMA; returns the lr this step
+    used (a host float)."""
+    state.optimizer.zero_grad(set_to_none=True)
+    state.scaler.scale(loss).backward()
+    if clip_grad:
+        state.scaler.unscale_(state.optimizer)
+        nn.utils.clip_grad_norm_(state.model.parameters(), clip_grad)
+    state.scaler.step(state.optimizer)
+    state.scaler.update()
+    lr = state.optimizer.param_groups[0]["lr"]
+    state.global_step += 1
+    state.step_in_epoch += 1
+    state.scheduler.step_update(state.global_step)
+    if state.ema is not None:
+        state.ema.update(state.model, step=state.global_step - 1)
+    return lr
+
+
+def _stop_or_diverged(state: TrainState, stop: StopRequest, rt: Runtime, mean_loss: float, lr: float,
+                      log_interval: int) -> bool:
+    """Whether every rank agrees to stop now; raises :class:`NonFiniteLossError` where the loss diverged on any."""
+    stop_now, diverged = _agree(stop, rt, not math.isfinite(mean_loss))
+    if diverged:
+        value = mean_loss if not math.isfinite(mean_loss) else "non-finite on another rank"
+        raise NonFiniteLossError(
+            f"training loss is {value} at epoch {state.epoch + 1}, step {state.step_in_epoch} (global "
+            f"step {state.global_step}; checked every trainer.log_interval={log_interval} steps), "
+            f"lr {lr:.4g}: the run diverged; {kept_checkpoint(rt.run_dir)}; lower optim.lr, add warmup "
+            "(sched.warmup_epochs) or set trainer.clip_grad")
+    return stop_now
 
 
 def _agree(stop: StopRequest, rt: Runtime, diverged: bool) -> tuple[bool, bool]:

@@ -7,7 +7,7 @@ import random
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import timm
 import torch
@@ -61,6 +61,15 @@ def amp_dtype(choice: str, device: torch.device) -> torch.dtype | None:
     if choice == "auto":
         return torch.bfloat16 if device.type == "cuda" else None
     return {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[choice]
+
+
+def in_runtime(cfg, run: "Callable[[Any, Runtime], dict]") -> dict:
+    """``run(cfg, runtime)`` inside :func:`setup_runtime`'s runtime, whose run-directory lock is released after."""
+    rt = setup_runtime(cfg)
+    try:
+        return run(cfg, rt)
+    finally:
+        rt.close()
 
 
 def setup_runtime(cfg) -> Runtime:
