@@ -6,7 +6,9 @@ deployed output; for every model of the deploy zoo, the deployed output. Two com
     git worktree add /tmp/old OLD && (cd /tmp/old && python scripts/numerics_fingerprint.py --out /tmp/old.json)
     python scripts/numerics_fingerprint.py --compare /tmp/old.json /tmp/new.json
 
-Run both sides on one machine with the same threads: the hashes are of bytes.
+Run both sides on one machine with the same threads: the hashes are of bytes. Both commits need
+``compconv.testing`` (the zoo's home since this script was written; the first comparison, 2d00212 against
+993bac0, ran this script with the zoo on the older commit's test path).
 """
 
 from __future__ import annotations
@@ -22,14 +24,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))  # older commits keep the zoo beside the tests
 
 import compconv  # noqa: E402
-
-try:
-    from compconv.testing.zoo import ZOO, prepared  # noqa: E402
-except ImportError:  # before the zoo moved into the package
-    from zoo import ZOO, prepared  # noqa: E402
+from compconv.testing.zoo import ZOO, prepared  # noqa: E402
 
 
 def digest(tensor: torch.Tensor | None) -> str:

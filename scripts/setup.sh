@@ -19,7 +19,7 @@ stamp=.venv/.compconv-installed
 want=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   .venv/bin/pip install -q --upgrade pip
-  .venv/bin/pip install -q torch==2.14.1 torchvision==0.29.1
+  .venv/bin/pip install -q torch==2.14.1 torchvision==0.29.1 timm==1.0.31  # the versions results/ were made with
   .venv/bin/pip install -q -e '.[train,det,test,export]'
   echo "$want" > "$stamp"
 fi

@@ -9,8 +9,11 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 from torch import nn
+
+from compconv.shuffle import channel_shuffle
 
 ROOT = Path(__file__).resolve().parents[1]
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -63,3 +66,17 @@ def randomise_norms(model) -> None:
             module.running_var.uniform_(0.8, 1.2)
             module.weight.data.uniform_(0.8, 1.2)
             module.bias.data.uniform_(-0.1, 0.1)
+
+
+def literal(module, x):
+    """Figure 2 read literally, recorded by autograd op by op (no fast path: not even ``module.parts``)."""
+    b = module.norms[0](module.convs[0](x))
+    parts = [b]
+    for index in range(1, len(module.convs)):
+        a = module.identity(x, module.identity_starts[index - 1], module.identity_stops[index - 1], b)
+        b = module.norms[index](module.convs[index](torch.cat([b, a], dim=1)))
+        parts += [a, b]
+    if module.tail is not None:
+        parts.append(module.tail_norm(module.tail(b[:, :module.tail_in])))
+    y = channel_shuffle(torch.cat(parts, dim=1), module.shuffle_groups)
+    return y if module.bias is None else y + module.bias.view(1, -1, 1, 1)

@@ -15,7 +15,7 @@ from torch import nn
 import compconv
 from compconv import deploy
 from compconv.inference import ROUNDING_SHARE, DeployError, forms, rounding_error, tolerance_for
-from zoo import EXPORTED, ZOO, prepared
+from compconv.testing.zoo import EXPORTED, ZOO, prepared
 
 FAST = ["preact_cifar", "two_consumers", "shared_conv", "tv_resnet18"]
 

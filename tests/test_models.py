@@ -53,8 +53,8 @@ def test_compconv_kwargs_and_pretrained_refusal():
         timm.create_model("resnet50_compconv128", compconv={"dpeth": 2})
 
 
-def test_torch_export():
-    model = timm.create_model("resnet18_compconv128", num_classes=5).eval()
+def test_torch_export(model_name):
+    model = timm.create_model(model_name, num_classes=5).eval()
     x = torch.randn(1, 3, 64, 64)
     exported = torch.export.export(model, (x,))
     torch.testing.assert_close(exported.module()(x), model(x))

@@ -19,21 +19,9 @@ from compconv.efficient import EfficientCompConv2d, TrainingFormError, check_tra
     factorised_weights, figure2_forms, training_form, unshuffle_views
 from compconv.efficient import FORM_RULES
 
+from helpers import literal
+
 CPU = FORM_RULES["cpu"]
-
-
-def literal(module, x):
-    """Figure 2 read literally, recorded by autograd op by op (no fast path: not even ``module.parts``)."""
-    b = module.norms[0](module.convs[0](x))
-    parts = [b]
-    for index in range(1, len(module.convs)):
-        a = module.identity(x, module.identity_starts[index - 1], module.identity_stops[index - 1], b)
-        b = module.norms[index](module.convs[index](torch.cat([b, a], dim=1)))
-        parts += [a, b]
-    if module.tail is not None:
-        parts.append(module.tail_norm(module.tail(b[:, :module.tail_in])))
-    y = channel_shuffle(torch.cat(parts, dim=1), module.shuffle_groups)
-    return y if module.bias is None else y + module.bias.view(1, -1, 1, 1)
 
 
 @st.composite
