@@ -25,7 +25,6 @@ import io
 import multiprocessing
 import queue as queue_module
 import os
-import platform
 import statistics
 import sys
 import time
@@ -43,6 +42,7 @@ from compconv.inference.timing import interleaved_times
 from compconv.io import atomic_write_text
 from compconv.train.memory import peak_memory_mb as peak_mb
 from compconv.train.memory import reset_peak_memory, resident_memory_mb
+from compconv.train import provenance
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Idle before each ONNX Runtime measurement: a session's intra-op threads spin after its runs and would take the
@@ -280,15 +280,8 @@ def timing_environment() -> str:
 
 
 def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as handle:
-            cpu = next(line.split(":", 1)[1].strip() for line in handle if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu}, {torch.get_num_threads()} threads"
+    """The device and, on the CPU, the threads the timings ran with (for a results header)."""
+    return f"{provenance.device_name(device)}, {torch.get_num_threads()} threads"
 
 
 def main(argv: list[str] | None = None) -> int:

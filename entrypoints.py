@@ -86,8 +86,11 @@ def run_hydra_job(cfg: Any, runner: Callable[[Any], dict]) -> dict:
     global _task_started
     _task_started = True
     try:
-        overrides = HydraConfig.get().overrides.task if HydraConfig.initialized() else []
-        cfg.command = " ".join(["python", _script(), *overrides])
+        hydra = HydraConfig.get() if HydraConfig.initialized() else None
+        overrides = hydra.overrides.task if hydra else []
+        # the entry point, not sys.argv[0]: a SLURM or submitit job runs as submitit's _submit.py
+        script = f"{hydra.job.name}.py" if hydra and hydra.job.name in ("train_cls", "train_det") else _script()
+        cfg.command = " ".join(["python", script, *overrides])
         # merging into a fresh schema also refuses keys added with +key=value
         values = OmegaConf.to_container(cfg, resolve=True)
         config = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(OmegaConf.get_type(cfg)), values))

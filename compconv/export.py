@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .checks import relative_error
 from .inference import DeployReport, deploy
 from .nested import leaves
 from .onnxrt import ort_session, require
@@ -29,7 +30,7 @@ class ExportReport:
     path: Path
     exporter: str
     nodes: int
-    max_abs_error: float
+    max_error: float  # max |ONNX Runtime - model| relative to max |model output| (at least 1)
     deploy: DeployReport | None
 
 
@@ -79,17 +80,15 @@ def export_onnx(model: nn.Module, path: str | Path, input_size: tuple[int, ...] 
         got = ort_session(tmp).run(None, {graph.graph.input[0].name: x.numpy()})
         if len(got) != len(expected):
             raise ExportError(f"the ONNX file has {len(got)} outputs where the model returns {len(expected)} tensors")
-        error, scale = 0.0, 1.0
+        got = [torch.from_numpy(value) for value in got]
         for value, want in zip(got, expected):
-            value = torch.from_numpy(value)
             if value.shape != want.shape:
                 raise ExportError(f"an ONNX output has shape {tuple(value.shape)} where the model's has "
                                   f"{tuple(want.shape)}; the exporter wrote a wrong model")
-            error = max(error, float((value.double() - want.double()).abs().max()))
-            scale = max(scale, float(want.abs().max()))
-        if not error <= atol * scale:
-            raise ExportError(f"ONNX Runtime's output differs from the model's by {error:.3g} (max |y| {scale:.3g}); "
-                              f"the {'dynamo' if dynamo else 'TorchScript'} exporter wrote a wrong model")
+        error = relative_error(got, expected, floor=1.0)
+        if not error <= atol:
+            raise ExportError(f"ONNX Runtime's output differs from the model's by {error:.3g} (relative to max |y|, "
+                              f"at least 1); the {'dynamo' if dynamo else 'TorchScript'} exporter wrote a wrong model")
         tmp.replace(path)
     finally:
         tmp.unlink(missing_ok=True)

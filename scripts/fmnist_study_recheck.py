@@ -7,17 +7,19 @@ committed per-epoch log.
     python scripts/fmnist_study_recheck.py --run resnet18_s0_e8 --epoch 2 --record     # and append the result
                                                                                        # to results/..._recheck.md
 
-Every logged value (validation top-1, top-5 and loss, training top-1 and loss, learning rate) must read the
-same at the log's 6 significant digits ("bitwise": the rerun gives what was logged) on the CPU kind and thread
-count of the run; otherwise validation top-1 must be within ``--tolerance`` points. Exit 0 when it holds, 1
-when it does not, 2 on bad input.
+On the run's CPU kind and thread count, every logged value (validation and training top-1 and loss, learning
+rate) must read the same at the log's 6 significant digits ("bitwise"). On another CPU kind, floating-point
+sums are ordered differently, the run drifts, and a mid-training validation snapshot can move by points; so
+the re-check compares the epoch's training statistics, the mean over every step: training loss within 2 %
+(relative) and training top-1 within 0.5 pt, and says that this is the comparison it made. Exit 0 when it
+holds, 1 when it does not, 2 on bad input.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
-import re
 import shlex
 import subprocess
 import sys
@@ -25,31 +27,38 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from scripts.fmnist_study import LOG_KEYS, cpu_name, log_value  # noqa: E402  (one log format)
-from scripts.fmnist_study_table import TableError, read_log, read_rows  # noqa: E402  (one reader, checked)
+from compconv.train.provenance import code_version, device_name  # noqa: E402
+from scripts.fmnist_study_table import LOG_KEYS, PREFIX, TableError, log_value, read_rows  # noqa: E402
+
+COMPARED = ("val_top1", "val_top5", "val_loss", "train_top1", "train_loss", "lr")
+LOSS_RELATIVE, TOP1_POINTS = 0.02, 0.5  # another CPU kind: the epoch's training statistics within these
 
 
 class RecheckError(ValueError):
     """The run, its log or its rerun cannot be compared; the message says why."""
 
 
-COMPARED = ("val_top1", "val_top5", "val_loss", "train_top1", "train_loss", "lr")
-
-
-def find_run(results: Path, run: str) -> tuple[dict, list[dict]]:
-    """The run's row of the study CSV and its per-epoch log (both checked by the table's reader)."""
-    rows = {row["run"]: row for row in read_rows(results, "fashion_mnist_study")}
+def find_run(results: Path, run: str) -> tuple[dict, dict[str, str]]:
+    """The run's row of the study CSV and its per-epoch log, by epoch."""
+    rows = {row["run"]: row for row in read_rows(results)}
     if run not in rows:
-        raise RecheckError(f"no run {run!r} in {results / 'fashion_mnist_study.csv'}; finished runs: "
-                           f"{', '.join(sorted(rows))}")
-    return rows[run], read_log(results.parent / rows[run]["log"])
+        raise RecheckError(f"no run {run!r} in {results / (PREFIX + '.csv')}; finished runs: {', '.join(sorted(rows))}")
+    path = results.parent / rows[run]["log"]
+    try:
+        with path.open(newline="") as f:
+            log = {line["epoch"]: line for line in csv.DictReader(f)}
+    except (OSError, KeyError) as error:
+        raise RecheckError(f"the per-epoch log {path} cannot be read ({error})") from error
+    return rows[run], log
 
 
 def rerun(command: str, epoch: int, run_dir: Path) -> dict:
     """Runs ``command`` (``python train_cls.py ...``) to ``epoch`` in ``run_dir``; the summary's history entry."""
-    words = [w for w in shlex.split(command) if not w.startswith("hydra.run.dir=")]
+    words = [w for w in shlex.split(command) if not w.startswith(("hydra.run.dir=", "hydra.sweep"))]
     if words[:2] != ["python", "train_cls.py"]:
         raise RecheckError(f"the recorded command is not a train_cls.py run: {command}")
     done = subprocess.run([sys.executable, *words[1:], f"hydra.run.dir={run_dir}",
@@ -60,11 +69,22 @@ def rerun(command: str, epoch: int, run_dir: Path) -> dict:
     return json.loads((run_dir / "summary.json").read_text())["history"][epoch - 1]
 
 
+def judge(logged: dict[str, str], again: dict[str, str], same_kind: bool) -> tuple[bool, str]:
+    """Whether the rerun reproduces the log, and which comparison was made."""
+    if same_kind:
+        bitwise = all(logged[c] == again[c] for c in COMPARED)
+        return bitwise, "bitwise" if bitwise else "NOT bitwise on the run's CPU kind and threads"
+    loss = abs(float(again["train_loss"]) / float(logged["train_loss"]) - 1)
+    top1 = abs(float(again["train_top1"]) - float(logged["train_top1"]))
+    holds = loss <= LOSS_RELATIVE and top1 <= TOP1_POINTS
+    return holds, (f"another CPU kind: training loss {100 * loss:.1f} % (<= {100 * LOSS_RELATIVE:.0f} %) and training "
+                   f"top-1 {top1:.2f} pt (<= {TOP1_POINTS}) from the log" + ("" if holds else ": NOT within"))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--run", required=True, help="a run of results/fashion_mnist_study.csv")
+    parser.add_argument("--run", required=True, help=f"a run of results/{PREFIX}.csv")
     parser.add_argument("--epoch", type=int, default=1)
-    parser.add_argument("--tolerance", type=float, default=0.3, help="points of top-1 when not bitwise")
     parser.add_argument("--results", type=Path, default=ROOT / "results")
     parser.add_argument("--record", action="store_true", help="append the result to the study's _recheck.md")
     args = parser.parse_args(argv)
@@ -72,38 +92,34 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     try:
         row, log = find_run(results, args.run)
-        logged = next((line for line in log if line.get("epoch") == str(args.epoch)), None)
+        logged = log.get(str(args.epoch))
         if logged is None:
-            raise RecheckError(f"--epoch {args.epoch}: {row['log']} has epochs "
-                               f"{', '.join(line.get('epoch') or '?' for line in log)}")
+            raise RecheckError(f"--epoch {args.epoch}: {row['log']} has epochs {', '.join(log) or 'none'}")
         with tempfile.TemporaryDirectory(prefix="recheck-") as folder:
             history = rerun(row["command"], args.epoch, Path(folder))
     except (RecheckError, TableError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    here = f"{device_name(torch.device('cpu'))} x{row['threads']}"  # the recorded command fixes trainer.threads
+    same_kind = row["segments"] == here
     again = {column: log_value(history.get(LOG_KEYS[column])) for column in COMPARED}
     for column in COMPARED:
         print(f"{column:11s} logged {logged[column]:>10s}  rerun {again[column]:>10s}"
               f"{'' if logged[column] == again[column] else '  differs'}")
-    bitwise = all(logged[c] == again[c] for c in COMPARED)
-    gap = abs(float(again["val_top1"]) - float(logged["val_top1"]))
-    holds = bitwise or gap <= args.tolerance
-    verdict = "bitwise" if bitwise else f"top-1 within {gap:.2f} pt" if holds else f"top-1 off by {gap:.2f} pt"
-    commit = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=ROOT, capture_output=True,
-                            text=True).stdout.strip()
-    print(f"{args.run} epoch {args.epoch}: {verdict} (rerun at {commit}, {time.time() - started:.0f} s)")
+    holds, verdict = judge(logged, again, same_kind)
+    commit = code_version() or "?"
+    print(f"{args.run} epoch {args.epoch}: {verdict} (rerun at {commit} on {here}, {time.time() - started:.0f} s)")
     if args.record:
-        path = results / "fashion_mnist_study_recheck.md"
+        path = results / f"{PREFIX}_recheck.md"
         if not path.exists():
             path.write_text("# Re-checks of the Fashion-MNIST study's runs\n\nEach row: `python scripts/"
-                            "fmnist_study_recheck.py --run RUN --epoch K --record`, which reruns the run's recorded "
-                            "command to epoch K and compares it with the committed log (6 significant digits).\n\n"
-                            "| date (UTC) | run | epoch | logged top-1 | rerun top-1 | result | rerun at | CPU |\n"
-                            "|---|---|---:|---:|---:|---|---|---|\n")
-        cpu = re.sub(r"\s+", " ", cpu_name())
+                            "fmnist_study_recheck.py --run RUN --epoch K --record`: the run's recorded command rerun to "
+                            "epoch K and compared with its committed log (the script's docstring gives the rule).\n\n"
+                            "| date (UTC) | run | epoch | run's CPU | rerun's CPU | result | rerun at |\n"
+                            "|---|---|---:|---|---|---|---|\n")
         with path.open("a") as f:
             f.write(f"| {time.strftime('%Y-%m-%d %H:%M', time.gmtime())} | {args.run} | {args.epoch} | "
-                    f"{logged['val_top1']} | {again['val_top1']} | {verdict} | {commit} | {cpu} |\n")
+                    f"{row['segments']} | {here} | {verdict} | {commit} |\n")
     return 0 if holds else 1
 
 

@@ -1,21 +1,26 @@
 #!/usr/bin/env python
-"""Tables and plots of the Fashion-MNIST study, from the committed per-run logs only.
+"""The Fashion-MNIST study's results, from its sweep directories (results/fashion_mnist_study_rule.md has its rules).
 
-    python scripts/fmnist_study_table.py                       # results/fashion_mnist_study.{md,png}, _pilot.md
-    python scripts/fmnist_study_table.py --prefix fashion_mnist_gpu_study --title "... (H200)"
+    python scripts/fmnist_study_table.py --runs runs/fmnist_study        # collect, then write every table
+    python scripts/fmnist_study_table.py                                  # tables from the committed CSV only
 
-Reads ``results/<prefix>.csv`` (one row per finished run, written by ``scripts/fmnist_study.py`` or
-``scripts/gpu_study.py``) and each run's per-epoch log it names; a row whose log is missing or disagrees with
-it is an error. Per model and variant at the study's epoch budget: top-1 mean ± std over seeds, the paired
-difference to the baseline (same seed: same data order and augmentation) with its 95 % t interval, MACs,
-params and activations (``compconv.complexity`` at the study's input), and the training and inference
-images/s of ``--speed`` (a ``benchmark.py`` CSV measured on the same machine), when given.
+``--runs`` reads every run directory's ``summary.json`` (what ``train_cls.py -m experiment=fmnist_study`` writes)
+into ``results/fashion_mnist_study_v2.csv`` (one row per finished run: validation and test top-1, the split, the
+commit(s), device and threads of every segment, the command) and its per-epoch log into
+``results/fashion_mnist_study_v2/<run>.csv``; rows of runs whose directories are gone (earlier sessions) are kept.
+Then it writes, from the CSV and the logs it names:
+
+- ``fashion_mnist_study_v2_plateau.md``: the plateau rule applied (validation top-1 only);
+- ``fashion_mnist_study_v2.md``: the main table at E* and the ablations, test top-1 with paired intervals and the
+  pre-registered equivalence margin; pairs must share a CPU kind and thread count;
+- ``fashion_mnist_study_v2_time.md`` and ``.png``: test top-1 against measured training seconds.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import json
 import math
 import re
 import shlex
@@ -25,73 +30,101 @@ from collections import defaultdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-# two-sided 95 % quantiles of Student's t, by degrees of freedom (1..30)
-T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
-        2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+PREFIX = "fashion_mnist_study_v2"
+BASELINE, COMPACT = "resnet18", "resnet18_compconv64"
+TIME_MODELS = ("resnet18", "resnet18_compconv128", "resnet18_ghost")
+PLATEAU_PT, EQUIVALENCE_PT = 0.10, 0.25  # results/fashion_mnist_study_rule.md
+FIELDS = ("run", "model", "variant", "seed", "epochs", "train_images", "val_images", "test_images", "split",
+          "val_top1", "test_top1", "test_top5", "macs", "executed_macs", "params", "threads", "device", "segments",
+          "train_seconds", "code", "command", "log")
+LOG_KEYS = {"epoch": "epoch", "lr": "lr", "train_loss": "train/loss", "train_top1": "train/top1", "val_loss": "val/loss",
+            "val_top1": "val/top1", "val_top5": "val/top5", "images_per_s": "train/images_per_s"}
+LOG_FIELDS = tuple(LOG_KEYS)
+# two-sided quantiles of Student's t by degrees of freedom (1..10): 0.975 (95 % intervals), 0.95 (90 %, TOST)
+T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)
+T95 = (6.314, 2.920, 2.353, 2.132, 2.015, 1.943, 1.895, 1.860, 1.833, 1.812)
+
+
+def configure(prefix: str, baseline: str, compact: str) -> None:
+    """Which study the module's functions read and write (the CPU study by default)."""
+    global PREFIX, BASELINE, COMPACT
+    PREFIX, BASELINE, COMPACT = prefix, baseline, compact
 
 
 class TableError(ValueError):
-    """A row or a log of the study is missing, damaged or inconsistent."""
+    """A run, a row or a log of the study is missing, damaged or inconsistent."""
 
 
-def read_rows(results: Path, prefix: str) -> list[dict]:
-    path = results / f"{prefix}.csv"
+def variant_of(summary: dict) -> str:
+    """The CompConv options a run sets beyond its registered model's defaults, as ``key=value`` (``""``: none)."""
+    from compconv.models import variant_options
+
+    defaults = variant_options(summary["model_name"]) or {}
+    chosen = summary.get("compconv") or {}
+    return ",".join(f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in sorted(chosen.items())
+                    if defaults.get(k) != v)
+
+
+def row_of(run_dir: Path, summary: dict, log: str) -> dict:
+    segments = summary.get("segments") or []
+    codes = [s.get("code") or "?" for s in segments]
+    kinds = sorted({f"{s['device']} x{s['threads']}" for s in segments})
+    return {
+        "run": run_dir.name, "model": summary["model_name"], "variant": variant_of(summary), "seed": summary["seed"],
+        "epochs": summary["epochs"], "train_images": summary["train_images"], "val_images": summary["val_images"],
+        "test_images": summary.get("test_images"), "split": (summary.get("splits") or {}).get("val", ""),
+        "val_top1": summary["val_top1"], "test_top1": summary.get("test_top1"), "test_top5": summary.get("test_top5"),
+        "macs": summary["macs"], "executed_macs": summary.get("executed_macs"), "params": summary["params"],
+        "threads": summary.get("threads"), "device": summary["device"], "segments": "; ".join(kinds),
+        "train_seconds": round(summary["train_seconds"], 1),
+        "code": codes[0] if len(set(codes)) <= 1 else f"{codes[0]}..{codes[-1]}", "command": summary["command"],
+        "log": log,
+    }
+
+
+def collect(run_roots: list[Path], results: Path) -> list[dict]:
+    """Merges every finished run under ``run_roots`` into the CSV (by run name) and writes its per-epoch log."""
+    rows = {row["run"]: row for row in read_rows(results, must_exist=False)}
+    (results / PREFIX).mkdir(parents=True, exist_ok=True)
+    for root in run_roots:
+        for path in sorted(root.glob("*/summary.json")):
+            summary = json.loads(path.read_text())
+            if summary.get("experiment") != "fmnist_study" or summary.get("epochs") != summary.get("schedule_epochs"):
+                continue
+            with (results / PREFIX / f"{path.parent.name}.csv").open("w", newline="") as f:
+                writer = csv.DictWriter(f, LOG_FIELDS)
+                writer.writeheader()
+                for record in summary["history"]:
+                    writer.writerow({field: log_value(record.get(key)) for field, key in LOG_KEYS.items()})
+            log = f"results/{PREFIX}/{path.parent.name}.csv"
+            rows[path.parent.name] = row_of(path.parent, summary, log)
+    ordered = sorted(rows.values(), key=lambda r: (natural(r["model"]), r["variant"], int(r["epochs"]), int(r["seed"])))
+    with (results / f"{PREFIX}.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, FIELDS)
+        writer.writeheader()
+        writer.writerows(ordered)
+    return ordered
+
+
+def read_rows(results: Path, must_exist: bool = True) -> list[dict]:
+    path = results / f"{PREFIX}.csv"
     if not path.exists():
-        raise TableError(f"{path} does not exist: run the study first (scripts/fmnist_study.py)")
+        if must_exist:
+            raise TableError(f"{path} does not exist: collect the runs first (--runs runs/fmnist_study)")
+        return []
     with path.open(newline="") as f:
         rows = list(csv.DictReader(f))
     for row in rows:
-        log = read_log(results.parent / row["log"])
-        if not log or int(log[-1]["epoch"]) != int(row["epochs"]):
-            raise TableError(f"{row['log']} does not end at epoch {row['epochs']} as {path.name} says for {row['run']}")
-        if abs(float(log[-1]["val_top1"]) - float(row["top1"])) > 1e-3:
-            raise TableError(f"{row['run']}: top-1 {row['top1']} in {path.name} but {log[-1]['val_top1']} in its log")
-        row["curve"] = [float(r["val_top1"]) for r in log]
+        if row["test_top1"] in ("", None):
+            raise TableError(f"{row['run']} has no test top-1: it did not finish its schedule")
     return rows
 
 
-def read_log(path: Path) -> list[dict]:
-    try:
-        with path.open(newline="") as f:
-            return list(csv.DictReader(f))
-    except OSError as error:
-        raise TableError(f"the per-epoch log {path} cannot be read ({error})") from error
-
-
-def t_interval(values: list[float]) -> tuple[float, float]:
-    """Mean and the half-width of its 95 % t interval (nan with fewer than two values)."""
-    mean = statistics.fmean(values)
-    if len(values) < 2:
-        return mean, math.nan
-    df = len(values) - 1
-    return mean, T975[min(df, len(T975)) - 1] * statistics.stdev(values) / math.sqrt(len(values))
-
-
-def complexity_of(model: str, variant: str, img_size: int, in_chans: int) -> tuple[int, int, int]:
-    import timm
-
-    import compconv
-
-    from scripts.fmnist_study import variant_options
-
-    options = variant_options(variant)
-    net = timm.create_model(model, num_classes=10, in_chans=in_chans, **({"compconv": options} if options else {}))
-    cost = compconv.complexity(net, (in_chans, img_size, img_size))
-    return cost.macs, cost.params, cost.activations
-
-
-def read_speed(path: Path | None) -> dict[str, dict[str, float]]:
-    """``{model: {"train": img/s, "infer": img/s}}`` from a benchmark.py CSV (its ``model`` names, with
-    ``+deploy`` stripped for inference)."""
-    speed: dict[str, dict[str, float]] = defaultdict(dict)
-    if path is None:
-        return speed
-    with path.open(newline="") as f:
-        for row in csv.DictReader(f):
-            mode = row["workload"].split(":")[0]
-            speed[row["model"].split("+")[0]][mode] = float(row["img_per_s"])
-    return speed
+def log_value(value) -> str:
+    """How a per-epoch log writes one value: 6 significant digits (the epoch column as an integer)."""
+    if value is None:
+        return ""
+    return str(value) if isinstance(value, int) else f"{float(value):.6g}"
 
 
 def natural(name: str) -> list:
@@ -99,119 +132,152 @@ def natural(name: str) -> list:
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
 
 
-def label(model: str, variant: str) -> str:
-    return f"{model} ({variant})" if variant else model
+def interval(values: list[float], quantiles: tuple[float, ...] = T975) -> tuple[float, float]:
+    """Mean and the half-width of its t interval (``quantiles``: 95 % by default; nan below two values)."""
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return mean, math.nan
+    return mean, quantiles[min(len(values) - 1, len(quantiles)) - 1] * statistics.stdev(values) / math.sqrt(len(values))
 
 
-def paired_delta(runs: dict[int, dict], reference: dict[int, dict]) -> str:
-    """Mean top-1 difference of ``runs`` to ``reference`` over their shared seeds, with its 95 % t interval."""
-    pairs = [float(runs[s]["top1"]) - float(reference[s]["top1"]) for s in sorted(runs) if s in reference]
-    if not pairs:
-        return "no paired seeds"
-    d, half = t_interval(pairs)
-    return f"{d:+.2f} [{d - half:+.2f}, {d + half:+.2f}] (n={len(pairs)})" if len(pairs) > 1 else f"{d:+.2f} (n=1)"
+def family(model: str) -> str:
+    """The baseline ``model`` is paired with: the timm model a registered CompConv or Ghost model patches
+    (``vgg16_bn_compconv128`` -> ``vgg16_bn``); a baseline is its own."""
+    from compconv.models import variant_base
+
+    return variant_base(model) or re.sub(r"_(compconv\d+\w*|ghost)$", "", model)
 
 
-def ablations(summary: dict) -> list[str]:
-    """Each variant against the same model with its defaults, paired by seed: what the one option changes."""
-    variants = [key for key in summary if key[1] and (key[0], "") in summary]
-    if not variants:
-        return []
-    lines = ["", "Ablations: each option against the same model with the defaults (paired by seed).", "",
-             "| model | option | seeds | Δ top-1 vs defaults, paired [95 % CI] | Δ MACs (M) | Δ params (M) |",
-             "|---|---|---:|---:|---:|---:|"]
-    for model, variant in variants:
-        ablated, defaults = summary[(model, variant)], summary[(model, "")]
-        lines.append(f"| {model} | {variant} | {len(ablated['runs'])} | "
-                     f"{paired_delta(ablated['runs'], defaults['runs'])} | "
-                     f"{(ablated['macs'] - defaults['macs']) / 1e6:+.1f} | "
-                     f"{(ablated['params'] - defaults['params']) / 1e6:+.2f} |")
-    return lines
+def paired(runs: dict[int, dict], reference: dict[int, dict], key: str = "test_top1") -> tuple[list[float], list[str]]:
+    """Per-seed differences over the seeds both have, and the seeds that cannot be paired (other CPU kind or threads)."""
+    diffs, unpaired = [], []
+    for seed in sorted(set(runs) & set(reference)):
+        a, b = runs[seed], reference[seed]
+        if (a["segments"], a["threads"]) != (b["segments"], b["threads"]) or ";" in a["segments"] + b["segments"]:
+            unpaired.append(f"s{seed}")
+            continue
+        diffs.append(float(a[key]) - float(b[key]))
+    return diffs, unpaired
 
 
-def build(rows: list[dict], baseline: str, epochs: int, speed: dict, img_size: int, in_chans: int,
-          title: str, header: str) -> tuple[str, dict]:
+def verdict(diffs: list[float]) -> str:
+    """What the pre-registered rules let one say of paired differences."""
+    if len(diffs) < 2:
+        return "one seed: no claim"
+    mean, half95 = interval(diffs)
+    _, half90 = interval(diffs, T95)
+    if abs(mean) > half95:
+        return "differs"
+    if abs(mean) + half90 < EQUIVALENCE_PT:
+        return f"no difference (within ±{EQUIVALENCE_PT} pt)"
+    return "too wide to tell"
+
+
+def describe(diffs: list[float], unpaired: list[str]) -> str:
+    if not diffs:
+        return "no paired seeds" + (f" ({', '.join(unpaired)} on other CPU kinds)" if unpaired else "")
+    mean, half = interval(diffs)
+    text = f"{mean:+.2f} [{mean - half:+.2f}, {mean + half:+.2f}]" if len(diffs) > 1 else f"{mean:+.2f}"
+    return text + (f"; unpaired {', '.join(unpaired)}" if unpaired else "")
+
+
+def plateau(rows: list[dict]) -> str:
+    """The plateau rule applied to the baseline and the most compact model, on validation top-1 of seeds 0 and 1."""
+    lines = ["# The plateau rule, applied", "",
+             f"A schedule of E epochs is at the plateau when the mean validation top-1 of seeds 0 and 1 at 2E exceeds "
+             f"the mean at E by less than {PLATEAU_PT} pt (`results/fashion_mnist_study_rule.md`). Validation: 5,000 "
+             "images held out of the training set; the test set is not read here.", "",
+             "| model | E | val top-1 at E (s0, s1) | val top-1 at 2E (s0, s1) | gain | at the plateau |",
+             "|---|---:|---|---|---:|---|"]
+    chosen = {}
+    for model in (BASELINE, COMPACT):
+        runs = {(int(r["epochs"]), int(r["seed"])): float(r["val_top1"]) for r in rows
+                if r["model"] == model and not r["variant"] and int(r["seed"]) in (0, 1)}
+        for epochs in sorted({e for e, _ in runs}):
+            short = [runs.get((epochs, s)) for s in (0, 1)]
+            long = [runs.get((2 * epochs, s)) for s in (0, 1)]
+            if None in short or None in long:
+                lines.append(f"| {model} | {epochs} | {_pair(short)} | {_pair(long)} | — | not yet decided |")
+                continue
+            gain = statistics.fmean(long) - statistics.fmean(short)
+            ok = gain < PLATEAU_PT
+            if ok and model not in chosen:
+                chosen[model] = epochs
+            lines.append(f"| {model} | {epochs} | {_pair(short)} | {_pair(long)} | {gain:+.2f} | {'yes' if ok else 'no'} |")
+    if len(chosen) == 2:
+        lines += ["", f"E* = max({chosen[BASELINE]}, {chosen[COMPACT]}) = {max(chosen.values())} epochs for every model."]
+    else:
+        lines += ["", "E* is not decided yet: the rule's runs are not all finished."]
+    return "\n".join(lines) + "\n"
+
+
+def _pair(values: list) -> str:
+    return ", ".join("—" if v is None else f"{v:.2f}" for v in values)
+
+
+def main_table(rows: list[dict], epochs: int) -> str:
     groups: dict[tuple[str, str], dict[int, dict]] = defaultdict(dict)
     for row in rows:
         if int(row["epochs"]) == epochs:
             groups[(row["model"], row["variant"])][int(row["seed"])] = row
-    base = groups.get((baseline, ""), {})
-    order = sorted(groups, key=lambda k: (k != (baseline, ""), k[1] != "", natural(k[0]), k[1]))
-    lines = [f"# {title}", "", header, "",
-             "| model | seeds | top-1 (%) mean ± std | Δ top-1 vs baseline, paired [95 % CI] | MACs (M) | params (M) "
-             "| activations (M) | train img/s | infer img/s |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    summary = {}
-    for key in order:
+    lines = [f"# Fashion-MNIST study: every model at E* = {epochs} epochs", "",
+             "Test top-1: the 10k test images, read once per run after its last epoch. Validation top-1: the 5,000 "
+             "held-out training images. Δ: paired by seed against the model's baseline (same data order and augmentation, "
+             "same CPU kind and threads), mean [95 % t interval]; the claim follows `results/fashion_mnist_study_rule.md`.",
+             "", "| model | seeds | test top-1 (%) mean ± std | Δ test top-1 [95 % CI] | claim | "
+             "val top-1 (%) | MACs (M): Figure 2 / executed | params (M) | CPU kinds |",
+             "|---|---:|---:|---:|---|---:|---:|---:|---|"]
+    for key in sorted(groups, key=lambda k: (k != (BASELINE, ""), k[1] != "", natural(k[0]), k[1])):
         runs = groups[key]
-        top1 = [float(r["top1"]) for r in runs.values()]
-        mean = statistics.fmean(top1)
-        std = statistics.stdev(top1) if len(top1) > 1 else math.nan
-        delta = "—" if key == (baseline, "") else paired_delta(runs, base)
-        macs, params, acts = complexity_of(*key, img_size, in_chans)
-        model_speed = speed.get(key[0], {}) if not key[1] else {}
-        train = f"{model_speed['train']:.0f}" if "train" in model_speed else "—"
-        infer = f"{model_speed['infer']:.0f}" if "infer" in model_speed else "—"
-        std_text = f"{std:.2f}" if not math.isnan(std) else "—"
-        lines.append(f"| {label(*key)} | {len(top1)} | {mean:.2f} ± {std_text} | {delta} | {macs / 1e6:.1f} | "
-                     f"{params / 1e6:.2f} | {acts / 1e6:.3f} | {train} | {infer} |")
-        summary[key] = {"mean": mean, "std": std, "macs": macs, "params": params, "runs": runs}
-    lines += ablations(summary)
-    first = next(iter(base.values()), None) or next((r for g in groups.values() for r in g.values()), None)
-    if first is not None:
-        lines += ["", f"Epochs {epochs}; training images {first['train_images']}; validation images "
-                  f"{first.get('val_images') or '?'} (Fashion-MNIST's test set). "
-                  "Command of each run: its row of the CSV (seed 0's shown here for the baseline):", "",
-                  f"    {first['command']}"]
-    return "\n".join(lines) + "\n", summary
-
-
-def pilot(rows: list[dict], baseline: str, epochs: int) -> str:
-    runs = {(r["model"], int(r["epochs"])): r for r in rows if int(r["seed"]) == 0 and not r["variant"]}
-    short, long = runs.get((baseline, epochs)), runs.get((baseline, 2 * epochs))
-    lines = ["# Pilot: where the baseline plateaus", "",
-             f"Validation top-1 (%) per epoch, seed 0, from the per-run logs. The budget is {epochs} epochs if its "
-             f"final top-1 is within 0.3 pt of a run twice as long (the cosine schedule is stretched, not cut).", "",
-             "| epoch | " + " | ".join(f"{m} ({e} ep.)" for (m, e) in sorted(runs)) + " |",
-             "|---:|" + "---:|" * len(runs)]
-    depth = max(len(r["curve"]) for r in runs.values()) if runs else 0
-    for epoch in range(depth):
-        cells = [f"{r['curve'][epoch]:.2f}" if epoch < len(r["curve"]) else "" for _, r in sorted(runs.items())]
-        lines.append(f"| {epoch + 1} | " + " | ".join(cells) + " |")
-    if short and long:
-        gap = float(long["top1"]) - float(short["top1"])
-        verdict = "within" if abs(gap) <= 0.3 else "NOT within"
-        lines += ["", f"{baseline}: {float(short['top1']):.2f} % after {epochs} epochs, {float(long['top1']):.2f} % "
-                  f"after {2 * epochs}: {gap:+.2f} pt, {verdict} 0.3 pt."]
-    else:
-        lines += ["", f"The pilot is not complete: {baseline} at {epochs} and {2 * epochs} epochs are both needed."]
+        test = [float(r["test_top1"]) for r in runs.values()]
+        val = statistics.fmean(float(r["val_top1"]) for r in runs.values())
+        std = f"{statistics.stdev(test):.2f}" if len(test) > 1 else "—"
+        against = key[0] if key[1] else family(key[0])
+        diffs, unpaired = paired(runs, groups.get((against, ""), {})) if against != key[0] or key[1] else ([], [])
+        delta = "—" if against == key[0] and not key[1] else f"vs {against}: {describe(diffs, unpaired)}"
+        claim = "—" if against == key[0] and not key[1] else verdict(diffs)
+        first = next(iter(runs.values()))
+        executed = float(first["executed_macs"] or first["macs"])
+        kinds = "; ".join(sorted({r["segments"] for r in runs.values()}))
+        name = f"{key[0]} ({key[1]})" if key[1] else key[0]
+        lines.append(f"| {name} | {len(test)} | {statistics.fmean(test):.2f} ± {std} | {delta} | {claim} | {val:.2f} | "
+                     f"{float(first['macs']) / 1e6:.1f} / {executed / 1e6:.1f} | {float(first['params']) / 1e6:.2f} | "
+                     f"{kinds} |")
+    lines += ["", "Ablations (a variant in parentheses) are paired with the same model at its defaults."]
     return "\n".join(lines) + "\n"
 
 
-def plot(rows: list[dict], summary: dict, epochs: int, img_size: int, path: Path, title: str) -> None:
+def time_table(rows: list[dict], path: Path) -> str:
+    runs = [r for r in rows if r["model"] in TIME_MODELS and not r["variant"] and int(r["seed"]) == 0]
+    lines = ["# Accuracy against training time", "",
+             "Seed 0 of ResNet-18, CompConv128-ResNet-18 and Ghost-ResNet-18 at each schedule length the plateau rule "
+             "ran: test top-1 against the run's measured training seconds (training and per-epoch validation, every "
+             "segment summed; one CPU thread).", "",
+             "| model | epochs | train seconds | test top-1 (%) | CPU kind |", "|---|---:|---:|---:|---|"]
+    for r in sorted(runs, key=lambda r: (natural(r["model"]), int(r["epochs"]))):
+        lines.append(f"| {r['model']} | {r['epochs']} | {float(r['train_seconds']):.0f} | {float(r['test_top1']):.2f} "
+                     f"| {r['segments']} |")
+    _time_plot(runs, path)
+    return "\n".join(lines) + "\n"
+
+
+def _time_plot(runs: list[dict], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (curves, scatter) = plt.subplots(1, 2, figsize=(13, 5))
-    grouped: dict[str, list[list[float]]] = defaultdict(list)
-    for row in rows:
-        grouped[f"{label(row['model'], row['variant'])}, {row['epochs']} ep."].append(row["curve"])
-    for name, curves_of in sorted(grouped.items()):
-        depth = min(len(c) for c in curves_of)
-        mean = [statistics.fmean(c[i] for c in curves_of) for i in range(depth)]
-        curves.plot(range(1, depth + 1), mean, marker=".", label=f"{name} (n={len(curves_of)})")
-    curves.set(xlabel="epoch", ylabel="validation top-1 (%)", title="learning curves (mean over seeds)")
-    curves.set_ylim(bottom=max(0, min(min(c) for g in grouped.values() for c in g) - 1) if grouped else 0)
-    curves.legend(fontsize=7)
-    for (model, variant), s in summary.items():
-        scatter.errorbar(s["macs"] / 1e6, s["mean"], yerr=0 if math.isnan(s["std"]) else s["std"], fmt="o",
-                         capsize=3, label=label(model, variant))
-    scatter.set(xlabel=f"MACs (M, one {img_size}x{img_size} image)", ylabel="final top-1 (%)",
-                title=f"accuracy against MACs ({epochs} epochs, mean ± std)")
-    scatter.legend(fontsize=7)
-    fig.suptitle(title)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for model in TIME_MODELS:
+        points = sorted((float(r["train_seconds"]) / 3600, float(r["test_top1"]), r["epochs"])
+                        for r in runs if r["model"] == model)
+        if points:
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=model)
+            for x, y, epochs in points:
+                ax.annotate(f"{epochs} ep.", (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set(xlabel="training time (hours, one CPU thread)", ylabel="test top-1 (%)",
+           title="Fashion-MNIST: accuracy against training time (seed 0)")
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -219,34 +285,33 @@ def plot(rows: list[dict], summary: dict, epochs: int, img_size: int, path: Path
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=Path, action="append", default=[], help="a sweep directory (repeatable)")
     parser.add_argument("--results", type=Path, default=ROOT / "results")
-    parser.add_argument("--prefix", default="fashion_mnist_study")
-    parser.add_argument("--baseline", default="resnet18")
-    parser.add_argument("--epochs", type=int, default=None, help="the study's budget (default: the baseline's "
-                                                                   "most common epoch count)")
-    parser.add_argument("--speed", type=Path, default=None, help="benchmark.py CSV with train and infer img/s")
-    parser.add_argument("--img-size", type=int, default=64)
-    parser.add_argument("--in-chans", type=int, default=1)
-    parser.add_argument("--title", default="Fashion-MNIST study (64x64, full 60k training set, CPU)")
-    parser.add_argument("--header", default="", help="a paragraph under the title (machine, date, what runs)")
+    parser.add_argument("--epochs", type=int, default=None, help="E* (default: the plateau rule's, once decided)")
+    parser.add_argument("--prefix", default=PREFIX, help="results/<prefix>.csv and the files beside it (the GPU "
+                                                         "study: fashion_mnist_gpu_study)")
+    parser.add_argument("--baseline", default=BASELINE, help="the model every row is paired with")
+    parser.add_argument("--compact", default=COMPACT, help="the most compact model (the plateau rule's second)")
     args = parser.parse_args(argv)
+    configure(args.prefix, args.baseline, args.compact)
+    sys.path.insert(0, str(ROOT))
     try:
-        rows = read_rows(args.results, args.prefix)
-        if not rows:
-            raise TableError(f"{args.prefix}.csv has no finished run yet")
-        counts = [int(r["epochs"]) for r in rows if r["model"] == args.baseline and not r["variant"]]
-        epochs = args.epochs or (min(statistics.multimode(counts)) if counts else int(rows[0]["epochs"]))
-        table, summary = build(rows, args.baseline, epochs, read_speed(args.speed), args.img_size, args.in_chans,
-                               args.title, args.header)
+        rows = collect(args.runs, args.results) if args.runs else read_rows(args.results)
+        rows = [r for r in rows if r["test_top1"] not in ("", None)]
+        report = plateau(rows)
+        decided = re.search(r"E\* = max\(\d+, \d+\) = (\d+)", report)
+        epochs = args.epochs or (int(decided.group(1)) if decided else None)
     except (TableError, OSError, KeyError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     command = shlex.join(["python", "scripts/fmnist_study_table.py", *(argv if argv is not None else sys.argv[1:])])
-    table += f"\nTable made by `{command}` from `results/{args.prefix}.csv` and the logs it names.\n"
-    (args.results / f"{args.prefix}.md").write_text(table)
-    (args.results / f"{args.prefix}_pilot.md").write_text(pilot(rows, args.baseline, epochs))
-    plot(rows, summary, epochs, args.img_size, args.results / f"{args.prefix}.png", args.title)
-    print(table)
+    footer = f"\nMade by `{command}` from `results/{PREFIX}.csv` and the per-run logs it names.\n"
+    (args.results / f"{PREFIX}_plateau.md").write_text(report + footer)
+    (args.results / f"{PREFIX}_time.md").write_text(
+        time_table(rows, args.results / f"{PREFIX}_time.png") + footer)
+    if epochs is not None:
+        (args.results / f"{PREFIX}.md").write_text(main_table(rows, epochs) + footer)
+    print(report)
     return 0
 
 

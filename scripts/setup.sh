@@ -4,14 +4,20 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# Debian's packages: the data, and a one-node SLURM for the sweep tests (scripts/slurm_local.sh starts it)
 FMNIST=/usr/share/datasets/fashion-mnist
-if [ ! -f "$FMNIST/train-images-idx3-ubyte.gz" ]; then
+DEBIAN_PACKAGES=(dataset-fashion-mnist slurmctld slurmd slurm-client munge)
+missing=()
+for p in "${DEBIAN_PACKAGES[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
+if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
-    apt-get update -q && apt-get install -y -q dataset-fashion-mnist
+    apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}" >/dev/null \
+      || echo "could not install ${missing[*]}: the tests that need them skip and say so" >&2
   else
-    echo "Fashion-MNIST is missing: run 'sudo apt-get install dataset-fashion-mnist' or set data.root" >&2
+    echo "missing Debian packages ${missing[*]}: run 'sudo apt-get install ${missing[*]}' (or set data.root)" >&2
   fi
 fi
+[ -f "$FMNIST/train-images-idx3-ubyte.gz" ] || echo "Fashion-MNIST is missing: set data.root to its idx files" >&2
 
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv

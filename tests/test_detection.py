@@ -138,6 +138,31 @@ DET_TINY = ["model=resnet18_compconv128", "data.generate.train_images=16", "data
 
 
 @pytest.mark.slow
+def test_a_classification_checkpoint_is_all_the_detector_needs(tmp_path):
+    """train_cls.py on 1-channel Fashion-MNIST, then train_det.py with model.backbone_checkpoint only: the detector
+    takes the checkpoint's input channels and normalisation; a contradicting override is one error line."""
+    from helpers import FMNIST
+
+    if not FMNIST.is_dir():
+        pytest.skip("dataset-fashion-mnist is not installed")
+    cls = tmp_path / "cls"
+    run_script("train_cls.py", cls, "debug=default", "model=resnet18_compconv128", "data.train_subset=64",
+               "data.val_subset=32", "data.batch_size=32")
+    data_root = f"data.root={tmp_path / 'det'}"
+    checkpoint = f"model.backbone_checkpoint={cls / 'last.pt'}"
+    run = tmp_path / "det"
+    run_script("train_det.py", run, *DET_TINY, data_root, checkpoint, "trainer.epochs=1", "trainer.max_train_steps=2")
+    result = summary(run)
+    assert result["backbone_checkpoint"] == str(cls / "last.pt") and result["backbone_code"]
+    config = torch.load(run / "last.pt", map_location="cpu", weights_only=True)["config"]["data"]
+    assert config["in_chans"] == 1 and config["mean"] == [0.286] and config["std"] == [0.353]
+    refused = run_script("train_det.py", tmp_path / "det3", *DET_TINY, data_root, checkpoint, "data.in_chans=3",
+                         check=False)
+    assert refused.returncode == 2
+    assert refused.stderr.strip().startswith("error: ConfigError: data.in_chans=3 but the backbone checkpoint")
+
+
+@pytest.mark.slow
 def test_train_det_runs_evaluates_logs_and_resumes(tmp_path):
     run = tmp_path / "run"
     data_root = f"data.root={tmp_path / 'det'}"

@@ -46,7 +46,9 @@ def mentions(pattern: re.Pattern, text: str, code_blocks: bool = True) -> set[st
 
 
 def config_keys(text: str) -> set[str]:
-    """Config keys: an inline span that is a key or sets one (``key=value``), and ``key=`` in code blocks."""
+    """Config keys: an inline span that is a key or sets one (``key=value``), and ``key=`` in code blocks; lines
+    about mmdetection's own configs (``--cfg-options``, its ``model.backbone``) are another schema's."""
+    text = "\n".join(line for line in text.splitlines() if "--cfg-options" not in line and "mmdet" not in line)
     keys = {m for m in mentions(CONFIG_KEY, text, code_blocks=False)}
     spans = CODE.findall(re.sub(r"```.*?```", "", current_lines(text), flags=re.S))
     inline = {k for k in keys if any(span.strip().lstrip("+") == k or f"{k}=" in span for span in spans)}

@@ -60,8 +60,8 @@ def _one_epoch_setup(tmp_path, steps: int, log_interval: int = 10_000):
         trainer=TrainerConfig(epochs=1, progress=False, log_interval=log_interval, resume="never"),
         logger=LoggerConfig(name="none"))
     rt = setup_runtime(cfg)
-    loader, _, classes = build_loaders(cfg, rt)
-    state = create_state(build_model(cfg.model, classes, 1), cfg, rt, loader)
+    loader, _, _, splits = build_loaders(cfg, rt)
+    state = create_state(build_model(cfg.model, splits.num_classes, 1), cfg, rt, loader)
     criterion = nn.CrossEntropyLoss()
 
     def forward(net, batch):

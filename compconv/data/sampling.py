@@ -9,10 +9,17 @@ import os
 import random
 from typing import Iterator
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 _logger = logging.getLogger("compconv.data")
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The seed of epoch ``epoch``'s data order: ``(seed, epoch)`` mixed by ``numpy.random.SeedSequence``, so
+    two runs' orders are independent (with ``seed + epoch``, seed 1's epoch e was seed 0's epoch e + 1)."""
+    return int(np.random.SeedSequence([seed, epoch]).generate_state(1, np.uint64)[0] & 0x7FFF_FFFF_FFFF_FFFF)
 
 
 class EpochSeededDataset(Dataset):
@@ -56,7 +63,7 @@ class ResumableSampler(Sampler[int]):
     def _indices(self) -> list[int]:
         if not self.shuffle:
             return list(range(self.rank, self.size, self.world_size))
-        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        generator = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
         order = torch.randperm(self.size, generator=generator).tolist()
         per_rank = self.size // self.world_size
         return order[self.rank:per_rank * self.world_size:self.world_size]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections import OrderedDict
 from pathlib import Path
 
@@ -53,6 +54,32 @@ def load_backbone_checkpoint(body: nn.Module, path: str | Path, model_name: str)
     body.load_state_dict({k: weights[k] for k in own})
 
 
+GENERATED_SET_MEAN, GENERATED_SET_STD = 0.286, 0.353  # the generated Fashion-MNIST canvases
+
+
+def input_settings(model_cfg, data_cfg):
+    """``data_cfg`` with ``in_chans``, ``mean`` and ``std`` filled in: the backbone checkpoint's (its classification
+    run's ``data``) where one is given, else 3 channels with the generated set's statistics. A value set by hand that
+    contradicts the checkpoint is refused in one line that names what to set.
+    """
+    wanted = {}
+    if model_cfg.backbone_checkpoint and Path(model_cfg.backbone_checkpoint).is_file():
+        state = torch.load(model_cfg.backbone_checkpoint, map_location="cpu", weights_only=True)
+        trained = (state.get("config") or {}).get("data") or {}
+        wanted = {k: trained[k] for k in ("in_chans", "mean", "std") if trained.get(k) is not None}
+    for key, value in wanted.items():
+        given = getattr(data_cfg, key)
+        if given is not None and (list(given) if isinstance(given, (list, tuple)) else given) != value:
+            raise ConfigError(
+                f"data.{key}={given} but the backbone checkpoint {model_cfg.backbone_checkpoint} was trained with "
+                f"data.{key}={value}: drop data.{key} to follow the checkpoint "
+                f"(data.in_chans={wanted.get('in_chans')} data.mean={wanted.get('mean')} data.std={wanted.get('std')})")
+    in_chans = data_cfg.in_chans or wanted.get("in_chans") or 3
+    mean = data_cfg.mean or wanted.get("mean") or [GENERATED_SET_MEAN] * in_chans
+    std = data_cfg.std or wanted.get("std") or [GENERATED_SET_STD] * in_chans
+    return dataclasses.replace(data_cfg, in_chans=in_chans, mean=list(mean), std=list(std))
+
+
 def freeze_stages(body: nn.Module, trainable_layers: int) -> None:
     """Freezes all but the ``trainable_layers`` deepest stages (0..5) of a timm ResNet body."""
     names = {name for name, _ in body.named_children()}
@@ -67,6 +94,7 @@ def freeze_stages(body: nn.Module, trainable_layers: int) -> None:
 
 def build_detector(model_cfg, head_cfg, data_cfg, num_classes: int) -> FasterRCNN:
     """Faster R-CNN + FPN whose backbone is the (CompConv-patched) timm model of ``model_cfg``."""
+    data_cfg = input_settings(model_cfg, data_cfg)
     body = build_model(model_cfg, num_classes=0, in_chans=data_cfg.in_chans, features_only=True,
                        out_indices=tuple(head_cfg.out_indices))
     if model_cfg.backbone_checkpoint:

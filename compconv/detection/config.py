@@ -29,9 +29,10 @@ class DetDataConfig:
     val_images: str = "val2017"
     train_ann: str = "annotations/instances_train2017.json"
     val_ann: str = "annotations/instances_val2017.json"
-    in_chans: int = 3
-    mean: list[float] = field(default_factory=lambda: [0.286, 0.286, 0.286])
-    std: list[float] = field(default_factory=lambda: [0.353, 0.353, 0.353])
+    # null: the backbone checkpoint's (model.backbone_checkpoint), else 3 channels and the generated set's statistics
+    in_chans: Optional[int] = None
+    mean: Optional[list[float]] = None
+    std: Optional[list[float]] = None
     min_size: int = 128  # the canvases are used at their size
     max_size: int = 128
     hflip: float = 0.5
@@ -58,8 +59,9 @@ class DetDataConfig:
             check_positive(f"data.{key}", getattr(self, key))
         check_positive("data.workers", self.workers, allow_zero=True)
         check_fraction("data.hflip", self.hflip)
-        if len(self.mean) != self.in_chans or len(self.std) != self.in_chans:
-            raise ConfigError(f"data.mean and data.std need {self.in_chans} values (data.in_chans)")
+        channels = self.in_chans or len(self.mean or self.std or ()) or None
+        if channels is not None and any(v is not None and len(v) != channels for v in (self.mean, self.std)):
+            raise ConfigError(f"data.mean and data.std need {channels} values (data.in_chans)")
         check_choice("data.evaluator", self.evaluator, ("auto", "pycocotools", "faster_coco_eval"))
 
 

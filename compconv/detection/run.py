@@ -4,6 +4,7 @@ the loop classification shares (:func:`compconv.train.engine.fit`).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from ..train import Runtime, Task, compconv_fields, create_state, fit, resume
 from ..train.state import in_runtime
 from ..train.distributed import barrier, broadcast_object
 from ..train.sums import Sums
-from .backbone import build_detector
+from .backbone import build_detector, input_settings
 from .coco import METRIC_NAMES, CocoDetection, coco_results, collate_detection, evaluate_bbox
 from .config import DetTrainConfig
 from .synth import write_fmnist_detection
@@ -98,7 +99,9 @@ def evaluate(model: nn.Module, loader: DataLoader, rt: Runtime, evaluator: str =
 
 
 def run_detection(cfg: DetTrainConfig) -> dict[str, Any]:
-    """Trains (or, with ``trainer.eval_only``, evaluates) a detector; returns the summary it writes."""
+    """Trains (or, with ``trainer.eval_only``, evaluates) a detector; returns the summary it writes. The input's
+    channels and normalisation follow the backbone checkpoint, if one is given (:func:`input_settings`)."""
+    cfg = dataclasses.replace(cfg, data=input_settings(cfg.model, cfg.data))
     return in_runtime(cfg, _run)
 
 
@@ -124,6 +127,16 @@ def _run(cfg, rt: Runtime) -> dict[str, Any]:
             "params": sum(p.numel() for p in model.parameters()), "macs": macs,
             "backbone_params": sum(p.numel() for p in model.backbone.body.parameters()),
             "backbone_macs": per_module.get("backbone.body", 0),
-            "backbone_checkpoint": cfg.model.backbone_checkpoint,
+            "backbone_checkpoint": cfg.model.backbone_checkpoint, "backbone_code": backbone_code(cfg.model),
             "macs_note": f"MACs of the detector (and its backbone body) on one {data.min_size}x{data.max_size} image"})
     return fit(state, task, cfg, rt, train_loader)
+
+
+def backbone_code(model_cfg) -> str | None:
+    """The commit(s) of the classification run the backbone checkpoint came from (None: no checkpoint, or one
+    written before runs recorded their code)."""
+    if not model_cfg.backbone_checkpoint:
+        return None
+    state = torch.load(model_cfg.backbone_checkpoint, map_location="cpu", weights_only=True)
+    codes = [segment.get("code") for segment in state.get("segments") or []]
+    return None if not codes else codes[0] if len(set(codes)) == 1 else f"{codes[0]}..{codes[-1]}"

@@ -26,7 +26,8 @@ _warned_low_space: set[str] = set()
 # (trainer.epochs is not one of them: raising it and resuming extends a run)
 RUN_DEFINING = ("seed", "model", "optim", "sched", "data.name", "data.img_size", "data.in_chans", "data.num_classes",
                 "data.mean", "data.std", "data.batch_size", "data.train_subset", "data.crop_padding", "data.hflip",
-                "data.crop_pct", "data.interpolation", "data.color_jitter", "trainer.amp", "trainer.clip_grad",
+                "data.crop_pct", "data.interpolation", "data.color_jitter", "data.val_split", "data.split_seed",
+                "trainer.amp", "trainer.clip_grad",
                 "trainer.label_smoothing", "trainer.ema_decay")
 
 

@@ -11,7 +11,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ..complexity import complexity
-from ..data import build_datasets, collate_skipping_bad, rank_loaders
+from ..data import Splits, build_datasets, collate_skipping_bad, rank_loaders
 from ..models import compconv_model_names, registered_model_names
 from .config import ConfigError, TrainConfig
 from .engine import Task, compconv_fields, fit
@@ -35,12 +35,16 @@ def build_model(cfg, num_classes: int, in_chans: int, **extra: Any) -> nn.Module
     return timm.create_model(name, pretrained=False, **kwargs)
 
 
-def build_loaders(cfg: TrainConfig, rt: Runtime) -> tuple[DataLoader, DataLoader, int]:
-    """Training and validation loaders split over the ranks, and the number of classes."""
-    train_set, val_set, num_classes = build_datasets(cfg.data, cfg.seed)
-    train, val = rank_loaders(train_set, val_set, cfg.data, cfg.seed, rt.dist.rank, rt.dist.world_size, rt.device,
-                              collate_skipping_bad)
-    return train, val, num_classes
+def build_loaders(cfg: TrainConfig, rt: Runtime) -> tuple[DataLoader, DataLoader, DataLoader | None, Splits]:
+    """Training, validation and (with ``data.val_split``) test loaders split over the ranks, and the splits."""
+    splits = build_datasets(cfg.data, cfg.seed)
+    train, val = rank_loaders(splits.train, splits.val, cfg.data, cfg.seed, rt.dist.rank, rt.dist.world_size,
+                              rt.device, collate_skipping_bad)
+    test = None
+    if splits.test is not None:
+        _, test = rank_loaders(splits.train, splits.test, cfg.data, cfg.seed, rt.dist.rank, rt.dist.world_size,
+                               rt.device, collate_skipping_bad)
+    return train, val, test, splits
 
 
 def classification_sums(loss: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> dict[str, Any]:
@@ -89,8 +93,8 @@ def run_classification(cfg: TrainConfig) -> dict[str, Any]:
 
 
 def _run(cfg, rt: Runtime) -> dict[str, Any]:
-    train_loader, val_loader, num_classes = build_loaders(cfg, rt)
-    model = build_model(cfg.model, num_classes, cfg.data.in_chans)
+    train_loader, val_loader, test_loader, splits = build_loaders(cfg, rt)
+    model = build_model(cfg.model, splits.num_classes, cfg.data.in_chans)
     cost = complexity(model, (cfg.data.in_chans, cfg.data.img_size, cfg.data.img_size))
     state = create_state(model, cfg, rt, train_loader, (cfg.data.in_chans, cfg.data.img_size, cfg.data.img_size))
     resume(state, cfg, rt)
@@ -106,10 +110,14 @@ def _run(cfg, rt: Runtime) -> dict[str, Any]:
     task = Task(
         forward=forward, evaluate=lambda m: evaluate(m, val_loader, rt, cfg.trainer.max_eval_steps),
         train_metrics=classification_metrics, key_metric="top1",
-        final_metrics=lambda m: {"top1": m.get("top1"), "top5": m.get("top5"), "val_loss": m.get("loss")},
+        final_metrics=lambda m: {"top1": m.get("top1"), "top5": m.get("top5"), "val_loss": m.get("loss"),
+                                 "val_top1": m.get("top1")},
+        test=(lambda m: evaluate(m, test_loader, rt, cfg.trainer.max_eval_steps)) if test_loader is not None else None,
         summary_fields={
-            **compconv_fields(model), "dataset": cfg.data.name,
+            **compconv_fields(model), "dataset": cfg.data.name, "splits": splits.description,
             "img_size": cfg.data.img_size, "in_chans": cfg.data.in_chans, "train_images": len(train_loader.dataset),
-            "val_images": len(val_loader.dataset), "params": cost.params, "macs": cost.macs, "executed_macs": cost.executed_macs,
-            "macs_note": "MACs of one image at the training input size"})
+            "val_images": len(val_loader.dataset), "test_images": len(test_loader.dataset) if test_loader else None,
+            "params": cost.params, "macs": cost.macs, "executed_macs": cost.executed_macs,
+            "macs_note": "MACs of one image at the training input size: macs as Figure 2 counts them, executed_macs "
+                         "as the model built here runs them"})
     return fit(state, task, cfg, rt, train_loader)

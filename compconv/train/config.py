@@ -86,6 +86,12 @@ class DataConfig:
     prefetch_factor: int = 4  # batches each worker loads ahead; workers persist across epochs
     train_subset: Optional[int] = None  # first N training images (quick runs)
     val_subset: Optional[int] = None
+    # val_split > 0: that many training images (class-stratified, fixed by split_seed) are the validation set of
+    # every epoch, and the dataset's evaluation split (Fashion-MNIST's test set, ImageFolder's val/) is the test set,
+    # read once after the last epoch; 0: every epoch validates on the evaluation split (ImageNet's convention)
+    val_split: int = 0
+    split_seed: int = 0
+    test_subset: Optional[int] = None
     skip_bad: bool = False  # skip and count unreadable images instead of stopping
     crop_padding: int = 4  # Fashion-MNIST's random crop
     hflip: float = 0.5
@@ -98,8 +104,9 @@ class DataConfig:
             raise ConfigError(f"data={self.name} is a detection dataset: use train_det.py")
         check_choice("data.name", self.name, CLASSIFICATION_DATASETS)
         for key in ("img_size", "in_chans", "batch_size", "eval_batch_size", "num_classes", "train_subset",
-                    "val_subset", "prefetch_factor"):
+                    "val_subset", "test_subset", "prefetch_factor"):
             check_positive(f"data.{key}", getattr(self, key))
+        check_positive("data.val_split", self.val_split, allow_zero=True)
         check_positive("data.workers", self.workers, allow_zero=True)
         if self.name != "fashion_mnist" and self.root == DataConfig.root:
             raise ConfigError(f"missing required value data.root for data={self.name}: pass data.root=/path/to/images")

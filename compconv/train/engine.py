@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import platform
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -20,6 +19,7 @@ from ..io import atomic_write_text
 from .checkpoint import kept_checkpoint
 from .distributed import all_reduce_max, broadcast_object, cleanup
 from .loggers import NullLogger, WandbLogger
+from .provenance import code_version, device_name
 from .memory import peak_memory_mb, reset_peak_memory
 from .signals import StopRequest
 from .state import Runtime, TrainState, run_label, save_state
@@ -41,6 +41,7 @@ class Task:
         forward: ``(net, batch) -> (loss, sums)`` for one training batch; ``sums`` holds device tensors
             (and host numbers such as ``count``), accumulated without a host sync.
         evaluate: ``model -> metrics`` on the validation set, reduced over ranks.
+        test: ``model -> metrics`` on the test set (None: no test set), called once, after the last epoch.
         train_metrics: The epoch's training metrics from its reduced sums.
         key_metric: The validation metric that picks ``best.pt`` (higher is better).
         final_metrics: The summary's headline metrics from the last evaluation.
@@ -53,6 +54,7 @@ class Task:
     key_metric: str
     final_metrics: Callable[[dict[str, float]], dict[str, Any]] = dict
     summary_fields: dict[str, Any] = field(default_factory=dict)
+    test: Callable[[nn.Module], dict[str, float]] | None = None  # the test set, read once after the last epoch
 
 
 def compconv_fields(model: nn.Module) -> dict[str, Any]:
@@ -98,7 +100,7 @@ def train_one_epoch(state: TrainState, loader, task: Task, cfg, rt: Runtime, sto
             if bar is not None:
                 bar.update(1)
             if window_steps >= trainer.log_interval or state.step_in_epoch >= total or \
-                    (stop.requested and not rt.dist.enabled):
+                    (stop.requested and rt.dist.world_size == 1):  # alone (SLURM's one task too): stop this step
                 mean_loss = float(window_loss) / window_steps
                 if _stop_or_diverged(state, stop, rt, mean_loss, lr, trainer.log_interval):
                     return None
@@ -170,42 +172,90 @@ def _agree(stop: StopRequest, rt: Runtime, diverged: bool) -> tuple[bool, bool]:
 
 def fit(state: TrainState, task: Task, cfg, rt: Runtime, train_loader) -> dict[str, Any]:
     """Trains to ``trainer.epochs`` (or only evaluates, with ``trainer.eval_only``) and writes the summary. Each
-    epoch: train, evaluate (and the EMA weights), log, checkpoint; a stop signal is honoured at the next step.
+    epoch: train, evaluate (and the EMA weights), log, checkpoint; a stop signal is honoured at the next step. After
+    the last epoch the test set, if the task has one, is read once.
     """
     reset_peak_memory(rt.device)
     logger = _make_logger(state, task, cfg, rt)
     if cfg.trainer.eval_only:
         return _finish(state, task, cfg, rt, logger, eval_only=task.evaluate(state.net))
-    started = time.perf_counter()
+    _record_segment(state, rt)
+    clock = _SegmentClock(state)
     last_epoch = cfg.trainer.stop_after_epoch or cfg.trainer.epochs
     with StopRequest() as stop:
+        if rt.dist.is_main and state.epoch < last_epoch:
+            _logger.info("training from epoch %d step %d to epoch %d, %d steps per epoch (signals now checkpoint)",
+                         state.epoch + 1, state.step_in_epoch, last_epoch, len(train_loader))
         while state.epoch < last_epoch:
             train_metrics = train_one_epoch(state, train_loader, task, cfg, rt, stop)
             if train_metrics is None:
+                clock.add()
                 save_state(state, cfg, rt)
                 _stop(stop, logger, rt, f"signal {stop.signum}: checkpoint written to {rt.run_dir / 'last.pt'} at "
                       f"epoch {state.epoch} step {state.step_in_epoch}")
-            val_metrics = task.evaluate(state.net)
-            record = {"epoch": state.epoch + 1, "lr": state.optimizer.param_groups[0]["lr"],
-                      **{f"train/{k}": v for k, v in train_metrics.items()},
-                      **{f"val/{k}": v for k, v in val_metrics.items()}}
-            if state.ema is not None:
-                record.update({f"val_ema/{k}": v for k, v in task.evaluate(state.ema.module).items()})
-            record["peak_mem_mb"] = peak_memory_mb(rt.device)
-            value = val_metrics[task.key_metric]
-            is_best = state.best is None or value > state.best
-            state.best = value if is_best else state.best
-            state.history.append(record)
-            logger.log(record, step=state.global_step)
-            if rt.dist.is_main:
-                _logger.info("epoch %d: %s", state.epoch + 1,
-                             ", ".join(f"{k} {v:.4g}" for k, v in record.items() if isinstance(v, float)))
-            state.epoch, state.step_in_epoch, state.sums = state.epoch + 1, 0, Sums()
+            is_best = _end_epoch(state, task, cfg, rt, logger, train_metrics)
+            clock.add()
             save_state(state, cfg, rt, is_best)
             if _agree(stop, rt, diverged=False)[0]:  # a signal during evaluation or saving
                 _stop(stop, logger, rt, f"signal {stop.signum}: stopping after epoch {state.epoch} "
                       f"(checkpoint {rt.run_dir / 'last.pt'})")
-    return _finish(state, task, cfg, rt, logger, train_seconds=time.perf_counter() - started)
+    test = None
+    if task.test is not None and state.epoch >= cfg.trainer.epochs:
+        test = task.test(state.net)
+        if rt.dist.is_main:
+            _logger.info("test (read once, after the last epoch): %s",
+                         ", ".join(f"{k} {v:.4g}" for k, v in test.items() if isinstance(v, float)))
+    clock.add()
+    return _finish(state, task, cfg, rt, logger, train_seconds=state.train_seconds, test=test)
+
+
+class _SegmentClock:
+    """Adds the wall-clock time of this segment of a run (since it started or resumed) to the state."""
+
+    def __init__(self, state: TrainState) -> None:
+        self.state, self.since = state, time.perf_counter()
+
+    def add(self) -> None:
+        now = time.perf_counter()
+        self.state.train_seconds += now - self.since
+        self.since = now
+
+
+def _record_segment(state: TrainState, rt: Runtime) -> None:
+    """Appends this segment's code version, device and threads; a resumed run on other code or another device kind
+    says so (a study pairs runs of one device kind and thread count)."""
+    segment = {"code": code_version(), "device": device_name(rt.device), "threads": torch.get_num_threads(),
+               "from_epoch": state.epoch, "from_step": state.step_in_epoch}
+    if state.segments and rt.dist.is_main:
+        first, last = state.segments[0], state.segments[-1]
+        if segment["code"] != last["code"]:
+            _logger.warning("resumed with code %s; the run started with %s and last ran %s (summary.json lists "
+                            "every segment)", segment["code"], first["code"], last["code"])
+        if (segment["device"], segment["threads"]) != (last["device"], last["threads"]):
+            _logger.warning("resumed on %s with %d threads; the run last ran on %s with %d threads", segment["device"],
+                            segment["threads"], last["device"], last["threads"])
+    state.segments.append(segment)
+
+
+def _end_epoch(state: TrainState, task: Task, cfg, rt: Runtime, logger, train_metrics: dict) -> bool:
+    """Evaluates, records and logs the epoch just trained and moves the state to the next; True if it is the best."""
+    val_metrics = task.evaluate(state.net)
+    record = {"epoch": state.epoch + 1, "lr": state.optimizer.param_groups[0]["lr"],
+              **{f"train/{k}": v for k, v in train_metrics.items()},
+              **{f"val/{k}": v for k, v in val_metrics.items()}}
+    if state.ema is not None:
+        record.update({f"val_ema/{k}": v for k, v in task.evaluate(state.ema.module).items()})
+    record["peak_mem_mb"] = peak_memory_mb(rt.device)
+    value = val_metrics[task.key_metric]
+    is_best = state.best is None or value > state.best
+    state.best = value if is_best else state.best
+    state.history.append(record)
+    logger.log(record, step=state.global_step)
+    if rt.dist.is_main:
+        _logger.info("epoch %d: %s", state.epoch + 1,
+                     ", ".join(f"{k} {v:.4g}" for k, v in record.items() if isinstance(v, float)))
+    state.epoch, state.step_in_epoch, state.sums = state.epoch + 1, 0, Sums()
+    return is_best
 
 
 def _stop(stop: StopRequest, logger, rt: Runtime, message: str) -> None:
@@ -226,7 +276,7 @@ def _make_logger(state: TrainState, task: Task, cfg, rt: Runtime):
 
 
 def _finish(state: TrainState, task: Task, cfg, rt: Runtime, logger, eval_only: dict | None = None,
-            train_seconds: float | None = None) -> dict[str, Any]:
+            train_seconds: float | None = None, test: dict | None = None) -> dict[str, Any]:
     last = state.history[-1] if state.history else {}
     final = eval_only if eval_only is not None else {k[4:]: v for k, v in last.items() if k.startswith("val/")}
     summary = {
@@ -235,9 +285,10 @@ def _finish(state: TrainState, task: Task, cfg, rt: Runtime, logger, eval_only: 
         "seed": cfg.seed, "epochs": state.epoch, "schedule_epochs": cfg.trainer.epochs, "global_batch": cfg.data.batch_size * rt.dist.world_size,
         "world_size": rt.dist.world_size, "images_per_s": last.get("train/images_per_s"),
         "peak_mem_mb": peak_memory_mb(rt.device), "train_seconds": train_seconds,
-        "device": torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else platform.processor() or "cpu",
+        "device": device_name(rt.device), "threads": torch.get_num_threads(),
         "torch": torch.__version__, "experiment": cfg.experiment, "command": cfg.command,
-        "run_dir": str(rt.run_dir), "history": state.history,
+        "segments": state.segments, "run_dir": str(rt.run_dir), "history": state.history,
+        **({f"test_{k}": v for k, v in test.items()} if test is not None else {}),
     }
     if rt.dist.is_main:
         name = "eval.json" if eval_only is not None else "summary.json"

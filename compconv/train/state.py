@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 from contextlib import nullcontext
@@ -64,12 +65,37 @@ def amp_dtype(choice: str, device: torch.device) -> torch.dtype | None:
 
 
 def in_runtime(cfg, run: "Callable[[Any, Runtime], dict]") -> dict:
-    """``run(cfg, runtime)`` inside :func:`setup_runtime`'s runtime, whose run-directory lock is released after."""
+    """``run(cfg, runtime)`` inside :func:`setup_runtime`'s runtime, whose run-directory lock is released after. A
+    run that already finished this schedule in its directory is skipped in one line, its files left as they are
+    (a rerun sweep continues only what is unfinished)."""
     rt = setup_runtime(cfg)
     try:
+        done = None if cfg.trainer.eval_only else finished_summary(rt.run_dir, cfg)
+        if done is not None:
+            if rt.dist.is_main:
+                _logger.info("skipped: %s finished its %d epochs (summary.json kept)", rt.run_dir, done["epochs"])
+            return done
         return run(cfg, rt)
     finally:
         rt.close()
+
+
+def finished_summary(run_dir: Path, cfg) -> dict[str, Any] | None:
+    """The summary of a run that already trained this configuration to its last epoch in ``run_dir`` (its
+    ``summary.json`` says every epoch ran, and its ``last.pt`` holds the same configuration), or None."""
+    try:
+        summary = json.loads((Path(run_dir) / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if summary.get("epochs") != cfg.trainer.epochs or summary.get("schedule_epochs") != cfg.trainer.epochs:
+        return None
+    try:
+        checkpoint = torch.load(Path(run_dir) / "last.pt", map_location="cpu", weights_only=True)
+    except Exception:  # missing or damaged: not provably the same run; the usual resume decides
+        return None
+    if checkpoint.get("epoch") != cfg.trainer.epochs or config_changes(checkpoint.get("config") or {}, cfg.to_dict()):
+        return None
+    return summary
 
 
 def setup_runtime(cfg) -> Runtime:
@@ -122,6 +148,8 @@ class TrainState:
     history: list[dict[str, Any]] = field(default_factory=list)
     best: float | None = None
     logger_id: str | None = None
+    train_seconds: float = 0.0  # wall-clock seconds of training and evaluation, summed over every segment
+    segments: list[dict[str, Any]] = field(default_factory=list)  # code, device and threads of each segment
 
 
 def create_state(model: nn.Module, cfg, rt: Runtime, train_loader,
@@ -191,7 +219,7 @@ def save_state(state: TrainState, cfg, rt: Runtime, is_best: bool = False) -> No
         "epoch": state.epoch, "step_in_epoch": state.step_in_epoch, "global_step": state.global_step,
         "sums": state.sums.reduced(rt.device).host(), "history": state.history, "best": state.best,
         "rng": _gather(_rng_state(), rt), "world_size": rt.dist.world_size, "config": cfg.to_dict(),
-        "wandb_id": state.logger_id,
+        "wandb_id": state.logger_id, "train_seconds": state.train_seconds, "segments": state.segments,
     }
     if rt.dist.is_main:
         save_rotating(rt.run_dir, checkpoint, is_best)
@@ -230,6 +258,7 @@ def resume(state: TrainState, cfg, rt: Runtime) -> None:
     state.global_step = checkpoint["global_step"]
     state.scheduler.step_update(state.global_step)
     state.history, state.best, state.logger_id = checkpoint["history"], checkpoint["best"], checkpoint.get("wandb_id")
+    state.train_seconds, state.segments = checkpoint.get("train_seconds", 0.0), list(checkpoint.get("segments", []))
     if rt.dist.is_main:
         state.sums = Sums(checkpoint["sums"])  # reduced sums live on rank 0 only
     rng = checkpoint["rng"]
