@@ -37,6 +37,7 @@ import torch
 import yaml
 from torch import nn
 
+from compconv.capture import memory_format_of
 from compconv.complexity import complexity
 from compconv.inference.timing import interleaved_times
 from compconv.io import atomic_write_text
@@ -122,7 +123,7 @@ def create_variant(name: str, example_input: torch.Tensor | None = None, runtime
     if any(v in INFERENCE_VARIANTS for v in variants):
         model.eval()
         if example_input is not None:
-            model = model.to(example_input.device, memory_format=_format_of(example_input))
+            model = model.to(example_input.device, memory_format=memory_format_of(example_input))
         deploy(model, example_input if "deploy" in variants else None, runtime)
     return model
 
@@ -135,10 +136,6 @@ def _option(text: str) -> tuple[str, Any]:
 def as_trained(name: str) -> str:
     """``name`` without its inference variants: what a training workload runs."""
     return "+".join(part for part in name.split("+") if part not in INFERENCE_VARIANTS)
-
-
-def _format_of(x: torch.Tensor) -> torch.memory_format:
-    return torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
 
 
 def _ort_step(model: nn.Module, x: torch.Tensor) -> Callable[[], None]:

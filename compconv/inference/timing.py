@@ -29,7 +29,7 @@ class ChoiceCache:
     @staticmethod
     def key(module: CompConv2d, x: torch.Tensor, runtime: str) -> tuple:
         return (runtime, module.in_channels, module.out_channels, module.stride, module.plan.depth,
-                module.plan.c_prim, tuple(x.shape), x.dtype, x.is_contiguous(memory_format=torch.channels_last),
+                module.plan.c_prim, tuple(x.shape), x.dtype, memory_format_of(x),
                 str(x.device), torch.get_num_threads())
 
     def get(self, key: tuple) -> Optional[str]:
