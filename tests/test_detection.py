@@ -92,6 +92,40 @@ def test_cocoeval_perfect_shifted_and_empty(tmp_path):
     assert evaluate_bbox(coco, [], [1, 2, 3])["AP"] == 0.0
 
 
+def test_generated_set_with_a_test_split_keeps_validation_items_out_of_training_and_test(tmp_path):
+    """Validation canvases draw Fashion-MNIST training items held out of the training canvases; test canvases draw
+    the test items; the record of the arguments makes a differently asked set be rewritten."""
+    import json
+
+    from compconv.detection import write_fmnist_detection
+    from compconv.detection.run import _needs_writing
+    from compconv.detection.synth import generation_record
+    from helpers import FMNIST
+
+    if not FMNIST.is_dir():
+        pytest.skip("dataset-fashion-mnist is not installed")
+    args = {"train_images": 12, "val_images": 6, "test_images": 6, "canvas": 96, "val_items": 1000}
+    root = write_fmnist_detection(tmp_path / "det", FMNIST, **args)
+    for split in ("train", "val", "test"):
+        coco = json.loads((root / f"annotations/instances_{split}2017.json").read_text())
+        assert len(coco["images"]) == args[f"{split}_images"] and (root / f"{split}2017").is_dir()
+    annotations = ["annotations/instances_train2017.json", "annotations/instances_val2017.json",
+                   "annotations/instances_test2017.json"]
+    assert json.loads((root / "generate.json").read_text()) == generation_record(**args)
+    assert not _needs_writing(root, annotations, args)
+    assert _needs_writing(root, annotations, {**args, "train_images": 13})
+
+
+@pytest.mark.slow
+def test_train_det_reads_the_generated_test_split_once(tmp_path):
+    run = tmp_path / "run"
+    run_script("train_det.py", run, *DET_TINY, f"data.root={tmp_path / 'det'}", "data.generate.test_images=8",
+               "trainer.epochs=1", "trainer.max_train_steps=2")
+    result = summary(run)
+    assert result["test_images"] == 8 and result["test_AP"] is not None and result["generated"]["test_images"] == 8
+    assert (run / "train_det.log").read_text().count("test (read once") == 1
+
+
 @pytest.mark.slow
 def test_training_steps_reduce_the_loss_on_generated_data(tmp_path):
     from compconv.detection import write_fmnist_detection

@@ -29,6 +29,11 @@ class DetDataConfig:
     val_images: str = "val2017"
     train_ann: str = "annotations/instances_train2017.json"
     val_ann: str = "annotations/instances_val2017.json"
+    # a test split, read once after the last epoch (null: none; the generated set has one when
+    # data.generate.test_images > 0, in test2017/ and annotations/instances_test2017.json)
+    test_images: Optional[str] = None
+    test_ann: Optional[str] = None
+    test_subset: Optional[int] = None
     # null: the backbone checkpoint's (model.backbone_checkpoint), else 3 channels and the generated set's statistics
     in_chans: Optional[int] = None
     mean: Optional[list[float]] = None
@@ -44,7 +49,7 @@ class DetDataConfig:
     val_subset: Optional[int] = None
     skip_bad: bool = False
     generate: Optional[dict[str, Any]] = field(
-        default_factory=lambda: {"train_images": 400, "val_images": 100, "canvas": 128, "seed": 0})
+        default_factory=lambda: {"train_images": 400, "val_images": 100, "test_images": 0, "canvas": 128, "seed": 0})
     evaluator: str = "auto"  # auto (faster_coco_eval when installed) | pycocotools | faster_coco_eval
 
     def __post_init__(self) -> None:
@@ -55,7 +60,7 @@ class DetDataConfig:
         if self.name == "coco" and self.root == DetDataConfig.root:
             raise ConfigError("missing required value data.root for data=coco: pass data.root=/path/to/coco")
         for key in ("in_chans", "min_size", "max_size", "batch_size", "eval_batch_size", "train_subset",
-                    "val_subset", "prefetch_factor"):
+                    "val_subset", "test_subset", "prefetch_factor"):
             check_positive(f"data.{key}", getattr(self, key))
         check_positive("data.workers", self.workers, allow_zero=True)
         check_fraction("data.hflip", self.hflip)

@@ -5,6 +5,7 @@ the loop classification shares (:func:`compconv.train.engine.fit`).
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -23,19 +24,25 @@ from ..train.sums import Sums
 from .backbone import build_detector, input_settings
 from .coco import METRIC_NAMES, CocoDetection, coco_results, collate_detection, evaluate_bbox
 from .config import DetTrainConfig
-from .synth import write_fmnist_detection
+from .synth import generation_record, write_fmnist_detection
 
 _logger = logging.getLogger("compconv.detection")
 
 
-def build_loaders(cfg: DetTrainConfig, rt: Runtime) -> tuple[DataLoader, DataLoader]:
-    """Training and validation loaders over the ranks; writes the generated set first if it is missing."""
+def build_loaders(cfg: DetTrainConfig, rt: Runtime) -> tuple[DataLoader, DataLoader, DataLoader | None]:
+    """Training, validation and (if the data has a test split) test loaders over the ranks; writes the generated set
+    first if it is missing or was written with other arguments."""
     data, root = cfg.data, Path(cfg.data.root)
-    if data.name == "fmnist_det" and not (root / data.train_ann).is_file():
-        if rt.dist.is_main:
-            _logger.info("writing the Fashion-MNIST detection set to %s", root)
-            write_fmnist_detection(root, **(data.generate or {}))
-        barrier(rt.dist)
+    test_images, test_ann = data.test_images, data.test_ann
+    if data.name == "fmnist_det":
+        generate = data.generate or {}
+        if generate.get("test_images") and test_images is None:
+            test_images, test_ann = "test2017", "annotations/instances_test2017.json"
+        if _needs_writing(root, [data.train_ann, data.val_ann, *([test_ann] if test_ann else [])], generate):
+            if rt.dist.is_main:
+                _logger.info("writing the Fashion-MNIST detection set to %s", root)
+                write_fmnist_detection(root, **generate)
+            barrier(rt.dist)
     train = CocoDetection(root / data.train_images, root / data.train_ann, True, data.hflip, data.in_chans,
                           data.train_subset, data.skip_bad)
     val = CocoDetection(root / data.val_images, root / data.val_ann, False, 0.0, data.in_chans, data.val_subset,
@@ -44,7 +51,23 @@ def build_loaders(cfg: DetTrainConfig, rt: Runtime) -> tuple[DataLoader, DataLoa
         raise FileNotFoundError(f"train and val annotations of {root} list different categories")
     train_loader, val_loader = rank_loaders(EpochSeededDataset(train, cfg.seed), val, data, cfg.seed, rt.dist.rank,
                                             rt.dist.world_size, rt.device, collate_detection)
-    return train_loader, val_loader
+    test_loader = None
+    if test_images:
+        test = CocoDetection(root / test_images, root / test_ann, False, 0.0, data.in_chans, data.test_subset,
+                             data.skip_bad)
+        _, test_loader = rank_loaders(EpochSeededDataset(train, cfg.seed), test, data, cfg.seed, rt.dist.rank,
+                                      rt.dist.world_size, rt.device, collate_detection)
+    return train_loader, val_loader, test_loader
+
+
+def _needs_writing(root: Path, annotations: list[str], generate: dict) -> bool:
+    """Whether the generated set under ``root`` is missing a file or was written with other arguments."""
+    if not all((root / ann).is_file() for ann in annotations):
+        return True
+    try:
+        return json.loads((root / "generate.json").read_text()) != generation_record(**generate)
+    except (OSError, ValueError):  # no record: a set of an older version, arguments unknown
+        return True
 
 
 def _to_device(images, targets, rt: Runtime):
@@ -106,7 +129,7 @@ def run_detection(cfg: DetTrainConfig) -> dict[str, Any]:
 
 
 def _run(cfg, rt: Runtime) -> dict[str, Any]:
-    train_loader, val_loader = build_loaders(cfg, rt)
+    train_loader, val_loader, test_loader = build_loaders(cfg, rt)
     data = cfg.data
     model = build_detector(cfg.model, cfg.head, data, val_loader.dataset.num_classes)
     model.eval()
@@ -120,10 +143,14 @@ def _run(cfg, rt: Runtime) -> dict[str, Any]:
         evaluate=lambda m: evaluate(m, val_loader, rt, data.evaluator, cfg.trainer.max_eval_steps),
         train_metrics=detection_metrics, key_metric="AP",
         final_metrics=lambda m: {name: m.get(name) for name in METRIC_NAMES},
+        test=(lambda m: evaluate(m, test_loader, rt, data.evaluator, cfg.trainer.max_eval_steps))
+        if test_loader is not None else None,
         summary_fields={
             "task": "detection", **compconv_fields(model),
             "dataset": data.name, "min_size": data.min_size, "max_size": data.max_size,
             "train_images": len(train_loader.dataset), "val_images": len(val_loader.dataset),
+            "test_images": len(test_loader.dataset) if test_loader is not None else None,
+            "generated": data.generate if data.name == "fmnist_det" else None,
             "params": sum(p.numel() for p in model.parameters()), "macs": macs,
             "backbone_params": sum(p.numel() for p in model.backbone.body.parameters()),
             "backbone_macs": per_module.get("backbone.body", 0),

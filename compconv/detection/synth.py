@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 from PIL import Image
 
 from ..data.fashion_mnist import CLASSES, FashionMNIST
+from ..data.split import stratified_holdout
 from ..io import atomic_write_text
 
 
@@ -40,16 +42,18 @@ def _iou(a, b) -> float:
 
 
 def write_split(source: FashionMNIST, images_dir: Path, ann_file: Path, count: int, canvas: int, seed: int,
-                max_items: int = 4, empty_fraction: float = 0.05) -> dict:
+                max_items: int = 4, empty_fraction: float = 0.05, items: Sequence[int] | None = None) -> dict:
+    """Writes ``count`` canvases of ``source``'s items (only those of ``items``, if given) and their COCO json."""
     rng = np.random.default_rng(seed)
+    pool = np.arange(len(source)) if items is None else np.asarray(items)
     images_dir.mkdir(parents=True, exist_ok=True)
     images, annotations = [], []
     for image_id in range(1, count + 1):
         pixels = np.zeros((canvas, canvas), dtype=np.uint8)
         boxes, labels = [], []
-        items = 0 if rng.random() < empty_fraction else int(rng.integers(1, max_items + 1))
-        for _ in range(items):
-            index = int(rng.integers(len(source)))
+        placed = 0 if rng.random() < empty_fraction else int(rng.integers(1, max_items + 1))
+        for _ in range(placed):
+            index = int(pool[int(rng.integers(len(pool)))])
             box = _place(rng, pixels, source.images[index, 0].numpy(), boxes)
             if box is not None:
                 boxes.append(box)
@@ -69,13 +73,36 @@ def write_split(source: FashionMNIST, images_dir: Path, ann_file: Path, count: i
 
 
 def write_fmnist_detection(root: str | Path, fmnist_root: str | Path = "/usr/share/datasets/fashion-mnist",
-                           train_images: int = 400, val_images: int = 100, canvas: int = 128, seed: int = 0) -> Path:
-    """Writes ``root/{train2017,val2017}/*.jpg`` and ``root/annotations/instances_{train,val}2017.json`` (train
-    canvases from Fashion-MNIST's training items, validation from its test items).
+                           train_images: int = 400, val_images: int = 100, test_images: int = 0, canvas: int = 128,
+                           seed: int = 0, val_items: int = 10000) -> Path:
+    """Writes ``root/{train2017,val2017}/*.jpg`` and ``root/annotations/instances_{train,val}2017.json``, and with
+    ``test_images`` also ``root/test2017`` and ``instances_test2017.json``.
+
+    With a test split, the validation canvases take ``val_items`` Fashion-MNIST training items held out of the
+    training canvases (class-stratified, ``seed``) and the test canvases take the test items, so choices made on
+    validation never see a test item; without one (the small default set), validation canvases take the test items.
+    ``root/generate.json`` records the arguments, so a set written with others is rewritten, not reused.
     """
     root = Path(root)
-    write_split(FashionMNIST(fmnist_root, "train"), root / "train2017", root / "annotations/instances_train2017.json",
-                train_images, canvas, seed)
-    write_split(FashionMNIST(fmnist_root, "val"), root / "val2017", root / "annotations/instances_val2017.json",
-                val_images, canvas, seed + 1)
+    train_source = FashionMNIST(fmnist_root, "train")
+    train_items, val_source, val_items_list = None, FashionMNIST(fmnist_root, "val"), None
+    if test_images:
+        train_items, val_items_list = stratified_holdout(train_source.targets.tolist(), val_items, seed)
+        val_source = train_source
+    write_split(train_source, root / "train2017", root / "annotations/instances_train2017.json", train_images, canvas,
+                seed, items=train_items)
+    write_split(val_source, root / "val2017", root / "annotations/instances_val2017.json", val_images, canvas,
+                seed + 1, items=val_items_list)
+    if test_images:
+        write_split(FashionMNIST(fmnist_root, "val"), root / "test2017", root / "annotations/instances_test2017.json",
+                    test_images, canvas, seed + 2)
+    atomic_write_text(root / "generate.json", json.dumps(generation_record(train_images, val_images, test_images,
+                                                                           canvas, seed, val_items)))
     return root
+
+
+def generation_record(train_images: int = 400, val_images: int = 100, test_images: int = 0, canvas: int = 128,
+                      seed: int = 0, val_items: int = 10000, **_) -> dict:
+    """What :func:`write_fmnist_detection` was asked for (``fmnist_root`` aside): a set is reused only if it matches."""
+    return {"train_images": train_images, "val_images": val_images, "test_images": test_images, "canvas": canvas,
+            "seed": seed, "val_items": val_items if test_images else None}
