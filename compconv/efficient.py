@@ -287,6 +287,11 @@ class EfficientCompConv2d(CompConv2d):
         self.figure2 = False
         self.forms: Dict[Tuple[str, int, int], str] = {}  # (device type, H, W) -> form, chosen once under "auto"
 
+    def __setstate__(self, state: dict) -> None:  # a layer pickled before these attributes existed
+        super().__setstate__(state)
+        if not hasattr(self, "forms"):
+            self.figure2, self.forms = False, {}
+
     def __prepare_scriptable__(self) -> CompConv2d:
         """``torch.jit.script`` compiles the plain module (same parameters, same function)."""
         return CompConv2d.from_layer(self)
