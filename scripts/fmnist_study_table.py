@@ -307,8 +307,9 @@ def main(argv: list[str] | None = None) -> int:
     command = shlex.join(["python", "scripts/fmnist_study_table.py", *(argv if argv is not None else sys.argv[1:])])
     footer = f"\nMade by `{command}` from `results/{PREFIX}.csv` and the per-run logs it names.\n"
     (args.results / f"{PREFIX}_plateau.md").write_text(report + footer)
-    (args.results / f"{PREFIX}_time.md").write_text(
-        time_table(rows, args.results / f"{PREFIX}_time.png") + footer)
+    if any(r["model"] in TIME_MODELS and not r["variant"] for r in rows):  # nothing to plot before those runs end
+        (args.results / f"{PREFIX}_time.md").write_text(
+            time_table(rows, args.results / f"{PREFIX}_time.png") + footer)
     if epochs is not None:
         (args.results / f"{PREFIX}.md").write_text(main_table(rows, epochs) + footer)
     print(report)
