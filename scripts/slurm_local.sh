@@ -16,6 +16,7 @@ CONF=/etc/slurm/slurm.conf
 PACKAGES=(slurmctld slurmd slurm-client munge)
 
 die() { echo "error: $*" >&2; exit 1; }
+running() { for d in slurmd slurmctld munged; do pgrep -x "$d" >/dev/null && return 0; done; return 1; }
 
 install_packages() {
   local missing=()
@@ -95,8 +96,8 @@ case "${1:-}" in
   stop)
     scancel --user=root >/dev/null 2>&1 || true
     for d in slurmd slurmctld munged; do pkill -x "$d" 2>/dev/null || true; done
-    for _ in $(seq 1 20); do pgrep -x 'slurmd|slurmctld|munged' >/dev/null || break; sleep 0.5; done
-    pgrep -x 'slurmd|slurmctld|munged' >/dev/null && die "SLURM daemons still running after 10 s"
+    for _ in $(seq 1 20); do running || break; sleep 0.5; done
+    running && die "SLURM daemons still running after 10 s"
     echo "slurm: stopped"
     ;;
   status)
