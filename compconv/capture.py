@@ -2,8 +2,6 @@
 fast paths ask these questions; the plain :class:`compconv.CompConv2d` never does.
 """
 
-from __future__ import annotations
-
 import torch
 
 __all__ = ["compiling_training_graph", "memory_format_of", "recording_graph"]

@@ -3,8 +3,7 @@
 :meth:`compconv.CompConv2d.fuse` and :func:`compconv.deploy`. Nothing here imports the layer classes.
 """
 
-from __future__ import annotations
-
+# (no `from __future__ import annotations` here: TorchScript reads these annotations as types)
 from typing import Optional, Tuple
 
 import torch

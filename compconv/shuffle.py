@@ -3,8 +3,7 @@ pre-shuffle channel ``shuffle_source(C, g)[o]``. Every other form of it here is 
 use (a reshape of a tensor, rows of a matrix, runs of channels that land in one group), each tested against it.
 """
 
-from __future__ import annotations
-
+# (no `from __future__ import annotations` here: TorchScript reads these annotations as types)
 from typing import Iterator, List
 
 import torch
