@@ -48,10 +48,7 @@ class SlicesOfIndex:
     """Keeps a layer's slices (``slices_attribute``, set by its ``index_changed()``) in step with its index buffer
     when a state dict is loaded or an older pickle is unpickled."""
 
-    slices_attribute = ""
-
-    def index_changed(self) -> None:
-        raise NotImplementedError
+    slices_attribute = ""  # each subclass names it and defines index_changed(), which sets it
 
     def _load_from_state_dict(self, *args, **kwargs) -> None:  # nn.Module's documented override point
         super()._load_from_state_dict(*args, **kwargs)
