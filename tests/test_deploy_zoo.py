@@ -12,6 +12,8 @@ import torch
 import torchvision
 from torch import nn
 
+from helpers import randomise_norms
+
 import compconv
 from compconv import deploy
 from compconv.inference import ROUNDING_SHARE, DeployError, forms, rounding_error, tolerance_for
@@ -222,6 +224,52 @@ def test_a_model_its_own_rounding_moves_is_refused_unless_the_tolerance_allows_i
     # a tolerance the model's rounding fits in accepts it, and says what rounding was measured
     report = deploy(model, x, tolerance=rounding / ROUNDING_SHARE * 1.01)
     assert report.rounding_error == pytest.approx(rounding)
+
+
+class Thresholding(nn.Module):
+    """A traceable body, then a data-dependent branch (so the model traces only in parts) and a comparison of two
+    values equal in exact arithmetic, as a detector's NMS decides near-ties: the last bit of the body's output flips
+    some of the model's outputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 64, 3, padding=1, bias=False),
+                                  nn.BatchNorm2d(64), nn.ReLU())
+
+    def forward(self, x):
+        h = self.body(x)
+        if h.sum() > 0:
+            h = h - h.mean()
+        return (h * 3 / 3 > h).float()  # a tie in exact arithmetic, decided by the last bit
+
+
+@torch.no_grad()
+def test_a_model_traced_in_parts_whose_outputs_rounding_moves_is_checked_part_by_part(monkeypatch):
+    torch.manual_seed(0)
+    model = Thresholding()
+    compconv.patch(model, c0=16)
+    randomise_norms(model)
+    model.eval()
+    x = torch.randn(2, 3, 16, 16)
+    assert rounding_error(model, x) > 1e-4  # the thresholded outputs flip under float64
+    deployed = copy.deepcopy(model)
+    report = deploy(deployed, x)
+    assert report.traced_parts == ["body"] and report.checked_parts == ["body"] and report.max_error < 1e-4
+    assert any(type(m).__module__ == "compconv.inference.forms" for m in deployed.modules())
+    torch.testing.assert_close(deployed.body(x), model.body(x), rtol=1e-4, atol=1e-5)
+    # a wrong rewrite inside the part is still refused, and the model is left as it was
+    real = forms.absorb_norm
+
+    def forgets_the_shift(conv, norm):
+        wrong = real(conv, norm)
+        wrong.out_shift = torch.zeros_like(wrong.out_shift)
+        return wrong
+
+    monkeypatch.setattr(importlib.import_module("compconv.inference.pipeline"), "absorb_norm", forgets_the_shift)
+    snapshot = _snapshot(model)
+    with pytest.raises(DeployError, match="differs from the model's"):
+        deploy(model, x)
+    assert _same(model, snapshot)
 
 
 @torch.no_grad()

@@ -7,9 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 from PIL import Image
 
+from compconv.checks import DeployError
 from compconv.detection import CocoDetection, evaluate_bbox, load_coco
+from compconv.detection.coco import METRIC_NAMES
 from compconv.detection.backbone import TimmFPNBackbone, build_detector
 from compconv.detection.config import DetDataConfig, DetHeadConfig, DetModelConfig
 from compconv.train.checkpoint import CheckpointMismatchError, model_signature, save_checkpoint
@@ -124,6 +127,21 @@ def test_train_det_reads_the_generated_test_split_once(tmp_path):
     result = summary(run)
     assert result["test_images"] == 8 and result["test_AP"] is not None and result["generated"]["test_images"] == 8
     assert (run / "train_det.log").read_text().count("test (read once") == 1
+    assert all(result[f"test_deployed_{name}"] == result[f"test_{name}"] for name in METRIC_NAMES)
+
+
+def test_a_detector_deploy_refuses_keeps_its_test_ap_and_says_why(monkeypatch, tmp_path):
+    from types import SimpleNamespace
+
+    from compconv.detection import run as det_run
+
+    def refuse(model, example_input):
+        raise DeployError("outputs differ")
+
+    monkeypatch.setattr(det_run, "deploy", refuse)
+    monkeypatch.setattr(det_run, "evaluate", lambda model, loader, rt, evaluator, steps: {"AP": 12.5})
+    metrics = det_run.test_with_deployed(nn.Conv2d(1, 1, 1), [([torch.zeros(1, 8, 8)], [{}], 0)], SimpleNamespace(device=torch.device("cpu")))
+    assert metrics == {"AP": 12.5, "deployed_error": "outputs differ"}
 
 
 @pytest.mark.slow

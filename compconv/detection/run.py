@@ -4,6 +4,7 @@ the loop classification shares (:func:`compconv.train.engine.fit`).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import logging
@@ -16,7 +17,9 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ..complexity import count_macs
+from ..checks import DeployError
 from ..data import EpochSeededDataset, rank_loaders
+from ..inference import deploy
 from ..train import Runtime, Task, compconv_fields, create_state, fit, resume
 from ..train.state import in_runtime
 from ..train.distributed import barrier, broadcast_object
@@ -143,7 +146,7 @@ def _run(cfg, rt: Runtime) -> dict[str, Any]:
         evaluate=lambda m: evaluate(m, val_loader, rt, data.evaluator, cfg.trainer.max_eval_steps),
         train_metrics=detection_metrics, key_metric="AP",
         final_metrics=lambda m: {name: m.get(name) for name in METRIC_NAMES},
-        test=(lambda m: evaluate(m, test_loader, rt, data.evaluator, cfg.trainer.max_eval_steps))
+        test=(lambda m: test_with_deployed(m, test_loader, rt, data.evaluator, cfg.trainer.max_eval_steps))
         if test_loader is not None else None,
         summary_fields={
             "task": "detection", **compconv_fields(model),
@@ -157,6 +160,22 @@ def _run(cfg, rt: Runtime) -> dict[str, Any]:
             "backbone_checkpoint": cfg.model.backbone_checkpoint, "backbone_code": backbone_code(cfg.model),
             "macs_note": f"MACs of the detector (and its backbone body) on one {data.min_size}x{data.max_size} image"})
     return fit(state, task, cfg, rt, train_loader)
+
+
+def test_with_deployed(model: nn.Module, loader: DataLoader, rt: Runtime, evaluator: str = "auto",
+                       max_steps: int | None = None) -> dict[str, Any]:
+    """Test box AP of ``model`` and of a deployed copy (:func:`compconv.deploy`, checked on the first test images):
+    ``AP``..., then ``deployed_AP``... (or ``deployed_error`` when deploy refuses). ``model`` is unchanged."""
+    metrics = evaluate(model, loader, rt, evaluator, max_steps)
+    deployed = copy.deepcopy(getattr(model, "module", model)).eval()
+    images, _, _ = next(iter(loader))
+    try:
+        deploy(deployed, [image.to(rt.device) for image in images[:2]])
+    except DeployError as error:
+        _logger.warning("deploy refused the trained detector, so no deployed AP: %s", error)
+        return {**metrics, "deployed_error": str(error)}
+    deployed_metrics = evaluate(deployed, loader, rt, evaluator, max_steps)
+    return {**metrics, **{f"deployed_{name}": deployed_metrics.get(name) for name in METRIC_NAMES}}
 
 
 def backbone_code(model_cfg) -> str | None:

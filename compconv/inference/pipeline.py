@@ -69,6 +69,7 @@ class DeployReport:
     trace_error: Optional[str] = None
     traced_parts: list[str] = field(default_factory=list)  # the subtrees traced when the whole model is not
     max_error: Optional[float] = None  # of the check, relative to max |output|
+    checked_parts: list[str] = field(default_factory=list)  # checked part by part (empty: the whole model's output)
     tolerance: Optional[float] = None
     rounding_error: Optional[float] = None  # the model's own fp32 outputs against float64 (None: not measured)
 
@@ -94,7 +95,8 @@ class DeployReport:
                 f"convs, {len(self.norms_absorbed)} norms applied in chain layers' "
                 f"assembly, forms {self.forms()}, "
                 f"{len(self.left)} folds left out"
-                f"{traced}, max rel. error {self.max_error:.2g} <= {self.tolerance:.2g})"
+                f"{traced}, max rel. error {self.max_error:.2g} <= {self.tolerance:.2g}"
+                f"{f' at {self.checked_parts}' if self.checked_parts else ''})"
                 if self.max_error is not None else f"DeployReport(unchecked, forms {self.forms()})")
 
 
@@ -238,7 +240,9 @@ def deploy(model: nn.Module, example_input: Any = None, runtime: str = "torch", 
 
     Raises:
         DeployError: the copy's outputs differ from ``model``'s, or a float32 model's own outputs move by more
-            than ``ROUNDING_SHARE`` of the tolerance under rounding; ``model`` is unchanged.
+            than ``ROUNDING_SHARE`` of the tolerance under rounding; ``model`` is unchanged. A model traceable only
+            in parts whose own outputs rounding moves (a detector, through NMS) is checked part by part instead: each
+            rewritten part on the input the model feeds it (``report.checked_parts``).
     """
     if runtime not in RUNTIMES:
         raise ValueError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")
@@ -250,23 +254,68 @@ def deploy(model: nn.Module, example_input: Any = None, runtime: str = "torch", 
     try:
         x = example_input if example_input is not None else default_input(model)
         tolerance = tolerance if tolerance is not None else tolerance_for(_input_dtype(x))
-        rounding = rounding_error(model, x)
-        if rounding is not None and rounding > ROUNDING_SHARE * tolerance:
-            raise DeployError(
-                f"the model's own float32 outputs are {rounding:.2g} (relative) from a float64 copy's on this input, "
-                f"more than {ROUNDING_SHARE:g} of the tolerance {tolerance:.2g}: rounding alone moves them, so no exact "
-                f"rewrite can promise equality within the tolerance on other inputs. The model was not changed; deploy "
-                f"it in float64, or pass tolerance >= {rounding / ROUNDING_SHARE:.2g} to accept differences of that order")
         candidate = copy.deepcopy(model)
         report = _deploy_copy(candidate, example_input, runtime, cache or ChoiceCache())
-        report.tolerance, report.rounding_error = tolerance, rounding
-        report.max_error = check_outputs(model, candidate, x, report.tolerance, report)
+        report.tolerance = tolerance
+        report.rounding_error = rounding_error(model, x)
+        if _unstable(report.rounding_error, tolerance) and not report.traced and report.traced_parts:
+            report.max_error = _check_parts(model, candidate, x, tolerance, report)
+        else:
+            _refuse_if_unstable(report.rounding_error, tolerance, "the model's own float32 outputs")
+            report.max_error = check_outputs(model, candidate, x, tolerance, report)
     except BaseException:
         for module, training in modes.items():
             module.train(training)
         raise
     _adopt(model, candidate)
     return report
+
+
+def _unstable(rounding: Optional[float], tolerance: float) -> bool:
+    return rounding is not None and rounding > ROUNDING_SHARE * tolerance
+
+
+def _refuse_if_unstable(rounding: Optional[float], tolerance: float, what: str) -> None:
+    if _unstable(rounding, tolerance):
+        raise DeployError(
+            f"{what} are {rounding:.2g} (relative) from a float64 copy's on this input, more than {ROUNDING_SHARE:g} of "
+            f"the tolerance {tolerance:.2g}: rounding alone moves them, so no exact rewrite can promise equality within "
+            f"the tolerance on other inputs. The model was not changed; deploy it in float64, or pass tolerance >= "
+            f"{rounding / ROUNDING_SHARE:.2g} to accept differences of that order")
+
+
+def _rewritten_parts(model: nn.Module, report: DeployReport) -> list[str]:
+    """The traced subtrees, and every CompConv layer outside them: together they hold everything deploy rewrote."""
+    inside = tuple(part + "." for part in report.traced_parts)
+    layers = [name for name, m in model.named_modules() if isinstance(m, CompConv2d) and not name.startswith(inside)]
+    return report.traced_parts + layers
+
+
+@torch.no_grad()
+def _check_parts(model: nn.Module, candidate: nn.Module, x: Any, tolerance: float, report: DeployReport) -> float:
+    """Checks each rewritten part of a model that is traceable only in parts and whose own outputs rounding moves (a
+    detector: NMS and top-k turn a last-bit change of a score into another set of boxes) on the input the model
+    feeds it; the modules around the parts are the same modules with the same weights. Returns the largest error."""
+    parts = _rewritten_parts(model, report)
+    inputs: dict[str, tuple] = {}
+    hooks = [model.get_submodule(name).register_forward_pre_hook(
+        lambda module, args, name=name: inputs.setdefault(name, map_tensors(torch.clone, args))) for name in parts]
+    try:
+        model(x)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    errors = []
+    for name in parts:
+        if name not in inputs:
+            raise DeployError(f"cannot check the deployed model: its part {name} did not run on {_describe(x)}; "
+                              "pass an example_input that reaches every CompConv layer")
+        args = inputs[name][0] if len(inputs[name]) == 1 else inputs[name]
+        original, deployed = model.get_submodule(name), candidate.get_submodule(name)
+        _refuse_if_unstable(rounding_error(original, args), tolerance, f"the outputs of {name}")
+        errors.append(check_outputs(original, deployed, args, tolerance))
+    report.checked_parts = parts
+    return max(errors)
 
 
 def _adopt(model: nn.Module, candidate: nn.Module) -> None:
