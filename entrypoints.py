@@ -47,6 +47,11 @@ def model_options() -> dict[str, dict[str, Any]]:
     return dict(sorted(options.items()))
 
 
+def init_label(backbone_checkpoint: Any = None) -> str:
+    """How a detection run's backbone starts, for its directory name: ``pre`` (a checkpoint) or ``scratch``."""
+    return "pre" if backbone_checkpoint else "scratch"
+
+
 def register_configs(config_name: str, schema: type) -> None:
     """Registers ``schema`` as ``<config_name>_schema`` and every registered model as a ``model=`` option.
 
@@ -64,6 +69,7 @@ def register_configs(config_name: str, schema: type) -> None:
         return model_label(name, options)
 
     OmegaConf.register_new_resolver("model_label", label, replace=True)  # run directories name the options
+    OmegaConf.register_new_resolver("init_label", init_label, replace=True)
     store = ConfigStore.instance()
     store.store(name=f"{config_name}_schema", node=schema)
     for name, node in model_options().items():

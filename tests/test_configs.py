@@ -25,7 +25,7 @@ CONFIGS = ROOT / "configs"
 SCHEMAS = {"train_cls": TrainConfig, "train_det": DetTrainConfig}
 FILE_GROUPS = ["data", "optim", "sched", "trainer", "logger", "launcher", "experiment", "head", "debug"]
 DETECTION_ONLY = {("data", "coco"), ("data", "fmnist_det"), ("experiment", "coco_frcnn_1x"),
-                  ("experiment", "coco_frcnn_2x")}
+                  ("experiment", "coco_frcnn_2x"), ("experiment", "fmnist_det_study")}
 CLASSIFICATION_ONLY = {("data", "fashion_mnist"), ("data", "imagenet"), ("data", "imagefolder"),
                        ("experiment", "imagenet_r50"), ("experiment", "fmnist_study")}
 NEEDS_ROOT = {"imagenet", "imagefolder", "imagenet_r50", "coco", "coco_frcnn_1x", "coco_frcnn_2x"}
@@ -111,7 +111,7 @@ def test_every_registered_model_and_its_base_is_an_option():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("entry, experiment", [("train_cls", e) for e in ("imagenet_r50", "fmnist_study")] +
-                         [("train_det", e) for e in ("coco_frcnn_1x", "coco_frcnn_2x")])
+                         [("train_det", e) for e in ("coco_frcnn_1x", "coco_frcnn_2x", "fmnist_det_study")])
 def test_experiments_print_with_cfg_job(entry, experiment):
     proc = run_script(f"{entry}.py", None, f"experiment={experiment}", "data.root=/data", "--cfg", "job")
     job = yaml.safe_load(proc.stdout)
@@ -119,7 +119,19 @@ def test_experiments_print_with_cfg_job(entry, experiment):
 
 
 def test_every_experiment_is_covered():
-    assert set(_options("experiment")) == {"imagenet_r50", "fmnist_study", "coco_frcnn_1x", "coco_frcnn_2x"}
+    assert set(_options("experiment")) == {"imagenet_r50", "fmnist_study", "coco_frcnn_1x", "coco_frcnn_2x",
+                                           "fmnist_det_study"}
+
+
+def test_the_detection_study_names_each_run_by_model_start_seed_and_schedule():
+    checkpoint = "model.backbone_checkpoint=/runs/${model.name}_s${seed}_e16/last.pt"
+    for overrides, subdir in ((["model=resnet18_compconv128", "seed=2", checkpoint], "resnet18_compconv128_pre_s2_e12"),
+                              (["model=resnet18", "seed=0"], "resnet18_scratch_s0_e12")):
+        cfg = _compose("train_det", ["experiment=fmnist_det_study", *overrides], hydra_node=True)
+        assert cfg.hydra.sweep.subdir == subdir
+    config = _build("train_det", ["experiment=fmnist_det_study", "model=resnet18", "seed=1", checkpoint])
+    assert config.model.backbone_checkpoint == "/runs/resnet18_s1_e16/last.pt"
+    assert config.data.generate["test_images"] == 1000 and config.head.box_representation_size == 256
 
 
 def test_recipes():

@@ -35,6 +35,23 @@ def test_fpn_backbone_strides_and_channels(name):
     assert {f.shape[1] for f in features.values()} == {256}
 
 
+@torch.no_grad()
+def test_the_box_head_width_is_set_by_the_config_and_torchvisions_stays_its_own():
+    from torchvision.models.detection import fasterrcnn_resnet50_fpn
+
+    def head_widths(detector):
+        return detector.roi_heads.box_head.fc7.out_features, detector.roi_heads.box_predictor.cls_score.in_features
+
+    data = DetDataConfig(min_size=96, max_size=96)
+    assert head_widths(build_detector(DetModelConfig(name="resnet18"), SMALL_HEAD, data, 11)) == (1024, 1024)
+    assert head_widths(fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None)) == (1024, 1024)
+    narrow = DetHeadConfig(**{**SMALL_HEAD.__dict__, "box_representation_size": 256})
+    detector = build_detector(DetModelConfig(name="resnet18"), narrow, data, 11).eval()
+    assert head_widths(detector) == (256, 256) and detector.roi_heads.box_predictor.cls_score.out_features == 11
+    assert detector.roi_heads.box_head.fc6.in_features == 64 * 7 * 7
+    assert set(detector([torch.rand(3, 96, 96)])[0]) == {"boxes", "scores", "labels"}
+
+
 def _write_coco(root: Path) -> Path:
     (root / "images").mkdir(parents=True)
     for i in (1, 2, 3):
@@ -117,6 +134,27 @@ def test_generated_set_with_a_test_split_keeps_validation_items_out_of_training_
     assert json.loads((root / "generate.json").read_text()) == generation_record(**args)
     assert not _needs_writing(root, annotations, args)
     assert _needs_writing(root, annotations, {**args, "train_images": 13})
+
+
+def test_runs_that_start_together_write_the_generated_set_one_at_a_time(tmp_path):
+    import threading
+
+    from compconv.detection.run import _set_lock
+
+    order = []
+
+    def second():
+        with _set_lock(tmp_path / "det"):
+            order.append("second")
+
+    with _set_lock(tmp_path / "det"):
+        thread = threading.Thread(target=second)
+        thread.start()
+        thread.join(timeout=0.5)
+        assert thread.is_alive()  # waits on the lock while the first writer holds it
+        order.append("first")
+    thread.join(timeout=10)
+    assert order == ["first", "second"]
 
 
 @pytest.mark.slow

@@ -10,6 +10,7 @@ import timm
 import torch
 from torch import nn
 from torchvision.models.detection import FasterRCNN
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelMaxPool
 
 from ..train.checkpoint import CheckpointMismatchError
@@ -92,6 +93,16 @@ def freeze_stages(body: nn.Module, trainable_layers: int) -> None:
             child.requires_grad_(False)
 
 
+def _box_head(head_cfg, num_classes: int) -> dict:
+    """FasterRCNN's box head arguments: torchvision's own (built inside, 1024 wide) or, for another width, a
+    ``TwoMLPHead`` and ``FastRCNNPredictor`` of ``head.box_representation_size`` (7x7 RoI features, as torchvision)."""
+    width = head_cfg.box_representation_size
+    if width == 1024:
+        return {"num_classes": num_classes}
+    return {"box_head": TwoMLPHead(head_cfg.fpn_channels * 7 * 7, width),
+            "box_predictor": FastRCNNPredictor(width, num_classes)}
+
+
 def build_detector(model_cfg, head_cfg, data_cfg, num_classes: int) -> FasterRCNN:
     """Faster R-CNN + FPN whose backbone is the (CompConv-patched) timm model of ``model_cfg``."""
     data_cfg = input_settings(model_cfg, data_cfg)
@@ -104,7 +115,7 @@ def build_detector(model_cfg, head_cfg, data_cfg, num_classes: int) -> FasterRCN
     freeze_stages(body, head_cfg.trainable_layers)
     backbone = TimmFPNBackbone(body, head_cfg.fpn_channels)
     detector = FasterRCNN(
-        backbone, num_classes=num_classes, min_size=data_cfg.min_size, max_size=data_cfg.max_size,
+        backbone, **_box_head(head_cfg, num_classes), min_size=data_cfg.min_size, max_size=data_cfg.max_size,
         image_mean=list(data_cfg.mean), image_std=list(data_cfg.std),
         box_score_thresh=head_cfg.box_score_thresh, box_detections_per_img=head_cfg.detections_per_img,
         rpn_pre_nms_top_n_train=head_cfg.rpn_pre_nms_top_n_train,

@@ -91,10 +91,12 @@ class DetHeadConfig:
     rpn_pre_nms_top_n_test: int = 1000
     rpn_post_nms_top_n_test: int = 1000
     box_batch_size_per_image: int = 512
+    box_representation_size: int = 1024  # the box head's two fully connected layers (torchvision: 1024)
 
     def __post_init__(self) -> None:
         for key in ("fpn_channels", "detections_per_img", "rpn_pre_nms_top_n_train", "rpn_post_nms_top_n_train",
-                    "rpn_pre_nms_top_n_test", "rpn_post_nms_top_n_test", "box_batch_size_per_image"):
+                    "rpn_pre_nms_top_n_test", "rpn_post_nms_top_n_test", "box_batch_size_per_image",
+                    "box_representation_size"):
             check_positive(f"head.{key}", getattr(self, key))
         if not 0 <= self.trainable_layers <= 5:
             raise ConfigError(f"head.trainable_layers={self.trainable_layers} must be in 0..5")

@@ -4,8 +4,10 @@ the loop classification shares (:func:`compconv.train.engine.fit`).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
+import fcntl
 import json
 import logging
 from pathlib import Path
@@ -41,11 +43,12 @@ def build_loaders(cfg: DetTrainConfig, rt: Runtime) -> tuple[DataLoader, DataLoa
         generate = data.generate or {}
         if generate.get("test_images") and test_images is None:
             test_images, test_ann = "test2017", "annotations/instances_test2017.json"
-        if _needs_writing(root, [data.train_ann, data.val_ann, *([test_ann] if test_ann else [])], generate):
-            if rt.dist.is_main:
-                _logger.info("writing the Fashion-MNIST detection set to %s", root)
-                write_fmnist_detection(root, **generate)
-            barrier(rt.dist)
+        if rt.dist.is_main:
+            with _set_lock(root):  # runs of a sweep that start together write the set once
+                if _needs_writing(root, [data.train_ann, data.val_ann, *([test_ann] if test_ann else [])], generate):
+                    _logger.info("writing the Fashion-MNIST detection set to %s", root)
+                    write_fmnist_detection(root, **generate)
+        barrier(rt.dist)
     train = CocoDetection(root / data.train_images, root / data.train_ann, True, data.hflip, data.in_chans,
                           data.train_subset, data.skip_bad)
     val = CocoDetection(root / data.val_images, root / data.val_ann, False, 0.0, data.in_chans, data.val_subset,
@@ -61,6 +64,18 @@ def build_loaders(cfg: DetTrainConfig, rt: Runtime) -> tuple[DataLoader, DataLoa
         _, test_loader = rank_loaders(EpochSeededDataset(train, cfg.seed), test, data, cfg.seed, rt.dist.rank,
                                       rt.dist.world_size, rt.device, collate_detection)
     return train_loader, val_loader, test_loader
+
+
+@contextlib.contextmanager
+def _set_lock(root: Path):
+    """Holds ``root``'s lock file (``fcntl.flock``; other processes wait) while the set is checked or written."""
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / ".writing.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _needs_writing(root: Path, annotations: list[str], generate: dict) -> bool:
