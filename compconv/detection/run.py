@@ -10,6 +10,7 @@ import dataclasses
 import fcntl
 import json
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -119,6 +120,7 @@ def evaluate(model: nn.Module, loader: DataLoader, rt: Runtime, evaluator: str =
     model.eval()
     val_set = loader.dataset
     results, image_ids = [], []
+    started = time.perf_counter()
     for step, (images, targets, _) in enumerate(loader):
         if max_steps and step >= max_steps:
             break
@@ -127,6 +129,7 @@ def evaluate(model: nn.Module, loader: DataLoader, rt: Runtime, evaluator: str =
             outputs = model(images)
         results += coco_results(outputs, targets, val_set.category_ids)
         image_ids += [t["image_id"] for t in targets]
+    seconds = time.perf_counter() - started
     if rt.dist.enabled:
         gathered = [None] * rt.dist.world_size
         dist.all_gather_object(gathered, (results, image_ids))
@@ -135,7 +138,8 @@ def evaluate(model: nn.Module, loader: DataLoader, rt: Runtime, evaluator: str =
     metrics = None
     if rt.dist.is_main:
         metrics = evaluate_bbox(val_set.coco, results, image_ids, evaluator)
-        metrics.update(images=len(image_ids), detections=len(results))
+        # the detector's images/s over every rank, data loading included, COCOeval not
+        metrics.update(images=len(image_ids), detections=len(results), images_per_s=len(image_ids) / seconds)
     return broadcast_object(metrics, rt.dist)
 
 
@@ -190,7 +194,7 @@ def test_with_deployed(model: nn.Module, loader: DataLoader, rt: Runtime, evalua
         _logger.warning("deploy refused the trained detector, so no deployed AP: %s", error)
         return {**metrics, "deployed_error": str(error)}
     deployed_metrics = evaluate(deployed, loader, rt, evaluator, max_steps)
-    return {**metrics, **{f"deployed_{name}": deployed_metrics.get(name) for name in METRIC_NAMES}}
+    return {**metrics, **{f"deployed_{name}": deployed_metrics.get(name) for name in (*METRIC_NAMES, "images_per_s")}}
 
 
 def backbone_code(model_cfg) -> str | None:
