@@ -171,15 +171,21 @@ def test_table_refuses_an_unfinished_row(tmp_path):
 @pytest.mark.slow
 def test_gpu_study_runs_every_row_of_its_plan_at_cpu_size_above_chance(tmp_path):
     runs = tmp_path / "runs"
-    done = subprocess.run([sys.executable, "scripts/gpu_study.py", "--device", "cpu", "--tiny", "--seeds", "0",
-                           "--data-root", str(FMNIST), "--runs", str(runs)], cwd=ROOT, env=env(),
-                          capture_output=True, text=True, timeout=1500)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    summaries = [json.loads(p.read_text()) for p in runs.glob("*/summary.json")]
     from scripts.gpu_study import PLANS
 
-    assert len(summaries) == sum(len(models) for models in PLANS.values())
-    assert {s["model_name"] for s in summaries} == {entry.split()[0] for m in PLANS.values() for entry in m}
+    done = subprocess.run([sys.executable, "scripts/gpu_study.py", "--device", "cpu", "--tiny", "--seeds", "0",
+                           "--data-root", str(FMNIST), "--runs", str(runs), "--plan", ",".join(PLANS)], cwd=ROOT,
+                          env=env(), capture_output=True, text=True, timeout=1500)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    summaries = [json.loads(p.read_text()) for p in runs.glob("*/summary.json")]
+    classifiers = {k: v for k, v in PLANS.items() if k != "det"}
+    assert len(summaries) == sum(len(models) for models in classifiers.values())
+    assert {s["model_name"] for s in summaries} == {entry.split()[0] for m in classifiers.values() for entry in m}
+    # the detectors start from the same seed's classification checkpoint and report trained and deployed test AP
+    detectors = [json.loads(p.read_text()) for p in Path(f"{runs}_det").glob("*/summary.json")]
+    assert sorted(d["model"] for d in detectors) == sorted(PLANS["det"])
+    assert all(d["backbone_checkpoint"] == f"{runs}/{d['model']}_s0_e2/last.pt" for d in detectors)
+    assert all(d["test_deployed_AP"] == d["test_AP"] for d in detectors)
     # every model learns: its last epoch's training top-1 is far above chance (10 %); after 32 steps the BatchNorm
     # statistics of the deeper models are not settled, so their evaluation numbers are reported, not judged
     learned = [(s["model"], s["history"][-1]["train/top1"]) for s in summaries]
@@ -198,11 +204,16 @@ def test_gpu_study_plans_one_sweep_per_model_with_the_data_root():
     from scripts import gpu_study
 
     parsed = type("A", (), {"plan": "vgg", "seeds": "0,1", "data_root": "/d", "runs": Path("/r"), "device": "cuda",
-                            "tiny": False, "extra": []})()
+                            "tiny": False, "extra": [], "cls_epochs": 8})()
     sweeps = gpu_study.commands(parsed)
     assert [s[4] for s in sweeps] == ["model=vgg16_bn", "model=vgg16_bn_compconv128"]
     assert all("optim.lr=0.01" in s and "sched.warmup_epochs=1" in s for s in sweeps)
     assert all("data.root=/d" in s and "trainer=gpu" in s and "seed=0,1" in s for s in sweeps)
+    parsed.plan, parsed.cls_epochs = "main,det", 8
+    detection = gpu_study.commands(parsed)[-1]
+    assert detection[1] == "train_det.py" and "model=resnet50,resnet50_compconv128" in detection
+    assert "model.backbone_checkpoint=/r/${model.name}_s${seed}_e8/last.pt" in detection
+    assert "+data.generate.fmnist_root=/d" in detection and "trainer=gpu" in detection
 
 
 def _slurm_ready() -> str | None:
