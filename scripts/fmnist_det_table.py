@@ -16,18 +16,15 @@ MACs, params, measured images/s, CPU kind, commit(s), command) and its per-epoch
 from __future__ import annotations
 
 import argparse
-import csv
-import json
-import shlex
 import statistics
 import sys
-from collections import defaultdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from scripts.fmnist_study_table import TableError, describe, log_value, natural, paired  # noqa: E402
+from scripts.fmnist_study_table import (TableError, by_seed, collect_runs, describe, log_value,  # noqa: E402
+                                       made_by, natural, paired, plateau_rows, read_study_rows)
 
 PREFIX = "fmnist_det_study"
 EXPERIMENT = "fmnist_det_study"
@@ -70,40 +67,12 @@ def row_of(run_dir: Path, summary: dict, log: str) -> dict:
 
 def collect(run_roots: list[Path], results: Path) -> list[dict]:
     """Merges every finished run under ``run_roots`` into the CSV (by run name) and writes its per-epoch log."""
-    rows = {row["run"]: row for row in read_rows(results, must_exist=False)}
-    (results / PREFIX).mkdir(parents=True, exist_ok=True)
-    for root in run_roots:
-        for path in sorted(root.glob("*/summary.json")):
-            summary = json.loads(path.read_text())
-            if summary.get("experiment") != EXPERIMENT or summary.get("epochs") != summary.get("schedule_epochs"):
-                continue
-            log = f"results/{PREFIX}/{path.parent.name}.csv"
-            with (results / PREFIX / f"{path.parent.name}.csv").open("w", newline="") as f:
-                writer = csv.DictWriter(f, tuple(LOG_KEYS))
-                writer.writeheader()
-                for record in summary["history"]:
-                    writer.writerow({field: log_value(record.get(key)) for field, key in LOG_KEYS.items()})
-            rows[path.parent.name] = row_of(path.parent, summary, log)
-    ordered = sorted(rows.values(), key=lambda r: (r["init"], natural(r["model"]), int(r["epochs"]), int(r["seed"])))
-    with (results / f"{PREFIX}.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, FIELDS)
-        writer.writeheader()
-        writer.writerows(ordered)
-    return ordered
+    return collect_runs(run_roots, results, PREFIX, EXPERIMENT, LOG_KEYS, FIELDS, row_of,
+                        lambda r: (r["init"], natural(r["model"]), int(r["epochs"]), int(r["seed"])))
 
 
-def read_rows(results: Path, must_exist: bool = True) -> list[dict]:
-    path = results / f"{PREFIX}.csv"
-    if not path.exists():
-        if must_exist:
-            raise TableError(f"{path} does not exist: collect the runs first (--runs runs/fmnist_det_study)")
-        return []
-    with path.open(newline="") as f:
-        rows = list(csv.DictReader(f))
-    for row in rows:
-        if row["test_AP"] in ("", None):
-            raise TableError(f"{row['run']} has no test AP: it ran without the generated test split")
-    return rows
+def read_rows(results: Path) -> list[dict]:
+    return read_study_rows(results, PREFIX, "test_AP", "--runs runs/fmnist_det_study")
 
 
 def plateau(rows: list[dict]) -> tuple[str, int | None]:
@@ -114,23 +83,8 @@ def plateau(rows: list[dict]) -> tuple[str, int | None]:
              "canvases of training items held out of the training canvases; the test canvases are not read here.", "",
              "| model | E | val AP at E (s0, s1) | val AP at 2E (s0, s1) | gain | at the plateau |",
              "|---|---:|---|---|---:|---|"]
-    chosen = {}
-    for model in (BASELINE, COMPACT):
-        runs = {(int(r["epochs"]), int(r["seed"])): float(r["val_AP"]) for r in rows
-                if r["model"] == model and r["init"] == "pre" and int(r["seed"]) in (0, 1)}
-        for epochs in sorted({e for e, _ in runs}):
-            short = [runs.get((epochs, s)) for s in (0, 1)]
-            long = [runs.get((2 * epochs, s)) for s in (0, 1)]
-            shown = ", ".join("—" if v is None else f"{v:.2f}" for v in short), \
-                ", ".join("—" if v is None else f"{v:.2f}" for v in long)
-            if None in short or None in long:
-                lines.append(f"| {model} | {epochs} | {shown[0]} | {shown[1]} | — | not yet decided |")
-                continue
-            gain = statistics.fmean(long) - statistics.fmean(short)
-            if gain < PLATEAU_AP and model not in chosen:
-                chosen[model] = epochs
-            lines.append(f"| {model} | {epochs} | {shown[0]} | {shown[1]} | {gain:+.2f} | "
-                         f"{'yes' if gain < PLATEAU_AP else 'no'} |")
+    table, chosen = plateau_rows([r for r in rows if r["init"] == "pre"], (BASELINE, COMPACT), "val_AP", PLATEAU_AP)
+    lines += table
     epochs = max(chosen.values()) if len(chosen) == 2 else None
     lines += ["", f"E* = max({chosen.get(BASELINE)}, {chosen.get(COMPACT)}) = {epochs} epochs for every row."
               if epochs else "E* is not decided yet: the rule's runs are not all finished."]
@@ -154,10 +108,7 @@ def deploy_kept(runs: dict[int, dict]) -> str:
 
 
 def main_table(rows: list[dict], epochs: int) -> str:
-    groups: dict[tuple[str, str], dict[int, dict]] = defaultdict(dict)
-    for row in rows:
-        if int(row["epochs"]) == epochs:
-            groups[(row["init"], row["model"])][int(row["seed"])] = row
+    groups = by_seed(rows, epochs, lambda row: (row["init"], row["model"]))
     lines = [f"# Detection study: Faster R-CNN + FPN at E* = {epochs} epochs", "",
              "Test box AP (%): the 1,000 test canvases (Fashion-MNIST test items), read once per run after its last "
              "epoch. Validation AP: the 1,000 validation canvases. Δ: paired by seed against ResNet-18 with the same "
@@ -197,8 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     except (TableError, OSError, KeyError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    command = shlex.join(["python", "scripts/fmnist_det_table.py", *(argv if argv is not None else sys.argv[1:])])
-    footer = f"\nMade by `{command}` from `results/{PREFIX}.csv` and the per-run logs it names.\n"
+    footer = made_by("scripts/fmnist_det_table.py", argv, PREFIX)
     (args.results / f"{PREFIX}_plateau.md").write_text(report + footer)
     epochs = args.epochs or decided
     if epochs is not None:

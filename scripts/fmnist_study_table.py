@@ -84,40 +84,58 @@ def row_of(run_dir: Path, summary: dict, log: str) -> dict:
 
 def collect(run_roots: list[Path], results: Path) -> list[dict]:
     """Merges every finished run under ``run_roots`` into the CSV (by run name) and writes its per-epoch log."""
-    rows = {row["run"]: row for row in read_rows(results, must_exist=False)}
-    (results / PREFIX).mkdir(parents=True, exist_ok=True)
+    return collect_runs(run_roots, results, PREFIX, "fmnist_study", LOG_KEYS, FIELDS, row_of,
+                        lambda r: (natural(r["model"]), r["variant"], int(r["epochs"]), int(r["seed"])))
+
+
+def collect_runs(run_roots: list[Path], results: Path, prefix: str, experiment: str, log_keys: dict, fields: tuple,
+                 make_row, sort_key) -> list[dict]:
+    """A study's collection: every finished run of ``experiment`` under ``run_roots`` becomes a row
+    (``make_row(run_dir, summary, log)``) of ``results/<prefix>.csv``, merged by run name with the rows already
+    there, and its history the per-epoch log ``results/<prefix>/<run>.csv`` (``log_keys``: column -> history key)."""
+    rows = {row["run"]: row for row in _read_csv(results / f"{prefix}.csv")}
+    (results / prefix).mkdir(parents=True, exist_ok=True)
     for root in run_roots:
         for path in sorted(root.glob("*/summary.json")):
             summary = json.loads(path.read_text())
-            if summary.get("experiment") != "fmnist_study" or summary.get("epochs") != summary.get("schedule_epochs"):
+            if summary.get("experiment") != experiment or summary.get("epochs") != summary.get("schedule_epochs"):
                 continue
-            with (results / PREFIX / f"{path.parent.name}.csv").open("w", newline="") as f:
-                writer = csv.DictWriter(f, LOG_FIELDS)
+            with (results / prefix / f"{path.parent.name}.csv").open("w", newline="") as f:
+                writer = csv.DictWriter(f, tuple(log_keys))
                 writer.writeheader()
                 for record in summary["history"]:
-                    writer.writerow({field: log_value(record.get(key)) for field, key in LOG_KEYS.items()})
-            log = f"results/{PREFIX}/{path.parent.name}.csv"
-            rows[path.parent.name] = row_of(path.parent, summary, log)
-    ordered = sorted(rows.values(), key=lambda r: (natural(r["model"]), r["variant"], int(r["epochs"]), int(r["seed"])))
-    with (results / f"{PREFIX}.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, FIELDS)
+                    writer.writerow({field: log_value(record.get(key)) for field, key in log_keys.items()})
+            rows[path.parent.name] = make_row(path.parent, summary, f"results/{prefix}/{path.parent.name}.csv")
+    ordered = sorted(rows.values(), key=sort_key)
+    with (results / f"{prefix}.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fields)
         writer.writeheader()
         writer.writerows(ordered)
     return ordered
 
 
-def read_rows(results: Path, must_exist: bool = True) -> list[dict]:
-    path = results / f"{PREFIX}.csv"
+def _read_csv(path: Path) -> list[dict]:
     if not path.exists():
-        if must_exist:
-            raise TableError(f"{path} does not exist: collect the runs first (--runs runs/fmnist_study)")
         return []
     with path.open(newline="") as f:
-        rows = list(csv.DictReader(f))
+        return list(csv.DictReader(f))
+
+
+def read_study_rows(results: Path, prefix: str, result: str, collect_hint: str) -> list[dict]:
+    """The rows of ``results/<prefix>.csv``; a row without its ``result`` column (a run that read no test set) is
+    an error, as is a missing file."""
+    path = results / f"{prefix}.csv"
+    if not path.exists():
+        raise TableError(f"{path} does not exist: collect the runs first ({collect_hint})")
+    rows = _read_csv(path)
     for row in rows:
-        if row["test_top1"] in ("", None):
-            raise TableError(f"{row['run']} has no test top-1: it did not finish its schedule")
+        if row[result] in ("", None):
+            raise TableError(f"{row['run']} has no {result}: it did not finish its schedule or read no test set")
     return rows
+
+
+def read_rows(results: Path) -> list[dict]:
+    return read_study_rows(results, PREFIX, "test_top1", "--runs runs/fmnist_study")
 
 
 def log_value(value) -> str:
@@ -189,21 +207,9 @@ def plateau(rows: list[dict]) -> str:
              "images held out of the training set; the test set is not read here.", "",
              "| model | E | val top-1 at E (s0, s1) | val top-1 at 2E (s0, s1) | gain | at the plateau |",
              "|---|---:|---|---|---:|---|"]
-    chosen = {}
-    for model in (BASELINE, COMPACT):
-        runs = {(int(r["epochs"]), int(r["seed"])): float(r["val_top1"]) for r in rows
-                if r["model"] == model and not r["variant"] and int(r["seed"]) in (0, 1)}
-        for epochs in sorted({e for e, _ in runs}):
-            short = [runs.get((epochs, s)) for s in (0, 1)]
-            long = [runs.get((2 * epochs, s)) for s in (0, 1)]
-            if None in short or None in long:
-                lines.append(f"| {model} | {epochs} | {_pair(short)} | {_pair(long)} | — | not yet decided |")
-                continue
-            gain = statistics.fmean(long) - statistics.fmean(short)
-            ok = gain < PLATEAU_PT
-            if ok and model not in chosen:
-                chosen[model] = epochs
-            lines.append(f"| {model} | {epochs} | {_pair(short)} | {_pair(long)} | {gain:+.2f} | {'yes' if ok else 'no'} |")
+    rows = [r for r in rows if not r["variant"]]
+    table, chosen = plateau_rows(rows, (BASELINE, COMPACT), "val_top1", PLATEAU_PT)
+    lines += table
     if len(chosen) == 2:
         lines += ["", f"E* = max({chosen[BASELINE]}, {chosen[COMPACT]}) = {max(chosen.values())} epochs for every model."]
     else:
@@ -211,15 +217,42 @@ def plateau(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def plateau_rows(rows: list[dict], models: tuple[str, ...], metric: str, margin: float) -> tuple[list[str], dict]:
+    """The plateau rule's table rows for ``models`` (E against 2E, mean ``metric`` of seeds 0 and 1) and, per model,
+    the first E at the plateau (the gain to 2E below ``margin``)."""
+    lines, chosen = [], {}
+    for model in models:
+        runs = {(int(r["epochs"]), int(r["seed"])): float(r[metric]) for r in rows
+                if r["model"] == model and int(r["seed"]) in (0, 1)}
+        for epochs in sorted({e for e, _ in runs}):
+            short = [runs.get((epochs, s)) for s in (0, 1)]
+            long = [runs.get((2 * epochs, s)) for s in (0, 1)]
+            if None in short or None in long:
+                lines.append(f"| {model} | {epochs} | {_pair(short)} | {_pair(long)} | — | not yet decided |")
+                continue
+            gain = statistics.fmean(long) - statistics.fmean(short)
+            ok = gain < margin
+            if ok and model not in chosen:
+                chosen[model] = epochs
+            lines.append(f"| {model} | {epochs} | {_pair(short)} | {_pair(long)} | {gain:+.2f} | {'yes' if ok else 'no'} |")
+    return lines, chosen
+
+
+def by_seed(rows: list[dict], epochs: int, key) -> dict:
+    """The rows of an ``epochs`` schedule, grouped by ``key(row)`` and then by seed."""
+    groups: dict = defaultdict(dict)
+    for row in rows:
+        if int(row["epochs"]) == epochs:
+            groups[key(row)][int(row["seed"])] = row
+    return groups
+
+
 def _pair(values: list) -> str:
     return ", ".join("—" if v is None else f"{v:.2f}" for v in values)
 
 
 def main_table(rows: list[dict], epochs: int) -> str:
-    groups: dict[tuple[str, str], dict[int, dict]] = defaultdict(dict)
-    for row in rows:
-        if int(row["epochs"]) == epochs:
-            groups[(row["model"], row["variant"])][int(row["seed"])] = row
+    groups = by_seed(rows, epochs, lambda row: (row["model"], row["variant"]))
     lines = [f"# Fashion-MNIST study: every model at E* = {epochs} epochs", "",
              "Test top-1: the 10k test images, read once per run after its last epoch. Validation top-1: the 5,000 "
              "held-out training images. Δ: paired by seed against the model's baseline (same data order and augmentation, "
@@ -283,6 +316,12 @@ def _time_plot(runs: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def made_by(script: str, argv: list[str] | None, prefix: str) -> str:
+    """The footer of a study's tables: the command that made them and what it read."""
+    command = shlex.join(["python", script, *(argv if argv is not None else sys.argv[1:])])
+    return f"\nMade by `{command}` from `results/{prefix}.csv` and the per-run logs it names.\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=Path, action="append", default=[], help="a sweep directory (repeatable)")
@@ -304,8 +343,7 @@ def main(argv: list[str] | None = None) -> int:
     except (TableError, OSError, KeyError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    command = shlex.join(["python", "scripts/fmnist_study_table.py", *(argv if argv is not None else sys.argv[1:])])
-    footer = f"\nMade by `{command}` from `results/{PREFIX}.csv` and the per-run logs it names.\n"
+    footer = made_by("scripts/fmnist_study_table.py", argv, PREFIX)
     (args.results / f"{PREFIX}_plateau.md").write_text(report + footer)
     if any(r["model"] in TIME_MODELS and not r["variant"] for r in rows):  # nothing to plot before those runs end
         (args.results / f"{PREFIX}_time.md").write_text(

@@ -80,3 +80,19 @@ def literal(module, x):
         parts.append(module.tail_norm(module.tail(b[:, :module.tail_in])))
     y = channel_shuffle(torch.cat(parts, dim=1), module.shuffle_groups)
     return y if module.bias is None else y + module.bias.view(1, -1, 1, 1)
+
+
+def break_absorbed_norms(monkeypatch) -> None:
+    """Makes deploy's norm absorption forget the norm's shift (a wrong rewrite deploy's check must refuse)."""
+    import importlib
+
+    from compconv.inference import forms
+
+    real = forms.absorb_norm
+
+    def forgets_the_shift(conv, norm):
+        wrong = real(conv, norm)
+        wrong.out_shift = torch.zeros_like(wrong.out_shift)
+        return wrong
+
+    monkeypatch.setattr(importlib.import_module("compconv.inference.pipeline"), "absorb_norm", forgets_the_shift)

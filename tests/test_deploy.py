@@ -1,14 +1,13 @@
 """deploy(): exact folds and equivalent forms leave eval outputs unchanged; the report is honest."""
 
 import copy
-import importlib
 
 import pytest
 import timm
 import torch
 from torch import nn
 
-from helpers import randomise_norms
+from helpers import break_absorbed_norms, randomise_norms
 
 from compconv import CompConv2d, deploy
 from compconv.inference import DeployedCompConv2d, DeployError, LowRankConv2d, build_form, form_macs, rule_choice
@@ -255,16 +254,7 @@ def test_deploy_folds_a_norm_into_a_plain_conv_only_where_the_dataflow_proves_it
 
 @torch.no_grad()
 def test_a_wrong_absorbed_norm_is_refused_and_the_model_is_untouched(monkeypatch):
-    from compconv.inference import forms
-
-    real = forms.absorb_norm
-
-    def forgets_the_shift(conv, norm):
-        deployed = real(conv, norm)
-        deployed.out_shift = torch.zeros_like(deployed.out_shift)
-        return deployed
-
-    monkeypatch.setattr(importlib.import_module("compconv.inference.pipeline"), "absorb_norm", forgets_the_shift)
+    break_absorbed_norms(monkeypatch)
     model = timm.create_model("resnet18_compconv128", num_classes=10)
     randomise_norms(model)
     model.eval()

@@ -12,7 +12,7 @@ import torch
 import torchvision
 from torch import nn
 
-from helpers import randomise_norms
+from helpers import break_absorbed_norms, randomise_norms
 
 import compconv
 from compconv import deploy
@@ -258,14 +258,7 @@ def test_a_model_traced_in_parts_whose_outputs_rounding_moves_is_checked_part_by
     assert any(type(m).__module__ == "compconv.inference.forms" for m in deployed.modules())
     torch.testing.assert_close(deployed.body(x), model.body(x), rtol=1e-4, atol=1e-5)
     # a wrong rewrite inside the part is still refused, and the model is left as it was
-    real = forms.absorb_norm
-
-    def forgets_the_shift(conv, norm):
-        wrong = real(conv, norm)
-        wrong.out_shift = torch.zeros_like(wrong.out_shift)
-        return wrong
-
-    monkeypatch.setattr(importlib.import_module("compconv.inference.pipeline"), "absorb_norm", forgets_the_shift)
+    break_absorbed_norms(monkeypatch)
     snapshot = _snapshot(model)
     with pytest.raises(DeployError, match="differs from the model's"):
         deploy(model, x)

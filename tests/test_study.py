@@ -162,7 +162,7 @@ def test_table_refuses_an_unfinished_row(tmp_path):
         writer = csv.DictWriter(f, table.FIELDS)
         writer.writeheader()
         writer.writerow({**{k: "" for k in table.FIELDS}, "run": "x", "test_top1": ""})
-    with pytest.raises(table.TableError, match="no test top-1"):
+    with pytest.raises(table.TableError, match="has no test_top1"):
         table.read_rows(tmp_path)
     assert table.main(["--results", str(tmp_path / "none")]) == 2
 
