@@ -5,10 +5,12 @@ once, and the tables from the sweep directories."""
 from __future__ import annotations
 
 import csv
+import subprocess
+import sys
 
 import pytest
 
-from helpers import FMNIST, run_script, summary
+from helpers import FMNIST, ROOT, env, run_script, summary
 from scripts import fmnist_det_table as table
 
 CLS_TINY = ["data.img_size=32", "data.train_subset=256", "data.val_split=1000", "data.val_subset=64",
@@ -52,6 +54,23 @@ def test_pretrain_then_detect_with_one_override_and_tabulate(tmp_path):
     assert len(log) == 1 and log[0]["val_AP"]
     text = (results / f"{table.PREFIX}.md").read_text()
     assert "| resnet18_compconv128 | pre | 1 |" in text and "| yes |" in text
+
+    # the recorded command of a finished run reruns its first epoch bitwise here (same CPU kind and threads)
+    done = subprocess.run([sys.executable, "scripts/fmnist_study_recheck.py", "--study", "det", "--run",
+                           "resnet18_compconv128_pre_s0_e1", "--results", str(results)], cwd=ROOT, env=env(),
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and "bitwise" in done.stdout, done.stdout + done.stderr
+
+
+def test_a_recheck_on_another_cpu_kind_compares_the_detectors_training_loss():
+    from scripts.fmnist_study_recheck import STUDIES, judge
+
+    logged = {"val_AP": "50.1", "val_AP50": "80", "val_AP75": "55", "train_loss": "0.500", "lr": "0.01"}
+    holds, verdict = judge(logged, {**logged, "val_AP": "47.0", "train_loss": "0.505"}, False,
+                           STUDIES["det"].compared)
+    assert holds and verdict.startswith("another CPU kind: training loss 1.0 %") and "top-1" not in verdict
+    assert not judge(logged, {**logged, "train_loss": "0.52"}, False, STUDIES["det"].compared)[0]
+    assert not judge(logged, {**logged, "val_AP": "50.2"}, True, STUDIES["det"].compared)[0]
 
 
 def _row(model, seed, epochs, val, test, init="pre", kind="AMD EPYC x1", deployed=None, error=""):
