@@ -137,11 +137,14 @@ def main_table(rows: list[dict], epochs: int) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    global PREFIX
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=Path, action="append", default=[], help="a sweep directory (repeatable)")
     parser.add_argument("--results", type=Path, default=ROOT / "results")
     parser.add_argument("--epochs", type=int, default=None, help="E* (default: the plateau rule's, once decided)")
+    parser.add_argument("--prefix", default=PREFIX, help="results/<prefix>.csv and the files beside it (a pilot's)")
     args = parser.parse_args(argv)
+    PREFIX = args.prefix
     try:
         rows = collect(args.runs, args.results) if args.runs else read_rows(args.results)
         report, decided = plateau(rows)
@@ -149,7 +152,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     footer = made_by("scripts/fmnist_det_table.py", argv, PREFIX)
-    (args.results / f"{PREFIX}_plateau.md").write_text(report + footer)
+    if PREFIX == EXPERIMENT:  # a pilot (another prefix) is not judged by the rule
+        (args.results / f"{PREFIX}_plateau.md").write_text(report + footer)
     epochs = args.epochs or decided
     if epochs is not None:
         (args.results / f"{PREFIX}.md").write_text(main_table(rows, epochs) + footer)
