@@ -107,9 +107,11 @@ def deploy_kept(runs: dict[int, dict]) -> str:
                                                  f"{float(r['test_AP']):.1f}" for seed, r in runs.items())
 
 
-def main_table(rows: list[dict], epochs: int) -> str:
+def main_table(rows: list[dict], epochs: int, pilot: bool = False) -> str:
     groups = by_seed(rows, epochs, lambda row: (row["init"], row["model"]))
-    lines = [f"# Detection study: Faster R-CNN + FPN at E* = {epochs} epochs", "",
+    title = (f"# Detection pilot: Faster R-CNN + FPN at {epochs} epochs (not judged by the study's rule)" if pilot
+             else f"# Detection study: Faster R-CNN + FPN at E* = {epochs} epochs")
+    lines = [title, "",
              "Test box AP (%): the 1,000 test canvases (Fashion-MNIST test items), read once per run after its last "
              "epoch. Validation AP: the 1,000 validation canvases. Δ: paired by seed against ResNet-18 with the same "
              "start (same canvases, order and augmentation; same CPU kind and threads), mean [95 % t interval]. "
@@ -156,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         (args.results / f"{PREFIX}_plateau.md").write_text(report + footer)
     epochs = args.epochs or decided
     if epochs is not None:
-        (args.results / f"{PREFIX}.md").write_text(main_table(rows, epochs) + footer)
+        (args.results / f"{PREFIX}.md").write_text(main_table(rows, epochs, pilot=PREFIX != EXPERIMENT) + footer)
     print(report)
     return 0
 

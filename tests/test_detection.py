@@ -107,6 +107,7 @@ def test_cocoeval_perfect_shifted_and_empty(tmp_path):
                for a in data["annotations"] if not a["iscrowd"]]
     metrics = evaluate_bbox(coco, perfect, [1, 2, 3], "pycocotools")
     assert metrics["AP"] == pytest.approx(100.0) and metrics["AP50"] == pytest.approx(100.0)
+    assert metrics["APs"] == pytest.approx(100.0) and metrics["APm"] is None and metrics["APl"] is None  # all small
     shifted = [{**r, "bbox": [r["bbox"][0] + r["bbox"][2] / 2, *r["bbox"][1:]]} for r in perfect]  # IoU 1/3
     assert evaluate_bbox(coco, shifted, [1, 2, 3], "pycocotools")["AP50"] == 0.0
     assert evaluate_bbox(coco, [], [1, 2, 3])["AP"] == 0.0

@@ -16,6 +16,7 @@ from torchvision.transforms.v2 import functional as TF
 from ..data.imagefolder import DataError, UnreadableImageError
 
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+SIZE_METRICS = ("APs", "APm", "APl")
 
 
 def load_coco(ann_file: str | Path):
@@ -136,7 +137,7 @@ def coco_results(outputs: list[dict], targets: list[dict], category_ids: list[in
 
 def evaluate_bbox(coco, results: list[dict], image_ids: list[int], evaluator: str = "auto") -> dict[str, float]:
     """COCOeval bbox metrics (AP, AP50, AP75, APs, APm, APl, %) on ``image_ids``; ``evaluator``: ``pycocotools``,
-    ``faster_coco_eval`` or ``auto`` (the latter when installed).
+    ``faster_coco_eval`` or ``auto`` (the latter when installed). A size range without ground truth has None.
     """
     if not results:
         return {name: 0.0 for name in METRIC_NAMES}
@@ -156,4 +157,6 @@ def evaluate_bbox(coco, results: list[dict], image_ids: list[int], evaluator: st
         evaluation.evaluate()
         evaluation.accumulate()
         evaluation.summarize()
-    return {name: max(0.0, 100 * float(v)) for name, v in zip(METRIC_NAMES, evaluation.stats[:6])}
+    # COCOeval's -1: no ground truth in that size range (APl of small images), so no AP, not an AP of 0
+    return {name: None if v < 0 and name in SIZE_METRICS else max(0.0, 100 * float(v))
+            for name, v in zip(METRIC_NAMES, evaluation.stats[:6])}
