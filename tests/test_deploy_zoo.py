@@ -243,6 +243,29 @@ class Thresholding(nn.Module):
         return (h * 3 / 3 > h).float()  # a tie in exact arithmetic, decided by the last bit
 
 
+class Scaled(nn.Module):
+    """A part of two inputs (features and a scale)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = Thresholding().body
+
+    def forward(self, x, scale):
+        return self.body(x) * scale
+
+
+class ThresholdingTwoInputs(Thresholding):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = Scaled()
+
+    def forward(self, x):
+        h = self.body(x, 2.0)
+        if h.sum() > 0:
+            h = h - h.mean()
+        return (h * 3 / 3 > h).float()
+
+
 @torch.no_grad()
 def test_a_model_traced_in_parts_whose_outputs_rounding_moves_is_checked_part_by_part(monkeypatch):
     torch.manual_seed(0)
@@ -257,6 +280,15 @@ def test_a_model_traced_in_parts_whose_outputs_rounding_moves_is_checked_part_by
     assert report.traced_parts == ["body"] and report.checked_parts == ["body"] and report.max_error < 1e-4
     assert any(type(m).__module__ == "compconv.inference.forms" for m in deployed.modules())
     torch.testing.assert_close(deployed.body(x), model.body(x), rtol=1e-4, atol=1e-5)
+    # a part of two inputs cannot be checked on its own: refused, the model left as it was
+    torch.manual_seed(0)
+    two = ThresholdingTwoInputs()
+    compconv.patch(two, c0=16)
+    two.eval()
+    snapshot = _snapshot(two)
+    with pytest.raises(DeployError, match="part body takes 2 positional"):
+        deploy(two, x)
+    assert _same(two, snapshot)
     # a wrong rewrite inside the part is still refused, and the model is left as it was
     break_absorbed_norms(monkeypatch)
     snapshot = _snapshot(model)

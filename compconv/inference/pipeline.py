@@ -298,8 +298,13 @@ def _check_parts(model: nn.Module, candidate: nn.Module, x: Any, tolerance: floa
     feeds it; the modules around the parts are the same modules with the same weights. Returns the largest error."""
     parts = _rewritten_parts(model, report)
     inputs: dict[str, tuple] = {}
+
+    def record(name: str, args: tuple, kwargs: dict) -> None:
+        if name not in inputs:  # the first call's input, cloned: later in-place ops must not change it
+            inputs[name] = (map_tensors(torch.clone, args), kwargs)
+
     hooks = [model.get_submodule(name).register_forward_pre_hook(
-        lambda module, args, name=name: inputs.setdefault(name, map_tensors(torch.clone, args))) for name in parts]
+        lambda module, args, kwargs, name=name: record(name, args, kwargs), with_kwargs=True) for name in parts]
     try:
         model(x)
     finally:
@@ -310,10 +315,14 @@ def _check_parts(model: nn.Module, candidate: nn.Module, x: Any, tolerance: floa
         if name not in inputs:
             raise DeployError(f"cannot check the deployed model: its part {name} did not run on {_describe(x)}; "
                               "pass an example_input that reaches every CompConv layer")
-        args = inputs[name][0] if len(inputs[name]) == 1 else inputs[name]
+        args, kwargs = inputs[name]
+        if len(args) != 1 or kwargs:
+            raise DeployError(f"cannot check the deployed model part by part: its part {name} takes "
+                              f"{len(args)} positional and {len(kwargs)} keyword inputs, and only one-input parts are "
+                              "checked on their own. The model was not changed")
         original, deployed = model.get_submodule(name), candidate.get_submodule(name)
-        _refuse_if_unstable(rounding_error(original, args), tolerance, f"the outputs of {name}")
-        errors.append(check_outputs(original, deployed, args, tolerance))
+        _refuse_if_unstable(rounding_error(original, args[0]), tolerance, f"the outputs of {name}")
+        errors.append(check_outputs(original, deployed, args[0], tolerance))
     report.checked_parts = parts
     return max(errors)
 
