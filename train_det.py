@@ -2,9 +2,8 @@
 """Detection training (Hydra entry point): Faster R-CNN + FPN on a (CompConv) timm backbone.
 
     python train_det.py model=resnet50_compconv128                  # generated Fashion-MNIST detection set
-    python train_det.py model=resnet50_compconv128 data=coco data.root=/datasets/coco experiment=coco_frcnn_1x
     torchrun --nproc_per_node=8 train_det.py experiment=coco_frcnn_1x data.root=/datasets/coco \\
-        model.backbone_checkpoint=/runs/imagenet/resnet50_compconv128/last.pt
+        model=resnet50_compconv128 model.backbone_checkpoint=/runs/imagenet/resnet50_compconv128/last.pt
 """
 
 from __future__ import annotations

@@ -253,6 +253,35 @@ def test_a_classification_checkpoint_is_all_the_detector_needs(tmp_path):
     assert refused.stderr.strip().startswith("error: ConfigError: data.in_chans=3 but the backbone checkpoint")
 
 
+
+@pytest.mark.slow
+def test_the_coco_recipe_fine_tunes_an_imagefolder_checkpoint_on_coco_format_data(tmp_path):
+    """README's COCO command as a lab runs it, on small real data: train_cls.py on an ImageFolder tree (RGB,
+    ImageNet's normalisation), then train_det.py experiment=coco_frcnn_1x data=coco with that checkpoint."""
+    from compconv.detection import write_fmnist_detection
+    from helpers import FMNIST, write_imagefolder
+
+    if not FMNIST.is_dir():
+        pytest.skip("dataset-fashion-mnist is not installed")
+    images = write_imagefolder(tmp_path / "imagefolder")
+    cls = tmp_path / "cls"
+    run_script("train_cls.py", cls, "data=imagefolder", f"data.root={images}", "data.img_size=32",
+               "model=resnet18_compconv128", "trainer.epochs=1", "data.batch_size=8", "data.workers=0",
+               "trainer.progress=false", "logger=none")
+    coco = write_fmnist_detection(tmp_path / "coco", FMNIST, train_images=8, val_images=4, canvas=96)
+    run = tmp_path / "det"
+    run_script("train_det.py", run, "experiment=coco_frcnn_1x", f"data.root={coco}", "model=resnet18_compconv128",
+               f"model.backbone_checkpoint={cls / 'last.pt'}", "data.min_size=96", "data.max_size=96",
+               "data.workers=0", "trainer.epochs=1", "trainer.max_train_steps=2", "trainer.progress=false",
+               "logger=none")
+    result = summary(run)
+    assert result["backbone_checkpoint"] == str(cls / "last.pt") and result["backbone_code"]
+    assert 0.0 <= result["AP"] <= 100.0 and result["macs"] > 0
+    config = torch.load(run / "last.pt", map_location="cpu", weights_only=True)["config"]
+    assert config["data"]["name"] == "coco" and config["data"]["in_chans"] == 3
+    assert config["data"]["mean"] == [0.485, 0.456, 0.406] and config["head"]["box_representation_size"] == 1024
+    assert config["sched"]["milestones"] == [8, 11]
+
 @pytest.mark.slow
 def test_train_det_runs_evaluates_logs_and_resumes(tmp_path):
     run = tmp_path / "run"
