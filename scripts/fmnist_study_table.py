@@ -219,7 +219,7 @@ def plateau(rows: list[dict]) -> str:
 
 def plateau_rows(rows: list[dict], models: tuple[str, ...], metric: str, margin: float) -> tuple[list[str], dict]:
     """The plateau rule's table rows for ``models`` (E against 2E, mean ``metric`` of seeds 0 and 1) and, per model,
-    the first E at the plateau (the gain to 2E below ``margin``)."""
+    the first E at the plateau (the gain to 2E below ``margin``), after which a model has no further rows."""
     lines, chosen = [], {}
     for model in models:
         runs = {(int(r["epochs"]), int(r["seed"])): float(r[metric]) for r in rows
@@ -232,9 +232,10 @@ def plateau_rows(rows: list[dict], models: tuple[str, ...], metric: str, margin:
                 continue
             gain = statistics.fmean(long) - statistics.fmean(short)
             ok = gain < margin
-            if ok and model not in chosen:
-                chosen[model] = epochs
             lines.append(f"| {model} | {epochs} | {_pair(short)} | {_pair(long)} | {gain:+.2f} | {'yes' if ok else 'no'} |")
+            if ok:  # the rule stops here: the 2E runs are the rule's last, not a schedule still to be judged
+                chosen[model] = epochs
+                break
     return lines, chosen
 
 

@@ -91,6 +91,7 @@ def test_the_plateau_rule_reads_validation_ap_of_the_pretrained_pair_only():
     assert "| resnet18 | 6 | 50.00, 50.00 | 51.00, 51.00 | +1.00 | no |" in report
     assert "| resnet18_compconv128 | 6 | 48.00, 48.00 | 48.20, 48.20 | +0.20 | yes |" in report
     assert epochs == 12 and "E* = max(12, 6) = 12" in report
+    assert "| resnet18_compconv128 | 12 |" not in report
     assert table.plateau(rows[:3])[1] is None
 
 

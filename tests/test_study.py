@@ -141,6 +141,7 @@ def test_plateau_rule_and_e_star_from_validation_only():
     assert "| resnet18 | 8 |" in report and "+0.30 | no |" in report
     assert "| resnet18_compconv64 | 8 | 92.00, 92.00 | 92.05, 92.05 | +0.05 | yes |" in report
     assert "E* = max(16, 8) = 16 epochs" in report
+    assert "| resnet18_compconv64 | 16 |" not in report  # its 16-epoch runs ended the rule: nothing left to decide
 
 
 def test_main_table_pairs_within_a_cpu_kind_and_claims_only_what_the_rule_allows():
