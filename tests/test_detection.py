@@ -253,7 +253,6 @@ def test_a_classification_checkpoint_is_all_the_detector_needs(tmp_path):
     assert refused.stderr.strip().startswith("error: ConfigError: data.in_chans=3 but the backbone checkpoint")
 
 
-
 @pytest.mark.slow
 def test_the_coco_recipe_fine_tunes_an_imagefolder_checkpoint_on_coco_format_data(tmp_path):
     """README's COCO command as a lab runs it, on small real data: train_cls.py on an ImageFolder tree (RGB,
@@ -281,6 +280,7 @@ def test_the_coco_recipe_fine_tunes_an_imagefolder_checkpoint_on_coco_format_dat
     assert config["data"]["name"] == "coco" and config["data"]["in_chans"] == 3
     assert config["data"]["mean"] == [0.485, 0.456, 0.406] and config["head"]["box_representation_size"] == 1024
     assert config["sched"]["milestones"] == [8, 11]
+
 
 @pytest.mark.slow
 def test_train_det_runs_evaluates_logs_and_resumes(tmp_path):
