@@ -282,17 +282,29 @@ def main_table(rows: list[dict], epochs: int) -> str:
 
 
 def time_table(rows: list[dict], path: Path) -> str:
+    """Test top-1 against training seconds for seed 0 of ``TIME_MODELS``, with the spread of each run's per-epoch
+    training speed (read from its log beside ``path``): a run resumed on a faster or slower day shows it there."""
     runs = [r for r in rows if r["model"] in TIME_MODELS and not r["variant"] and int(r["seed"]) == 0]
     lines = ["# Accuracy against training time", "",
              "Seed 0 of ResNet-18, CompConv128-ResNet-18 and Ghost-ResNet-18 at each schedule length the plateau rule "
              "ran: test top-1 against the run's measured training seconds (training and per-epoch validation, every "
              "segment summed; one CPU thread).", "",
-             "| model | epochs | train seconds | test top-1 (%) | CPU kind |", "|---|---:|---:|---:|---|"]
+             "A run stopped and resumed spans sessions, and machines of this kind vary in speed from one day to the "
+             "next: the last column gives the slowest and fastest epoch's training images/s of each run, so a run "
+             "whose seconds mix days of different speed (or hours when the machine was busy) shows it.", "",
+             "| model | epochs | train seconds | test top-1 (%) | CPU kind | epoch train img/s (min-max) |",
+             "|---|---:|---:|---:|---|---:|"]
     for r in sorted(runs, key=lambda r: (natural(r["model"]), int(r["epochs"]))):
+        spread = _speed_spread(path.parent / PREFIX / f"{r['run']}.csv")
         lines.append(f"| {r['model']} | {r['epochs']} | {float(r['train_seconds']):.0f} | {float(r['test_top1']):.2f} "
-                     f"| {r['segments']} |")
+                     f"| {r['segments']} | {spread} |")
     _time_plot(runs, path)
     return "\n".join(lines) + "\n"
+
+
+def _speed_spread(log: Path) -> str:
+    speeds = [float(e["images_per_s"]) for e in _read_csv(log) if e.get("images_per_s")]
+    return f"{min(speeds):.0f}-{max(speeds):.0f}" if speeds else "—"
 
 
 def _time_plot(runs: list[dict], path: Path) -> None:

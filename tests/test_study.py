@@ -260,3 +260,15 @@ def test_slurm_sweep_with_a_preemption_and_a_rerun(tmp_path):
             assert result["epochs"] == 2 and result["test_top1"] is not None
     finally:
         subprocess.run(["bash", str(ROOT / "scripts" / "slurm_local.sh"), "stop"], capture_output=True, timeout=120)
+
+
+def test_time_table_shows_each_runs_spread_of_epoch_speeds(tmp_path):
+    log = tmp_path / table.PREFIX / "b0.csv"
+    log.parent.mkdir()
+    log.write_text("epoch,images_per_s\n1,100.4\n2,61.2\n3,99.0\n")
+    rows = [_row("b0", "resnet18", 0, 8, "93", "93.5"), _row("c0", "resnet18_compconv128", 0, 8, "93", "93.1")]
+    text = table.time_table(rows, tmp_path / f"{table.PREFIX}_time.png")
+    line = {l.split("|")[1].strip(): l for l in text.splitlines() if l.startswith("| resnet18")}
+    assert line["resnet18"].endswith("| 61-100 |")
+    assert line["resnet18_compconv128"].endswith("| — |")  # no log, no spread claimed
+    assert (tmp_path / f"{table.PREFIX}_time.png").stat().st_size > 0
