@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from compconv.train.provenance import code_version, device_name  # noqa: E402
 from scripts import fmnist_det_table, fmnist_study_table  # noqa: E402
-from scripts.fmnist_study_table import TableError, log_value  # noqa: E402
+from scripts.fmnist_study_table import TableError, log_value, run_log  # noqa: E402
 
 LOSS_RELATIVE, TOP1_POINTS = 0.02, 0.5  # another CPU kind: the epoch's training statistics within these
 
@@ -69,7 +69,7 @@ def find_run(study: Study, results: Path, run: str) -> tuple[dict, dict[str, str
     if run not in rows:
         raise RecheckError(f"no run {run!r} in {results / (study.table.PREFIX + '.csv')}; finished runs: "
                            f"{', '.join(sorted(rows))}")
-    path = results.parent / rows[run]["log"]
+    path = run_log(results, rows[run])
     try:
         with path.open(newline="") as f:
             log = {line["epoch"]: line for line in csv.DictReader(f)}

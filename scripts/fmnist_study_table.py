@@ -138,6 +138,12 @@ def read_rows(results: Path) -> list[dict]:
     return read_study_rows(results, PREFIX, "test_top1", "--runs runs/fmnist_study")
 
 
+def run_log(results: Path, row: dict) -> Path:
+    """The per-epoch log a row of a study CSV names (its ``log`` column is relative to the directory above
+    ``results``, the repository root)."""
+    return results.parent / row["log"]
+
+
 def log_value(value) -> str:
     """How a per-epoch log writes one value: 6 significant digits (the epoch column as an integer)."""
     if value is None:
@@ -295,7 +301,7 @@ def time_table(rows: list[dict], path: Path) -> str:
              "| model | epochs | train seconds | test top-1 (%) | CPU kind | epoch train img/s (min-max) |",
              "|---|---:|---:|---:|---|---:|"]
     for r in sorted(runs, key=lambda r: (natural(r["model"]), int(r["epochs"]))):
-        spread = _speed_spread(path.parent / PREFIX / f"{r['run']}.csv")
+        spread = _speed_spread(run_log(path.parent, r))
         lines.append(f"| {r['model']} | {r['epochs']} | {float(r['train_seconds']):.0f} | {float(r['test_top1']):.2f} "
                      f"| {r['segments']} | {spread} |")
     _time_plot(runs, path)

@@ -130,7 +130,7 @@ def test_a_study_sweep_rerun_skips_finished_runs_and_keeps_their_summaries(tmp_p
 def _row(run, model, seed, epochs, val, test, kind="AMD EPYC x1", variant=""):
     return {"run": run, "model": model, "variant": variant, "seed": str(seed), "epochs": str(epochs), "val_top1": val,
             "test_top1": test, "macs": "5e7", "executed_macs": "6e7", "params": "2e6", "segments": kind,
-            "threads": "1", "train_seconds": "100"}
+            "threads": "1", "train_seconds": "100", "log": f"results/{table.PREFIX}/{run}.csv"}
 
 
 def test_plateau_rule_and_e_star_from_validation_only():
@@ -263,12 +263,13 @@ def test_slurm_sweep_with_a_preemption_and_a_rerun(tmp_path):
 
 
 def test_time_table_shows_each_runs_spread_of_epoch_speeds(tmp_path):
-    log = tmp_path / table.PREFIX / "b0.csv"
-    log.parent.mkdir()
+    results = tmp_path / "results"
+    log = results / table.PREFIX / "b0.csv"
+    log.parent.mkdir(parents=True)
     log.write_text("epoch,images_per_s\n1,100.4\n2,61.2\n3,99.0\n")
     rows = [_row("b0", "resnet18", 0, 8, "93", "93.5"), _row("c0", "resnet18_compconv128", 0, 8, "93", "93.1")]
-    text = table.time_table(rows, tmp_path / f"{table.PREFIX}_time.png")
+    text = table.time_table(rows, results / f"{table.PREFIX}_time.png")
     line = {l.split("|")[1].strip(): l for l in text.splitlines() if l.startswith("| resnet18")}
     assert line["resnet18"].endswith("| 61-100 |")
     assert line["resnet18_compconv128"].endswith("| — |")  # no log, no spread claimed
-    assert (tmp_path / f"{table.PREFIX}_time.png").stat().st_size > 0
+    assert (results / f"{table.PREFIX}_time.png").stat().st_size > 0
