@@ -148,14 +148,20 @@ def test_the_checks_catch_a_broken_name(tmp_path):
     assert key_in_schema("trainer.epochs") and key_in_schema("model.backbone_checkpoint")
 
 
+def config_table() -> dict[str, tuple[str, str]]:
+    """docs/configs.md's table: each group's options cell and notes cell."""
+    table = {}
+    for line in (ROOT / "docs" / "configs.md").read_text().splitlines():
+        cells = [cell.strip() for cell in line.split("|")]
+        if line.startswith("| `") and len(cells) > 4:
+            table[cells[1].split()[0].strip("`")] = (cells[2], cells[3])
+    return table
+
+
 def test_the_config_table_lists_every_group_option():
     """docs/configs.md's table names each option of each config group, so a file added under configs/ is documented
     (``model`` is generated from timm's registry; ``hydra``, ``local`` and ``mmdet`` are not groups a run picks)."""
-    cells = {}
-    for line in (ROOT / "docs" / "configs.md").read_text().splitlines():
-        parts = [cell.strip() for cell in line.split("|")]
-        if line.startswith("| `") and len(parts) > 3:
-            cells[parts[1].split()[0].strip("`")] = set(CODE.findall(parts[2]))
+    cells = {group: set(CODE.findall(options)) for group, (options, _) in config_table().items()}
     groups = [p for p in sorted((ROOT / "configs").iterdir())
               if p.is_dir() and p.name not in ("hydra", "local", "mmdet")]
     unlisted = sorted(group.name for group in groups if group.name not in cells)
@@ -167,8 +173,6 @@ def test_the_config_table_lists_every_group_option():
 
 def test_the_config_table_lists_every_trainer_key():
     """The ``trainer`` row's notes name every field of the trainer schema (the keys a run most often sets)."""
-    lines = (ROOT / "docs" / "configs.md").read_text().splitlines()
-    row = next(line for line in lines if line.startswith("| `trainer`"))
-    named = set(re.findall(r"\w+", row.split("|")[3]))
+    named = set(re.findall(r"\w+", config_table()["trainer"][1]))
     missing = sorted(f.name for f in dataclasses.fields(get_type_hints(TrainConfig)["trainer"]) if f.name not in named)
     assert not missing, f"docs/configs.md's trainer row does not name: {missing}"
